@@ -1,0 +1,1 @@
+"""Namespace for the app's model adapters (Dataloop's `adapters/` convention)."""

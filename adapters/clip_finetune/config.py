@@ -1,0 +1,247 @@
+"""Every hyperparameter in one pydantic model: defaults, bounds and descriptions live here only.
+
+Precedence, said once: CLI `--set` flags > `--config` file / model configuration > these defaults.
+The Dataloop manifest's model configuration, the CLI and docs/configuration.md are checked against
+this model in the tests.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+# Metric names the early-stopping / best-checkpoint selection may use (see metrics.py for formulas).
+DIRECTIONS = ("text_to_image", "image_to_text")
+RANK_METRICS = ("mrr", "map", "r_precision")
+AT_K_METRICS = ("recall", "precision", "hit", "f1", "ndcg")
+EVAL_KS = (1, 5, 10)
+
+
+def metric_names(ks: tuple[int, ...] = EVAL_KS) -> list[str]:
+    """All flat metric keys, e.g. 'text_to_image/recall@1', 'image_to_text/mrr'."""
+    names = []
+    for d in DIRECTIONS:
+        names += [f"{d}/{m}@{k}" for m in AT_K_METRICS for k in ks]
+        names += [f"{d}/{m}" for m in (*RANK_METRICS, "median_rank", "mean_rank")]
+    return names
+
+
+def normalize_model_name(name: str) -> str:
+    """Map the reference app's OpenAI-style spelling to open_clip's: 'ViT-B/32' -> 'ViT-B-32',
+    'ViT-L/14@336px' -> 'ViT-L-14-336'. Paths to a model-config JSON are returned unchanged."""
+    if name.endswith(".json"):
+        return name
+    name = re.sub(r"@(\d+)px$", r"-\1", name.strip())
+    return name.replace("/", "-")
+
+
+def architecture_config(model_name: str) -> dict[str, Any]:
+    """The open_clip model config (embed_dim, vision_cfg, text_cfg) of a name or a config-JSON path."""
+    if model_name.endswith(".json"):
+        path = Path(model_name).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model_name: model-config file {model_name!r} does not exist")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"model_name: {model_name!r} is not valid JSON ({e})") from e
+        cfg = cfg.get("model_cfg", cfg)  # accept an artifact's open_clip_config.json too
+        if "embed_dim" not in cfg:
+            raise ConfigError(f"model_name: {model_name!r} has no 'embed_dim'; not an open_clip model config")
+        return cfg
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        known = open_clip.list_models()
+        close = difflib.get_close_matches(model_name, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see open_clip.list_models()"
+        raise ConfigError(f"model_name: unknown architecture {model_name!r}{hint}")
+    return cfg
+
+
+def _artifact_model_config(pretrained: str | None) -> dict[str, Any] | None:
+    """If `pretrained` names a saved artifact folder, the architecture stored in it."""
+    if not pretrained:
+        return None
+    folder = Path(pretrained).expanduser()
+    cfg_file = folder / "open_clip_config.json"
+    if folder.is_dir() and cfg_file.is_file():
+        return json.loads(cfg_file.read_text())["model_cfg"]
+    return None
+
+
+class FinetuneConfig(BaseModel):
+    """Hyperparameters of a fine-tuning run, an evaluation and an embedding job."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # --- model -------------------------------------------------------------------------------
+    model_name: str = Field(
+        "ViT-B-32",
+        description="open_clip architecture name ('ViT-B/32' spelling accepted) or the path of an "
+        "open_clip model-config JSON (custom architecture)",
+    )
+    pretrained: str | None = Field(
+        "openai",
+        description="open_clip pretrained tag, a saved artifact folder, or null/'none' for random init",
+    )
+    embeddings_size: int | None = Field(
+        None, gt=0, description="vector length; derived from the architecture, an explicit mismatch is an error"
+    )
+
+    # --- optimisation (recipes: ../shared/docs/ANCHORS.md) --------------------------------------
+    train_batch_size: int = Field(64, ge=2, le=65536, description="image-caption pairs per training step")
+    num_epochs: int = Field(5, ge=1, le=1000, description="passes over the training subset")
+    learning_rate: float = Field(1e-6, gt=0, le=1.0, description="peak AdamW learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas, each in [0, 1)")
+    epsilon: float = Field(1e-6, gt=0, le=1.0, description="AdamW epsilon")
+    weight_decay: float = Field(
+        0.1, ge=0, le=10.0, description="AdamW weight decay (not applied to gains, biases, logit scale)"
+    )
+    warmup: float = Field(
+        0.1, ge=0, description="linear warmup: a fraction of all steps if < 1, else a number of steps"
+    )
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="learning-rate decay after warmup"
+    )
+    grad_clip_norm: float | None = Field(1.0, gt=0, description="clip gradients to this L2 norm; null: off")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA if supported, else fp16 on CUDA, fp32 on CPU"
+    )
+
+    # --- validation, best checkpoint, early stopping -------------------------------------------
+    early_stopping: bool = Field(True, description="stop when the validation metric stops improving")
+    early_stopping_epochs: int = Field(2, ge=1, le=1000, description="epochs without improvement before stopping")
+    early_stopping_metric: str = Field(
+        "text_to_image/mrr",
+        description="validation metric that picks the best epoch and drives early stopping (higher is better)",
+    )
+
+    # --- runtime -------------------------------------------------------------------------------
+    batch_size: int = Field(64, ge=1, le=65536, description="items per batch when embedding and evaluating")
+    seed: int = Field(42, ge=0, description="random seed (runs on CPU are deterministic under it)")
+    num_workers: int | None = Field(
+        None, ge=0, le=64, description="data-loading worker processes; null: fit the machine's cores"
+    )
+    device: str | None = Field(None, description="torch device; null: cuda if available, else cpu")
+
+    @field_validator("model_name")
+    @classmethod
+    def _normalize_name(cls, v: str) -> str:
+        return normalize_model_name(v)
+
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _none_tag(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() in ("", "none", "null", "random"):
+            return None
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each beta must be in [0, 1) (got {list(v)})")
+        return v
+
+    @field_validator("warmup")
+    @classmethod
+    def _warmup_steps_whole(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError(f"a warmup of 1 or more is a number of steps and must be whole (got {v})")
+        return v
+
+    @field_validator("early_stopping_metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in metric_names():
+            if v in ("text_to_image/median_rank", "image_to_text/median_rank") or v.endswith("mean_rank"):
+                raise ValueError(f"{v!r} is lower-is-better; pick a higher-is-better metric")
+            close = difflib.get_close_matches(v, metric_names(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown metric {v!r}{hint}")
+        return v
+
+    @model_validator(mode="after")
+    def _derive_embeddings_size(self) -> FinetuneConfig:
+        arch = _artifact_model_config(self.pretrained) or architecture_config(self.model_name)
+        size = int(arch["embed_dim"])
+        if self.embeddings_size is None:
+            # object.__setattr__: plain assignment would re-run this validator (validate_assignment)
+            object.__setattr__(self, "embeddings_size", size)
+        elif self.embeddings_size != size:
+            raise ValueError(
+                f"embeddings_size: {self.embeddings_size} contradicts {self.model_name!r}, "
+                f"whose embeddings have {size} dimensions; remove the key or set it to {size}"
+            )
+        return self
+
+
+FIELDS = tuple(FinetuneConfig.model_fields)
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(err["loc"][0]), FIELDS, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(FIELDS)}"
+        return f"{loc}: unknown key{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error" and "(got" in msg:
+        return f"{loc}: {msg}" if not msg.startswith(loc) else msg
+    return f"{loc}: {msg} (got {err.get('input')!r})"
+
+
+def build_config(*layers: Mapping[str, Any] | None) -> FinetuneConfig:
+    """Merge configuration layers (later wins) and validate once.
+
+    Raises ConfigError listing every bad field, one line each, before any work is done.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer:
+            merged.update(layer)
+    try:
+        return FinetuneConfig(**merged)
+    except ValidationError as e:
+        lines = [_format_error(err) for err in e.errors()]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+    except ConfigError as e:
+        raise ConfigError(f"invalid configuration:\n  {e}") from None
+
+
+def parse_set_options(items: list[str] | None) -> dict[str, Any]:
+    """Parse CLI `--set key=value` pairs; values are read as JSON when they parse, else as text."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON configuration file (a dict of hyperparameters)."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file {str(p)!r} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--config: {str(p)!r} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config: {str(p)!r} must hold a JSON object of hyperparameters")
+    return data
