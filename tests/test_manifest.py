@@ -1,0 +1,218 @@
+"""The app manifest (dataloop.json) checked against dtlpy, the adapter class and the one configuration model.
+
+`dl.Dpk.from_json` validates almost nothing, so each rule the platform relies on is asserted here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import dtlpy as dl
+import open_clip
+import pytest
+
+from adapters.clip_finetune.config import FinetuneConfig, build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFEST: dict[str, Any] = json.loads((ROOT / "dataloop.json").read_text())
+COMPONENTS = MANIFEST["components"]
+MODULES = COMPONENTS["modules"]
+FUNCTIONS = [(module["name"], fn) for module in MODULES for fn in module["functions"]]
+COMPUTE_CONFIGS = {cfg["name"]: cfg for cfg in COMPONENTS["computeConfigs"]}
+
+# Function IO types the platform accepts (../shared/docs/DATALOOP_PLATFORM.md, "Model entity and manifest").
+_BASE_TYPES = (
+    "Dataset",
+    "Item",
+    "Annotation",
+    "Execution",
+    "Task",
+    "Assignment",
+    "Service",
+    "Package",
+    "Project",
+    "Recipe",
+    "Json",
+    "String",
+    "Number",
+    "Integer",
+    "Float",
+    "Boolean",
+    "Model",
+)
+ALLOWED_IO_TYPES = {*_BASE_TYPES, *(f"{t}[]" for t in _BASE_TYPES)}
+
+# Each model entity's configuration = FinetuneConfig with these overrides. A new model needs a row here.
+MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
+    "openclip-vit-b-32": {},
+    "openclip-xlm-roberta-base-vit-b-32": {
+        "model_name": "xlm-roberta-base-ViT-B-32",
+        "pretrained": "laion5b_s13b_b90k",
+    },
+}
+
+
+def _io_params(fn: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{fn['name']}.{kind}.{io['name']}", io) for kind in ("input", "output") for io in fn[kind]]
+
+
+ALL_IO = [pytest.param(io, id=ident) for _, fn in FUNCTIONS for ident, io in _io_params(fn)]
+
+
+def _entry_point(module: dict[str, Any]) -> Path:
+    return ROOT / module["entryPoint"]
+
+
+def _load_class(module: dict[str, Any]) -> type:
+    """Load the entry point as a file, the way dtlpy's runner does (so relative imports would fail here too)."""
+    spec = importlib.util.spec_from_file_location(module["className"], _entry_point(module))
+    code = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(code)
+    return getattr(code, module["className"])
+
+
+@pytest.fixture(scope="module")
+def adapter_cls() -> type:
+    """The module's class; dl.BaseModelAdapter while the adapter file does not exist yet."""
+    (module,) = MODULES
+    if not _entry_point(module).is_file():
+        return dl.BaseModelAdapter
+    return _load_class(module)
+
+
+def test_manifest_loads_with_dtlpy() -> None:
+    dpk = dl.Dpk.from_json(_json=json.loads(json.dumps(MANIFEST)))
+    assert (dpk.name, dpk.version, dpk.scope) == ("clip-finetune", "0.1.0", "project")
+    assert [m.name for m in dpk.components.modules] == ["clip-finetune-module"]
+    (module,) = dpk.components.modules
+    assert module.entry_point == "adapters/clip_finetune/adapter.py"
+    assert module.class_name == "ClipAdapter"
+    assert [f.name for f in module.functions] == ["train_model", "evaluate_model", "embed_items", "embed_dataset"]
+    assert [i.to_json() for i in module.init_inputs] == [{"name": "model_entity", "type": "Model"}]
+    assert {m["name"] for m in dpk.components.models} == set(MODEL_OVERRIDES)
+    assert [c.name for c in dpk.components.compute_configs] == list(COMPUTE_CONFIGS)
+
+
+def test_names_are_unique() -> None:
+    for kind in ("modules", "models", "computeConfigs"):
+        names = [c["name"] for c in COMPONENTS[kind]]
+        assert len(names) == len(set(names)), f"duplicate {kind} name in {names}"
+    for module in MODULES:
+        names = [f["name"] for f in module["functions"]]
+        assert len(names) == len(set(names)), f"duplicate function in {module['name']}: {names}"
+        for fn in module["functions"]:
+            for kind in ("input", "output"):
+                io_names = [io["name"] for io in fn[kind]]
+                assert len(io_names) == len(set(io_names)), f"{fn['name']}: duplicate {kind} {io_names}"
+
+
+@pytest.mark.parametrize("io", ALL_IO)
+def test_function_io_passes_dtlpy_type_check(io: dict[str, Any]) -> None:
+    built = dl.FunctionIO(**io)  # raises PlatformException on an unknown type
+    assert built.type in ALLOWED_IO_TYPES
+    assert built.name == io["name"] and io["name"].isidentifier()
+
+
+def test_entry_point_class_is_a_model_adapter() -> None:
+    (module,) = MODULES
+    if not _entry_point(module).is_file():
+        pytest.skip(
+            f"{module['entryPoint']} does not exist yet (the lead is writing ClipAdapter); "
+            "the function checks below run against dl.BaseModelAdapter until then"
+        )
+    cls = _load_class(module)
+    assert inspect.isclass(cls) and issubclass(cls, dl.BaseModelAdapter)
+
+
+def test_init_inputs_match_the_adapter_constructor(adapter_cls: type) -> None:
+    (module,) = MODULES
+    names = [io["name"] for io in module["initInputs"]]
+    inspect.signature(adapter_cls.__init__).bind(None, **dict.fromkeys(names))
+
+
+def _callable_with(method: Any, declared: list[str]) -> None:
+    """Declared inputs are the method's leading parameters, in order, and suffice to call it."""
+    params = [p for p in inspect.signature(method).parameters.values() if p.name != "self"]
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    assert named[: len(declared)] == declared, f"declared {declared}, method takes {named}"
+    inspect.signature(method).bind(None, **dict.fromkeys(declared))  # every other parameter has a default
+
+
+@pytest.mark.parametrize("fn", [pytest.param(fn, id=fn["name"]) for _, fn in FUNCTIONS])
+def test_functions_exist_with_the_declared_inputs(adapter_cls: type, fn: dict[str, Any]) -> None:
+    method = getattr(adapter_cls, fn["name"], None)
+    assert callable(method), f"{adapter_cls.__name__} has no method {fn['name']!r}"
+    _callable_with(method, [io["name"] for io in fn["input"]])
+    # dtlpy declares the service functions it implements; the input types must agree with it
+    sdk = getattr(getattr(dl.BaseModelAdapter, fn["name"], None), "__dtlpy__", None)
+    if sdk is not None:
+        assert [(io["name"], io["type"]) for io in fn["input"]] == [(io["name"], io["type"]) for io in sdk["input"]]
+    assert fn.get("displayName"), f"{fn['name']} has no displayName"
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, id=m["name"]) for m in COMPONENTS["models"]])
+def test_model_configuration_is_the_config_model(model: dict[str, Any]) -> None:
+    configuration = model["configuration"]
+    expected = FinetuneConfig(**MODEL_OVERRIDES[model["name"]]).model_dump(mode="json")
+    assert configuration == expected
+    # round trip: nothing in the manifest is normalised or defaulted on load
+    assert build_config(configuration).model_dump(mode="json") == configuration
+    arch = open_clip.get_model_config(configuration["model_name"])
+    assert configuration["embeddings_size"] == arch["embed_dim"]
+
+
+@pytest.mark.parametrize("model", [pytest.param(m, id=m["name"]) for m in COMPONENTS["models"]])
+def test_model_entity_fields(model: dict[str, Any]) -> None:
+    assert model["moduleName"] in {m["name"] for m in MODULES}
+    assert (model["scope"], model["status"]) == ("project", "pre-trained")
+    assert (model["inputType"], model["outputType"]) == ("image", "embedding")
+    assert model["labels"] == [] and model["description"]
+    for subset, query in model["metadata"]["system"]["subsets"].items():
+        assert subset in ("train", "validation") and query["filter"]["$and"]
+
+
+def _referenced_compute_configs() -> list[tuple[str, str]]:
+    refs = [(m["name"], m["computeConfig"]) for m in MODULES]
+    return refs + [(fn["name"], fn["computeConfig"]) for _, fn in FUNCTIONS if "computeConfig" in fn]
+
+
+@pytest.mark.parametrize("owner,name", _referenced_compute_configs())
+def test_referenced_compute_configs_exist(owner: str, name: str) -> None:
+    assert name in COMPUTE_CONFIGS, f"{owner} uses computeConfig {name!r}; known: {sorted(COMPUTE_CONFIGS)}"
+
+
+def test_every_compute_config_is_used() -> None:
+    assert {name for _, name in _referenced_compute_configs()} == set(COMPUTE_CONFIGS)
+
+
+@pytest.mark.parametrize("cfg", [pytest.param(c, id=n) for n, c in COMPUTE_CONFIGS.items()])
+def test_compute_config_values_are_known_to_dtlpy(cfg: dict[str, Any]) -> None:
+    built = dl.entities.dpk.DpkComputeConfig.from_json(cfg)
+    runtime = built.runtime
+    assert runtime["podType"] in {p.value for p in dl.InstanceCatalog}
+    assert runtime["autoscaler"]["type"] in {t.value for t in dl.KubernetesAutoscalerType}
+    assert 0 <= runtime["autoscaler"]["minReplicas"] <= runtime["autoscaler"]["maxReplicas"]
+    assert runtime["concurrency"] >= 1 and runtime["runnerImage"]
+    assert isinstance(built.execution_timeout, int) and built.execution_timeout > 0
+
+
+def _function(name: str) -> dict[str, Any]:
+    return next(fn for _, fn in FUNCTIONS if fn["name"] == name)
+
+
+def test_training_runs_on_one_non_preemptible_gpu_for_days() -> None:
+    runtime = COMPUTE_CONFIGS[_function("train_model")["computeConfig"]]
+    assert runtime["runtime"]["podType"].startswith("gpu-")
+    assert runtime["runtime"]["preemptible"] is False
+    assert runtime["runtime"]["autoscaler"]["maxReplicas"] == 1
+    assert runtime["executionTimeout"] >= 24 * 3600
+
+
+def test_dataset_embedding_scales_out_and_runs_long() -> None:
+    cfg = COMPUTE_CONFIGS[_function("embed_dataset")["computeConfig"]]
+    assert cfg["runtime"]["autoscaler"]["maxReplicas"] > 1
+    assert cfg["executionTimeout"] > COMPUTE_CONFIGS[MODULES[0]["computeConfig"]]["executionTimeout"]
