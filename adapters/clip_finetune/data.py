@@ -1,0 +1,415 @@
+"""Readers that turn a Dataloop subset download or a local table into `CaptionPair`s.
+
+Platform-free on purpose (no dtlpy): the Dataloop adapter downloads, these functions only read files.
+Layouts: ../../docs and /work/shared/docs/DATALOOP_PLATFORM.md ("Downloaded subset layout", "Prompt items").
+Items that cannot be used are skipped and counted in a `DataReport`, never raised for one at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .pairs import CaptionPair, DataReport
+
+logger = logging.getLogger(__name__)
+
+ImageResolver = Callable[[list[str]], dict[str, str]]
+"""Given image references missing from the download (item ids, or external URLs), return {ref: local path}
+for those it could fetch, in one bulk call. Refs it could not fetch are simply absent."""
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+IMAGE_COLUMNS = ("filepath", "image", "image_path", "path", "file", "filename", "img")
+CAPTION_COLUMNS = ("caption", "text", "title", "description", "label")
+
+_STREAM_URL = re.compile(r"/items/([0-9a-fA-F]{24})/stream\b")
+
+
+def image_ref(value: str) -> str:
+    """The reference a prompt's image value stands for: the item id of a Dataloop stream URL or of a bare
+    id; any other value (an external URL) unchanged."""
+    value = value.strip()
+    m = _STREAM_URL.search(value)
+    if m:
+        return m.group(1)
+    return value
+
+
+def item_caption(record: dict[str, Any]) -> str | None:
+    """Caption of a plain image item: the first non-empty of `description`, `metadata.system.description`
+    and `metadata.description.text` (older data), stripped; None when there is none."""
+    meta = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+    legacy = meta.get("description")
+    candidates = (
+        record.get("description"),
+        _get(meta, "system", "description"),
+        legacy.get("text") if isinstance(legacy, dict) else legacy,
+    )
+    for c in candidates:
+        if isinstance(c, str) and c.strip():
+            return c.strip()
+    return None
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+# --- Dataloop subset downloads ------------------------------------------------------------------------
+
+
+@dataclass
+class _Record:
+    """One item of a subset download: its json/ record and the items/ file it belongs to."""
+
+    item_id: str
+    data: dict[str, Any]
+    file: Path
+    prompt: dict[str, Any] | None = None  # the parsed items/ file, for prompt items
+
+
+@dataclass
+class _PromptRequest:
+    """A prompt whose image still has to be found: `ref` is an item id or an external URL."""
+
+    item_id: str
+    key: str
+    ref: str
+    captions: list[str] = field(default_factory=list)
+
+
+def read_subset(
+    folder: str | Path, resolver: ImageResolver | None = None, report: DataReport | None = None
+) -> list[CaptionPair]:
+    """Pairs of a Dataloop subset download (`folder/items/...` and `folder/json/...`).
+
+    Plain image items give one pair (their description); prompt items give one pair per prompt and
+    free-text annotation. Prompt images are looked up in the download first, then fetched with ONE
+    `resolver` call. Image files are checked for existence, not decoded.
+    """
+    folder = Path(folder)
+    report = report if report is not None else DataReport()
+    records = _read_records(folder, report)
+    local_images = {r.item_id: r.file for r in records if r.prompt is None}
+    entries: list[CaptionPair | _PromptRequest] = []
+    for r in records:
+        entries += _prompt_requests(r, report) if r.prompt is not None else _plain_pair(r, report)
+    found = _resolve_refs([e for e in entries if isinstance(e, _PromptRequest)], local_images, resolver)
+    pairs: list[CaptionPair] = []
+    for e in entries:
+        if isinstance(e, CaptionPair):
+            pairs.append(e)
+        elif e.ref in found:
+            pairs += [CaptionPair(found[e.ref], c, e.item_id) for c in e.captions]
+        else:
+            report.skip("prompt image not found", f"{e.item_id}#{e.key}")
+    report.used = len(pairs)
+    return pairs
+
+
+def _read_records(folder: Path, report: DataReport) -> list[_Record]:
+    items_root, json_root = folder / "items", folder / "json"
+    if not json_root.is_dir():
+        if not folder.is_dir():
+            raise DataError(f"subset folder {str(folder)!r} does not exist; check the data path")
+        if items_root.is_dir() and any(p.is_file() for p in items_root.rglob("*")):
+            raise DataError(f"subset folder {str(folder)!r} has items/ but no json/ folder; download the "
+                            "subset with its item JSONs (annotation_options JSON) so captions can be read")
+        logger.warning("subset folder %s has no json/ folder: treating it as empty", folder)
+        return []
+    records: dict[str, _Record] = {}
+    for json_path in sorted(json_root.rglob("*.json")):
+        rel = json_path.relative_to(json_root)
+        data = _read_json(json_path)
+        if not isinstance(data, dict):
+            report.skip("unreadable json", str(rel))
+            continue
+        item_id = str(data.get("id") or rel)
+        if item_id in records:
+            report.skip("duplicate item", item_id)
+            continue
+        record = _locate(folder, rel, data, item_id, report)
+        if record is not None:
+            records[item_id] = record
+    return list(records.values())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _locate(
+    folder: Path, json_rel: Path, data: dict[str, Any], item_id: str, report: DataReport
+) -> _Record | None:
+    """Find the items/ file of a json/ record and tell prompt items from plain ones; skip what is unusable."""
+    items_root = folder / "items"
+    marked_prompt = _get(data, "metadata", "system", "shebang", "dltype") == "prompt"
+    filename = data.get("filename")
+    file: Path | None = None
+    if isinstance(filename, str) and filename.strip("/"):
+        file = _inside(items_root, filename.lstrip("/"))
+        if file is None:
+            report.skip("unsafe path", item_id)
+            return None
+    if file is None or not file.is_file():
+        file = _by_stem(items_root, json_rel)  # a record without filename, or a renamed download
+    if file is None:
+        report.skip("prompt file missing" if marked_prompt else "image file missing", item_id)
+        return None
+    mimetype = str(_get(data, "metadata", "system", "mimetype") or "")
+    if marked_prompt or mimetype == "application/json" or file.suffix.lower() == ".json":
+        prompt = _read_json(file)
+        if isinstance(prompt, dict) and isinstance(prompt.get("prompts"), dict):
+            return _Record(item_id, data, file, prompt)
+        report.skip("unreadable prompt json" if marked_prompt else "not an image or prompt item", item_id)
+        return None
+    if mimetype and not mimetype.startswith("image"):
+        report.skip("not an image or prompt item", item_id)
+        return None
+    return _Record(item_id, data, file)
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """root/rel, or None when rel climbs out of root ('../'); lexical, so symlinked data stays usable."""
+    joined = Path(os.path.normpath(root / rel))
+    return joined if joined.is_relative_to(os.path.normpath(root)) else None
+
+
+def _by_stem(items_root: Path, json_rel: Path) -> Path | None:
+    """items/<dir>/<stem>.<any ext> for json/<dir>/<stem>.json (dtlpy names the json after the stem)."""
+    folder = items_root / json_rel.parent
+    if not folder.is_dir():
+        return None
+    stem = json_rel.stem
+    matches = sorted(p for p in folder.iterdir() if p.is_file() and (p.stem == stem or p.name == stem))
+    return matches[0] if matches else None
+
+
+def _plain_pair(r: _Record, report: DataReport) -> list[CaptionPair]:
+    caption = item_caption(r.data)
+    if caption is None:
+        report.skip("no caption", r.item_id)
+        return []
+    return [CaptionPair(str(r.file), caption, r.item_id)]
+
+
+def _prompt_requests(r: _Record, report: DataReport) -> list[_PromptRequest]:
+    """One request per prompt of a prompt item, with the free-text captions annotated for it."""
+    prompts: dict[str, Any] = r.prompt or {}
+    if not prompts.get("prompts"):
+        report.skip("prompt item has no prompts", r.item_id)
+        return []
+    captions = _captions_by_prompt(r.data.get("annotations"))
+    requests = []
+    for key, elements in prompts["prompts"].items():
+        ref = _image_value(elements)
+        if ref is None:
+            report.skip("prompt has no image", f"{r.item_id}#{key}")
+        elif not captions.get(str(key)):
+            report.skip("no free-text annotation", f"{r.item_id}#{key}")
+        else:
+            requests.append(_PromptRequest(r.item_id, str(key), image_ref(ref), captions[str(key)]))
+    return requests
+
+
+def _image_value(elements: Any) -> str | None:
+    for e in elements if isinstance(elements, list) else []:
+        if isinstance(e, dict) and str(e.get("mimetype", "")).startswith("image"):
+            value = e.get("value")
+            if isinstance(value, str) and value.strip():
+                return value
+    return None
+
+
+def _captions_by_prompt(annotations: Any) -> dict[str, list[str]]:
+    """{promptId: distinct non-empty captions} from the text annotations of a prompt item."""
+    out: dict[str, list[str]] = {}
+    for a in annotations if isinstance(annotations, list) else []:
+        if not isinstance(a, dict) or a.get("type") != "text":
+            continue
+        prompt_id, text = _get(a, "metadata", "system", "promptId"), a.get("coordinates")
+        if prompt_id is None or not isinstance(text, str) or not text.strip():
+            continue
+        captions = out.setdefault(str(prompt_id), [])
+        if text.strip() not in captions:
+            captions.append(text.strip())
+    return out
+
+
+def _resolve_refs(
+    requests: list[_PromptRequest], local_images: dict[str, Path], resolver: ImageResolver | None
+) -> dict[str, str]:
+    """{ref: local path}: images in the download first, then one bulk resolver call for the rest."""
+    found = {q.ref: str(local_images[q.ref]) for q in requests if q.ref in local_images}
+    missing = list(dict.fromkeys(q.ref for q in requests if q.ref not in found))
+    if not missing:
+        return found
+    if resolver is None:
+        logger.warning("%d prompt images are not in the download and no resolver was given", len(missing))
+        return found
+    fetched = resolver(missing)
+    wanted = set(missing)
+    found.update({ref: str(p) for ref, p in fetched.items() if ref in wanted and p and Path(p).is_file()})
+    return found
+
+
+# --- local tables ---------------------------------------------------------------------------------------
+
+
+def read_table(path: str | Path, report: DataReport | None = None) -> list[CaptionPair]:
+    """Pairs of a .csv (delimiter sniffed), .tsv or .jsonl table with an image column and a caption column.
+
+    Relative image paths resolve against the table's folder; rows with an empty caption or a missing
+    image file are skipped and counted. A missing column is a DataError.
+    """
+    path = Path(path)
+    report = report if report is not None else DataReport()
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"table {str(path)!r} has suffix {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")
+    if not path.is_file():
+        raise DataError(f"table {str(path)!r} does not exist; check the path")
+    rows, columns = _read_jsonl(path, report) if suffix == ".jsonl" else _read_delimited(path)
+    image_col = _pick_column(columns, IMAGE_COLUMNS, "image", path)
+    caption_col = _pick_column(columns, CAPTION_COLUMNS, "caption", path)
+    id_col = next((c for c in columns if c.strip().lower() == "id"), None)
+    pairs = []
+    for n, row in rows:
+        item_id = str(row.get(id_col) or "").strip() if id_col else ""
+        pair = _table_pair(row, image_col, caption_col, path.parent, item_id or f"row {n}", report)
+        if pair is not None:
+            pairs.append(pair)
+    report.used = len(pairs)
+    return pairs
+
+
+def _read_delimited(path: Path) -> tuple[Iterable[tuple[int, dict[str, Any]]], list[str]]:
+    text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: Excel writes a BOM before the header
+    if path.suffix.lower() == ".tsv":
+        dialect: Any = csv.excel_tab
+    else:
+        try:
+            dialect = csv.Sniffer().sniff(text[:8192], delimiters=",;\t|")
+        except csv.Error:  # a single column, or too little text to tell: the default is a comma
+            dialect = csv.excel
+    reader = csv.DictReader(io.StringIO(text, newline=""), dialect=dialect)  # keeps quoted newlines
+    columns = list(reader.fieldnames or [])
+    return enumerate(reader, start=1), columns
+
+
+def _read_jsonl(path: Path, report: DataReport) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    rows, columns = [], {}
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            report.skip("unreadable json line", f"line {n}")
+            continue
+        rows.append((n, obj))
+        columns.update(dict.fromkeys(obj))
+    return rows, list(columns)
+
+
+def _pick_column(columns: list[str], accepted: tuple[str, ...], what: str, path: Path) -> str:
+    by_name = {c.strip().lower(): c for c in columns if c is not None}
+    for name in accepted:
+        if name in by_name:
+            return by_name[name]
+    raise DataError(
+        f"table {str(path)!r} has no {what} column: found columns {columns}; name one of them "
+        f"{' / '.join(accepted)} (case-insensitive), and make the first line a header"
+    )
+
+
+def _table_pair(
+    row: dict[str, Any], image_col: str, caption_col: str, base: Path, item_id: str, report: DataReport
+) -> CaptionPair | None:
+    caption = _cell(row.get(caption_col))
+    image = _cell(row.get(image_col))
+    if not caption:
+        report.skip("no caption", item_id)
+        return None
+    if not image:
+        report.skip("no image path", item_id)
+        return None
+    file = Path(image).expanduser()
+    file = Path(os.path.normpath(file if file.is_absolute() else base / file))
+    if not file.is_file():
+        report.skip("image file missing", item_id)
+        return None
+    return CaptionPair(str(file), caption, item_id)
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value).strip()
+
+
+# --- dispatch -------------------------------------------------------------------------------------------
+
+
+def load_dataset(
+    path: str | Path, resolver: ImageResolver | None = None
+) -> tuple[dict[str, list[CaptionPair]], dict[str, DataReport]]:
+    """Read a table, one subset download, or a folder of subset downloads into {split: pairs}.
+
+    Returns the pairs and a DataReport per split (also logged).
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+        readers = {"train": lambda r: read_table(path, r)}
+    elif path.is_dir() and _is_subset(path):
+        readers = {"train": lambda r: read_subset(path, resolver, r)}
+    elif path.is_dir() and (subsets := sorted(d for d in path.iterdir() if d.is_dir() and _is_subset(d))):
+        readers = {d.name: _subset_reader(d, resolver) for d in subsets}
+    else:
+        raise DataError(_layout_message(path))
+    splits, reports = {}, {}
+    for name, read in readers.items():
+        reports[name] = DataReport()
+        splits[name] = read(reports[name])
+        level = logging.WARNING if reports[name].total_skipped else logging.INFO
+        logger.log(level, "%s: %s", name, reports[name].summary())
+    return splits, reports
+
+
+def _subset_reader(folder: Path, resolver: ImageResolver | None) -> Callable[[DataReport], list[CaptionPair]]:
+    return lambda report: read_subset(folder, resolver, report)
+
+
+def _is_subset(folder: Path) -> bool:
+    return (folder / "items").is_dir() or (folder / "json").is_dir()
+
+
+def _layout_message(path: Path) -> str:
+    if not path.exists():
+        found = "it does not exist"
+    elif path.is_file():
+        found = f"it is a {path.suffix or 'suffix-less'} file"
+    else:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())[:10]
+        found = f"it holds {names}" if names else "it is empty"
+    return (
+        f"data path {str(path)!r} is not a dataset ({found}); give one of: a .csv/.tsv/.jsonl table with "
+        "image and caption columns; a Dataloop subset download (a folder with items/ and json/); or a "
+        "folder of such subsets (train/, validation/, ...)"
+    )

@@ -1,0 +1,107 @@
+"""Open any image file a user may have as an upright 8-bit RGB PIL image, or fail with a clear DataError."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import DataError
+
+logger = logging.getLogger(__name__)
+
+PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default (about 89 megapixels)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+class ImageDecodeError(DataError):
+    """An image file cannot be decoded: missing, empty, truncated, not an image, or too large."""
+
+
+def set_max_image_pixels(n: int | None = PILLOW_MAX_IMAGE_PIXELS) -> None:
+    """Set the decompression-bomb limit (pixels per image) for every Pillow decode in this process.
+
+    None turns the protection off: only do that for trusted data.
+    """
+    Image.MAX_IMAGE_PIXELS = n
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode `path` fully into an RGB image: EXIF orientation applied, transparency composited onto white,
+    16-bit grayscale scaled to 8 bits, CMYK converted, first frame of an animation.
+
+    Raises ImageDecodeError naming the path and the reason on any failure.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise _Refused("empty file (0 bytes)")
+        # Pillow only warns between 1x and 2x its pixel limit; refuse there too, before any allocation.
+        # (catch_warnings is not thread-safe; _check_size below refuses even when the warning slips past.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_size(im)
+                im.seek(0)  # animated GIF/WebP/APNG: the first frame
+                im.load()
+                return _to_rgb(_upright(im))
+    except _Refused as e:
+        raise ImageDecodeError(f"cannot decode image {str(path)!r}: {e}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageDecodeError(f"cannot decode image {str(path)!r}: {_bomb_message(e)}") from None
+    except FileNotFoundError:
+        raise ImageDecodeError(f"cannot decode image {str(path)!r}: file not found") from None
+    except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, struct.error, IndexError...
+        raise ImageDecodeError(
+            f"cannot decode image {str(path)!r}: {type(e).__name__}: {e}; re-export the file or remove it"
+        ) from e
+
+
+class _Refused(Exception):
+    """Internal: a check of ours refused the file; the message is the reason."""
+
+
+def _check_size(im: Image.Image) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = im.size
+    if limit is not None and w * h > limit:
+        raise _Refused(_bomb_message(f"{w}x{h} = {w * h} pixels exceeds the limit of {limit}"))
+
+
+def _bomb_message(detail: object) -> str:
+    return (f"possible decompression bomb ({detail}); if the image is trusted, raise the limit with "
+            "images.set_max_image_pixels(n)")
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """Apply the EXIF Orientation tag; an unreadable EXIF block is ignored (the pixels are still fine)."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception as e:  # malformed EXIF raises assorted errors; orientation is a nicety, not a must
+        logger.debug("ignoring unreadable EXIF of %s: %s", getattr(im, "filename", "?"), e)
+        return im.copy()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in _SIXTEEN_BIT_MODES or im.mode in ("I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(im), im.mode), "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGB (a copy, so the file handle can close)
+
+
+def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Scale high-bit-depth grayscale to 0..255 (Pillow's own convert('L') clips at 255 instead)."""
+    a = a.astype(np.float64)
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and a.max(initial=0) > 255):
+        a = a / 257.0  # 65535 -> 255
+    elif mode == "F" and a.max(initial=0) <= 1.0:
+        a = a * 255.0  # float images in [0, 1]
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
