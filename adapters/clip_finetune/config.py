@@ -245,3 +245,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {str(p)!r} must hold a JSON object of hyperparameters")
     return data
+
+
+def markdown_reference() -> str:
+    """The configuration reference table (docs/configuration.md is checked against it in the tests)."""
+    rows = ["| key | default | description |", "|---|---|---|"]
+    defaults = FinetuneConfig().model_dump(mode="json")
+    for name, f in FinetuneConfig.model_fields.items():
+        default = json.dumps(defaults[name]) if name != "embeddings_size" else "derived (512 for ViT-B-32)"
+        rows.append(f"| `{name}` | `{default}` | {f.description} |")
+    return "\n".join(rows) + "\n"
+

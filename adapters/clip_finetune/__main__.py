@@ -1,0 +1,7 @@
+"""`python -m adapters.clip_finetune ...` is the same as `clip-finetune ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

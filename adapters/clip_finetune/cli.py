@@ -1,0 +1,218 @@
+"""`clip-finetune`: demo, train, evaluate, embed, search, config. Thin: parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ClipFinetuneError, DataError
+
+log = logging.getLogger("clip_finetune")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="JSON_FILE", help="JSON file of hyperparameters")
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", default=[],
+                   help="override one hyperparameter (repeatable); VALUE is read as JSON when it parses")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clip-finetune", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="offline demo: synthetic data, fine-tune a tiny CLIP, before/after table")
+    p.add_argument("--out", default="demo_output", help="output folder (default: ./demo_output)")
+    p.add_argument("--train", type=int, default=1500, help="synthetic training images")
+    p.add_argument("--validation", type=int, default=300, help="synthetic validation images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", default=[])
+
+    p = sub.add_parser("train", help="fine-tune on a Dataloop download, a train/validation folder or a table")
+    p.add_argument("--data", required=True, help="Dataloop subset download, folder of subsets, or CSV/TSV/JSONL")
+    p.add_argument("--validation", help="validation data (default: the 'validation' subset of --data)")
+    p.add_argument("--out", required=True, help="output model folder")
+    _config_args(p)
+
+    p = sub.add_parser("evaluate", help="retrieval metrics of a model on captioned data")
+    p.add_argument("--model", help="saved model folder (default: the base model of --config/--set)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--subset", help="subset of --data to use (default: validation if present, else train)")
+    p.add_argument("--json", action="store_true", help="print metrics as JSON")
+    _config_args(p)
+
+    p = sub.add_parser("embed", help="embed images or texts into an .npz/.parquet file")
+    p.add_argument("--model", help="saved model folder (default: the base model of --config/--set)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of images, or CSV/TSV/JSONL with an image column")
+    src.add_argument("--texts", help="text file (one text per line) or CSV/TSV/JSONL with a caption column")
+    p.add_argument("--out", required=True, help="output file: .npz (numpy) or .parquet (pandas)")
+    _config_args(p)
+
+    p = sub.add_parser("search", help="text-to-image search over an embeddings file")
+    p.add_argument("--model", help="saved model folder (default: the base model of --config/--set)")
+    p.add_argument("--index", required=True, help="embeddings file written by `embed --images`")
+    p.add_argument("-k", type=int, default=5, help="results per query")
+    p.add_argument("queries", nargs="+", help="text queries")
+    _config_args(p)
+
+    p = sub.add_parser("config", help="print the default configuration (or the merged one) as JSON")
+    _config_args(p)
+    p.add_argument("--schema", action="store_true", help="print the JSON schema instead")
+    p.add_argument("--markdown", action="store_true", help="print the configuration reference table")
+    return parser
+
+
+def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+    from .config import build_config, load_config_file, parse_set_options
+
+    file_cfg = load_config_file(args.config) if getattr(args, "config", None) else None
+    # CLI --set > --config file > defaults
+    return build_config(extra, file_cfg, parse_set_options(args.sets))
+
+
+def _load_clip(args: argparse.Namespace):
+    from .model import load_artifact, load_model
+
+    cfg = _load_cfg(args)
+    return (load_artifact(args.model, cfg.device) if args.model else load_model(cfg)), cfg
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .config import parse_set_options
+    from .demo import run_demo
+
+    res = run_demo(args.out, args.train, args.validation, args.seed, parse_set_options(args.sets))
+    print(res.table)
+    print(f"\nbest epoch {res.result.best_epoch}; wrote:")
+    for name, path in res.files.items():
+        print(f"  {name:13s} {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .metrics import format_table
+    from .train import fit
+
+    cfg = _load_cfg(args)  # validated before any data is read
+    subsets, reports = load_dataset(args.data)
+    for name, report in reports.items():
+        log.info("%s: %s", name, report.summary())
+    train = subsets.get("train") or (next(iter(subsets.values())) if len(subsets) == 1 else None)
+    if not train:
+        raise DataError(f"--data {args.data!r}: no 'train' subset among {sorted(subsets)}")
+    val = subsets.get("validation")
+    if args.validation:
+        vsets, _ = load_dataset(args.validation)
+        val = vsets.get("validation") or next(iter(vsets.values()))
+    result = fit(cfg, train, val, out_dir=args.out)
+    if val:
+        print(format_table(result.before, result.after))
+    print(f"\nbest epoch {result.best_epoch} ({cfg.early_stopping_metric}); model saved to {result.out_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .evaluate import evaluate
+    from .metrics import format_table
+
+    clip, cfg = _load_clip(args)
+    subsets, _ = load_dataset(args.data)
+    name = args.subset or ("validation" if "validation" in subsets else next(iter(subsets)))
+    if name not in subsets:
+        raise DataError(f"--subset {name!r} not found in {args.data!r}; subsets: {sorted(subsets)}")
+    metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers)
+    print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+    return 0
+
+
+def _list_images(source: str) -> list[str]:
+    path = Path(source)
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    from .data import read_table
+
+    return list(dict.fromkeys(p.image for p in read_table(path)))
+
+
+def _list_texts(source: str) -> list[str]:
+    path = Path(source)
+    if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
+        from .data import read_table
+
+        return [p.caption for p in read_table(path)]
+    if not path.is_file():
+        raise DataError(f"--texts {source!r} does not exist")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from .embed import encode_images, encode_texts, save_embeddings
+
+    clip, cfg = _load_clip(args)
+    if args.images:
+        paths = _list_images(args.images)
+        if not paths:
+            raise DataError(f"--images {args.images!r}: no images found")
+        vectors, kept = encode_images(clip, paths, cfg.batch_size, cfg.num_workers)
+        ids = [paths[i] for i in kept]
+        if len(kept) < len(paths):
+            log.warning("%d of %d images could not be decoded and were skipped", len(paths) - len(kept), len(paths))
+    else:
+        ids = _list_texts(args.texts)
+        vectors = encode_texts(clip, ids, cfg.batch_size)
+    out = save_embeddings(args.out, ids, vectors)
+    print(f"wrote {len(ids)} vectors of {vectors.shape[1]} dimensions to {out}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .embed import load_embeddings
+    from .search import search_texts
+
+    clip, _ = _load_clip(args)
+    ids, vectors = load_embeddings(args.index)
+    for query, hits in zip(args.queries, search_texts(clip, ids, vectors, args.queries, args.k), strict=True):
+        print(f"{query}")
+        for rank, (item, score) in enumerate(hits, 1):
+            print(f"  {rank:2d}. {score:.4f}  {item}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import FinetuneConfig, markdown_reference
+
+    if args.markdown:
+        print(markdown_reference(), end="")
+    elif args.schema:
+        print(json.dumps(FinetuneConfig.model_json_schema(), indent=2))
+    else:
+        print(_load_cfg(args).model_dump_json(indent=2))
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed,
+            "search": cmd_search, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except ClipFinetuneError as e:
+        print(f"clip-finetune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

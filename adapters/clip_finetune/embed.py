@@ -1,0 +1,107 @@
+"""Batched, L2-normalised embedding of images and texts, and the embeddings file format.
+
+Embeddings files: `.npz` with `ids` (str, [n]) and `vectors` (float32, [n, d]) for numpy
+(`np.load(f)["vectors"]`), or `.parquet` (columns `id`, `vector`) for pandas (`pd.read_parquet(f)`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .datasets import ImageDataset, collate_skipping_bad, default_num_workers
+from .errors import DataError
+from .model import ClipModel
+
+log = logging.getLogger(__name__)
+
+
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """Mixed-precision context: bf16 (or fp16) autocast on CUDA, nothing on CPU or with fp32."""
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    if precision == "fp16" or (precision == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def encode_images(
+    clip: ClipModel,
+    paths: Sequence[str],
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[int]]:
+    """Embed image files. Returns (vectors [n_ok, d] float32, unit norm; indices of `paths` embedded).
+
+    Images that cannot be decoded are skipped (logged); their indices are absent from the result.
+    """
+    loader = DataLoader(
+        ImageDataset(paths, clip.preprocess),
+        batch_size=batch_size,
+        num_workers=default_num_workers(num_workers, clip.device),
+        collate_fn=collate_skipping_bad,
+        pin_memory=clip.device.type == "cuda",
+    )
+    vectors, kept = [], []
+    clip.model.eval()
+    with torch.inference_mode(), autocast_for(clip.device):
+        for batch, _ in tqdm(loader, desc="embed images", unit="batch", disable=not progress):
+            if batch is None:
+                continue
+            images, idx = batch
+            feats = clip.model.encode_image(images.to(clip.device, non_blocking=True), normalize=True)
+            vectors.append(feats.float().cpu().numpy())
+            kept += idx.tolist()
+    dim = clip.embed_dim
+    return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), kept
+
+
+def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+    """Embed texts: float32 [n, d], unit norm. Captions longer than the context are truncated."""
+    out = []
+    clip.model.eval()
+    with torch.inference_mode(), autocast_for(clip.device):
+        for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", disable=not progress):
+            tokens = clip.tokenizer(list(texts[start : start + batch_size])).to(clip.device)
+            out.append(clip.model.encode_text(tokens, normalize=True).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, clip.embed_dim), np.float32)
+
+
+def save_embeddings(path: str | Path, ids: Sequence[str], vectors: np.ndarray) -> Path:
+    """Write ids + vectors as .npz (numpy) or .parquet (pandas; needs pyarrow)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if path.suffix == ".parquet":
+        try:
+            import pandas as pd
+        except ImportError:
+            raise DataError("writing .parquet needs pandas and pyarrow: pip install pandas pyarrow") from None
+        pd.DataFrame({"id": list(ids), "vector": list(vectors)}).to_parquet(path)
+    elif path.suffix == ".npz":
+        np.savez(path, ids=np.asarray(list(ids), dtype=str), vectors=vectors)
+    else:
+        raise DataError(f"embeddings file {str(path)!r}: use a .npz (numpy) or .parquet (pandas) name")
+    return path
+
+
+def load_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """Read an embeddings file written by save_embeddings: (ids, vectors [n, d] float32)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"embeddings file {str(path)!r} does not exist; create it with `clip-finetune embed`")
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        df = pd.read_parquet(path)
+        return df["id"].astype(str).tolist(), np.stack(df["vector"].to_numpy()).astype(np.float32)
+    with np.load(path, allow_pickle=False) as data:
+        return data["ids"].tolist(), data["vectors"].astype(np.float32)

@@ -1,0 +1,176 @@
+"""Build, load and save open_clip models.
+
+A saved model is an open_clip `local-dir` folder (`open_clip_config.json` + `open_clip_model.safetensors`)
+that stock `open_clip.create_model_and_transforms("local-dir:DIR")` loads, plus this project's
+`finetune_config.json` and `metrics.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
+from open_clip.push_to_hf_hub import save_config_for_hf
+from safetensors.torch import save_file
+
+from .config import FinetuneConfig, architecture_config
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+FINETUNE_CONFIG_NAME = "finetune_config.json"
+METRICS_NAME = "metrics.json"
+
+
+@dataclass
+class ClipModel:
+    """An open_clip model with everything needed to feed it: transforms, tokenizer and its config."""
+
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess: Callable  # evaluation/embedding transform (resize, centre crop, normalise)
+    tokenizer: Callable
+    model_cfg: dict[str, Any]  # open_clip model config (embed_dim, vision_cfg, text_cfg, ...)
+    source: str  # what it was loaded from, for logs
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model_cfg["embed_dim"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def is_artifact_dir(path: str | Path | None) -> bool:
+    """True if `path` is a saved model folder (open_clip local-dir layout)."""
+    return bool(path) and (Path(path).expanduser() / HF_CONFIG_NAME).is_file()
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The requested torch device, else CUDA when available, else CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) -> ClipModel:
+    """Build the model that `cfg` describes: a saved artifact folder, a name + pretrained tag, or a
+    config (JSON path or name) with random init when `pretrained` is null."""
+    device = pick_device(str(device) if device else cfg.device)
+    if is_artifact_dir(cfg.pretrained):
+        return load_artifact(cfg.pretrained, device)
+    model_cfg = copy.deepcopy(architecture_config(cfg.model_name))
+    name = _register(cfg.model_name, model_cfg)
+    kwargs: dict[str, Any] = {}
+    if cfg.pretrained:
+        tag_cfg = open_clip.get_pretrained_cfg(name, cfg.pretrained)
+        # open_clip 3.x builds e.g. ViT-B-32 with GELU even for the 'openai' tag, trained with QuickGELU,
+        # and only warns: force the activation the weights were trained with.
+        if tag_cfg.get("quick_gelu") and not model_cfg.get("quick_gelu"):
+            model_cfg["quick_gelu"] = True
+            kwargs["force_quick_gelu"] = True
+        if not tag_cfg and not Path(cfg.pretrained).is_file():
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ModelError(
+                f"pretrained: {cfg.pretrained!r} is neither a pretrained tag of {name!r} "
+                f"(known: {', '.join(tags) or 'none'}), a weights file, nor a saved model folder"
+            )
+    try:
+        model, pp_train, pp_val = open_clip.create_model_and_transforms(
+            name, pretrained=cfg.pretrained, device=device, **kwargs
+        )
+    except RuntimeError as e:  # open_clip raises RuntimeError for failed downloads / bad files
+        raise ModelError(f"cannot load {name!r} with pretrained={cfg.pretrained!r}: {e}") from e
+    source = f"{name} ({cfg.pretrained or 'random init'})"
+    log.info("loaded %s on %s", source, device)
+    return ClipModel(model, pp_train, pp_val, open_clip.get_tokenizer(name), model_cfg, source)
+
+
+def _register(model_name: str, model_cfg: dict[str, Any]) -> str:
+    """Make a config-JSON architecture known to open_clip under its file stem; return the name to use."""
+    if not model_name.endswith(".json"):
+        return model_name
+    name = Path(model_name).stem
+    # open_clip's registry is keyed by name: add_model_config reads a folder or file of configs.
+    # We register from a temporary copy holding only model_cfg (the file may be an artifact config).
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.json"
+        path.write_text(json.dumps(model_cfg))
+        open_clip.add_model_config(path)
+    return name
+
+
+def load_artifact(path: str | Path, device: torch.device | str | None = None) -> ClipModel:
+    """Load a saved model folder exactly as stock open_clip does (`local-dir:` schema)."""
+    folder = Path(path).expanduser().resolve()
+    if not is_artifact_dir(folder):
+        raise ModelError(f"{str(folder)!r} is not a saved model folder (no {HF_CONFIG_NAME})")
+    if not (folder / HF_SAFE_WEIGHTS_NAME).is_file():
+        raise ModelError(f"{str(folder)!r} has no {HF_SAFE_WEIGHTS_NAME}; refusing to load random weights")
+    device = pick_device(str(device) if device else None)
+    spec = f"local-dir:{folder}"
+    model, pp_train, pp_val = open_clip.create_model_and_transforms(spec, device=device, weights_only=True)
+    model_cfg = json.loads((folder / HF_CONFIG_NAME).read_text())["model_cfg"]
+    extra = {}
+    if (folder / FINETUNE_CONFIG_NAME).is_file():
+        extra["finetune_config"] = json.loads((folder / FINETUNE_CONFIG_NAME).read_text())
+    log.info("loaded saved model %s on %s", folder, device)
+    return ClipModel(model, pp_train, pp_val, open_clip.get_tokenizer(spec), model_cfg, str(folder), extra)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DistributedDataParallel / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def save_artifact(
+    clip: ClipModel,
+    out_dir: str | Path,
+    cfg: FinetuneConfig | None = None,
+    metrics: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `clip` (or `state_dict`, e.g. the best epoch's weights) as an open_clip local-dir folder.
+
+    Each file is written to a temporary name and renamed, so a crash never leaves a half-written model.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = unwrap(clip.model)
+    tensors = state_dict if state_dict is not None else model.state_dict()
+    # safetensors refuses views of shared storage: store plain, contiguous CPU copies
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    _atomic(out / HF_SAFE_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic(out / HF_CONFIG_NAME, lambda p: save_config_for_hf(model, p, model_config=clip.model_cfg))
+    if cfg is not None:
+        _atomic(out / FINETUNE_CONFIG_NAME, lambda p: p.write_text(cfg.model_dump_json(indent=2)))
+    if metrics is not None:
+        _atomic(out / METRICS_NAME, lambda p: p.write_text(json.dumps(metrics, indent=2)))
+    return out
+
+
+def _atomic(target: Path, write: Callable[[Path], Any]) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over `target`."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, target)
+    finally:
+        tmp_path.unlink(missing_ok=True)

@@ -1,0 +1,98 @@
+"""The `clip-finetune` command line, called through main(argv) on small synthetic data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adapters.clip_finetune.cli import main
+from adapters.clip_finetune.demo import run_demo
+from adapters.clip_finetune.embed import load_embeddings
+from adapters.clip_finetune.synthetic import write_csv, write_dataloop_download
+
+
+@pytest.fixture(scope="module")
+def tiny_sets(tiny_model_config: Path) -> list[str]:
+    return ["--set", f"model_name={tiny_model_config}", "--set", "pretrained=none", "--set", "num_workers=0",
+            "--set", "learning_rate=1e-3", "--set", "train_batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory, tiny_sets) -> tuple[Path, Path]:
+    """A model trained for one epoch by `clip-finetune train` on a CSV table."""
+    root = tmp_path_factory.mktemp("cli")
+    table = write_csv(root / "pairs.csv", 64, seed=3)
+    out = root / "model"
+    assert main(["train", "--data", str(table), "--out", str(out), *tiny_sets, "--set", "num_epochs=1"]) == 0
+    return out, table
+
+
+def test_train_writes_a_loadable_artifact(trained_model) -> None:
+    out, _ = trained_model
+    names = {p.name for p in out.iterdir()}
+    assert {"open_clip_config.json", "open_clip_model.safetensors", "finetune_config.json", "metrics.json"} <= names
+    assert json.loads((out / "finetune_config.json").read_text())["num_epochs"] == 1
+
+
+def test_train_on_a_dataloop_download_prints_the_before_after_table(tmp_path, tiny_sets, capsys) -> None:
+    data = write_dataloop_download(tmp_path / "data", 48, 24, seed=4)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), *tiny_sets, "--set", "num_epochs=1"]) == 0
+    out = capsys.readouterr().out
+    assert "before" in out and "after" in out and "recall@1" in out and "best epoch" in out
+
+
+def test_evaluate_prints_metrics_as_json(trained_model, capsys) -> None:
+    out, table = trained_model
+    assert main(["evaluate", "--model", str(out), "--data", str(table), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert 0 <= metrics["text_to_image/recall@1"] <= 1 and metrics["image_to_text/median_rank"] >= 1
+
+
+def test_embed_images_writes_unit_vectors_with_their_paths(trained_model, tmp_path, capsys) -> None:
+    out, table = trained_model
+    images = table.parent / "images"
+    (images / "broken.png").write_bytes(b"not an image")  # skipped, not fatal
+    index = tmp_path / "index.npz"
+    assert main(["embed", "--model", str(out), "--images", str(images), "--out", str(index)]) == 0
+    ids, vectors = load_embeddings(index)
+    expected = sorted(str(p) for p in images.glob("*.png") if p.name != "broken.png")
+    assert ids == expected and vectors.shape == (64, 64) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert "wrote 64 vectors of 64 dimensions" in capsys.readouterr().out
+    (images / "broken.png").unlink()
+
+
+def test_search_finds_an_indexed_text_first_with_score_one(trained_model, tmp_path, capsys) -> None:
+    out, _ = trained_model
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a red circle on the left\na blue square at the top\na green ring in the middle\n")
+    index = tmp_path / "texts.npz"
+    assert main(["embed", "--model", str(out), "--texts", str(texts), "--out", str(index)]) == 0
+    capsys.readouterr()
+    assert main(["search", "--model", str(out), "--index", str(index), "-k", "2", "a blue square at the top"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "a blue square at the top"
+    assert lines[1].split()[1] == "1.0000" and lines[1].endswith("a blue square at the top")
+    assert len(lines) == 3  # the query and k=2 results
+
+
+def test_errors_are_one_clean_line(tmp_path, capsys) -> None:
+    assert main(["evaluate", "--data", str(tmp_path / "nowhere"), "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("clip-finetune evaluate: error:") and "Traceback" not in err
+
+
+def test_demo_writes_model_metrics_and_pictures(tmp_path) -> None:
+    res = run_demo(tmp_path, n_train=96, n_validation=32, overrides={"num_epochs": 1, "num_workers": 0},
+                   progress=False)
+    assert "before" in res.table and "after" in res.table
+    saved = json.loads(res.files["metrics"].read_text())
+    assert set(saved) >= {"before", "after", "history", "best_epoch"}
+    for name in ("curves", "search_sheet"):
+        with Image.open(res.files[name]) as im:
+            assert im.format == "PNG" and im.width > 300 and im.height > 150
+    assert (res.files["model"] / "open_clip_model.safetensors").is_file()
