@@ -32,6 +32,14 @@ def autocast_for(device: torch.device, precision: str = "auto"):
     return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
+def encode_image_tensors(clip: ClipModel, images: torch.Tensor) -> np.ndarray:
+    """Preprocessed images [n, 3, H, W] -> float32 [n, d], unit norm."""
+    clip.model.eval()
+    with torch.inference_mode(), autocast_for(clip.device):
+        features = clip.model.encode_image(images.to(clip.device, non_blocking=True), normalize=True)
+    return features.float().cpu().numpy()
+
+
 def encode_images(
     clip: ClipModel,
     paths: Sequence[str],
@@ -51,14 +59,10 @@ def encode_images(
         pin_memory=clip.device.type == "cuda",
     )
     vectors, kept = [], []
-    clip.model.eval()
-    with torch.inference_mode(), autocast_for(clip.device):
-        for batch, _ in tqdm(loader, desc="embed images", unit="batch", disable=not progress):
-            if batch is None:
-                continue
+    for batch, _ in tqdm(loader, desc="embed images", unit="batch", disable=not progress):
+        if batch is not None:
             images, idx = batch
-            feats = clip.model.encode_image(images.to(clip.device, non_blocking=True), normalize=True)
-            vectors.append(feats.float().cpu().numpy())
+            vectors.append(encode_image_tensors(clip, images))
             kept += idx.tolist()
     dim = clip.embed_dim
     return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), kept

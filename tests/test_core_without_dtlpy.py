@@ -1,0 +1,59 @@
+"""The core never imports dtlpy (DESIGN.md, rule 1): every module but adapter.py imports with dtlpy blocked."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import adapters.clip_finetune as package
+
+REPO = Path(__file__).resolve().parents[1]
+PLATFORM_MODULES = {"adapter"}  # the one module allowed to import dtlpy
+ENTRY_POINTS = {"__main__"}  # runs the CLI on import; cli is imported (and checked) on its own
+
+# A meta-path finder first in line: any import of dtlpy (or a submodule) raises ImportError, as on a machine
+# without it. The child imports each module, then reports which imported and whether dtlpy got loaded.
+_CHILD = """
+import importlib, json, sys
+
+class BlockDtlpy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "dtlpy" or name.startswith("dtlpy."):
+            raise ImportError(f"dtlpy is blocked in this test (imported as {name!r})")
+        return None
+
+sys.meta_path.insert(0, BlockDtlpy())
+results = {}
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+        results[name] = "ok"
+    except ImportError as e:
+        results[name] = f"{type(e).__name__}: {e}"
+print(json.dumps({"results": results, "dtlpy_loaded": any(m.split(".")[0] == "dtlpy" for m in sys.modules)}))
+"""
+
+
+def core_modules() -> list[str]:
+    names = {m.name for m in pkgutil.iter_modules(package.__path__)}
+    return sorted(f"{package.__name__}.{n}" for n in names - PLATFORM_MODULES - ENTRY_POINTS)
+
+
+def import_blocked(modules: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", _CHILD, *modules], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_every_core_module_imports_with_dtlpy_blocked() -> None:
+    modules = core_modules()
+    # the adapter is the control: it needs dtlpy, so it must fail to import in the same child
+    report = import_blocked([*modules, f"{package.__name__}.adapter"])
+
+    assert len(modules) >= 10, modules  # the package layout was found (config, data, model, train, ...)
+    assert {m: r for m, r in report["results"].items() if m in modules and r != "ok"} == {}
+    assert report["results"][f"{package.__name__}.adapter"].startswith("ImportError: dtlpy is blocked")
+    assert report["dtlpy_loaded"] is False
