@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="Dataloop subset download, folder of subsets, or CSV/TSV/JSONL")
     p.add_argument("--validation", help="validation data (default: the 'validation' subset of --data)")
     p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (after a crash)")
     _config_args(p)
 
     p = sub.add_parser("evaluate", help="retrieval metrics of a model on captioned data")
@@ -112,7 +113,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.validation:
         vsets, _ = load_dataset(args.validation)
         val = vsets.get("validation") or next(iter(vsets.values()))
-    result = fit(cfg, train, val, out_dir=args.out)
+    report = reports.get("train") or next(iter(reports.values()))
+    result = fit(cfg, train, val, out_dir=args.out, resume=args.resume, report=report)
+    # what each subset used and skipped (with example ids) is kept with the model
+    saved = {name: r.to_dict() for name, r in reports.items()}
+    (Path(args.out) / "data_report.json").write_text(json.dumps(saved, indent=2))
     if val:
         print(format_table(result.before, result.after))
     print(f"\nbest epoch {result.best_epoch} ({cfg.early_stopping_metric}); model saved to {result.out_dir}")

@@ -126,6 +126,17 @@ class FinetuneConfig(BaseModel):
         description="validation metric that picks the best epoch and drives early stopping (higher is better)",
     )
 
+    # --- reliability ---------------------------------------------------------------------------
+    checkpoint_every_steps: int = Field(
+        1000, ge=0, description="also write the resume checkpoint every N steps within an epoch (0: epoch ends only)"
+    )
+    max_bad_steps: int = Field(
+        20, ge=1, le=100000, description="consecutive steps with a non-finite loss or gradients before the run stops"
+    )
+    max_image_pixels: int | None = Field(
+        89_478_485, ge=1, description="refuse images larger than this many pixels (decompression bombs); null: off"
+    )
+
     # --- runtime -------------------------------------------------------------------------------
     batch_size: int = Field(64, ge=1, le=65536, description="items per batch when embedding and evaluating")
     seed: int = Field(42, ge=0, description="random seed (runs on CPU are deterministic under it)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset, default_collate
@@ -17,12 +17,24 @@ from .pairs import CaptionPair
 log = logging.getLogger(__name__)
 
 
-class PairDataset(Dataset):
-    """(image tensor, caption tokens, index) per pair; None where the image cannot be decoded."""
+class BadSample(NamedTuple):
+    """A sample whose image could not be decoded: which one, and why (collate counts and drops it)."""
 
-    def __init__(self, pairs: Sequence[CaptionPair], transform: Callable, tokenizer: Callable) -> None:
+    index: int
+    reason: str
+
+
+class PairDataset(Dataset):
+    """(image tensor, caption tokens, index) per pair; None where the image cannot be decoded.
+
+    Keys are (epoch, index): the random augmentation of a sample is seeded by (seed, epoch, index), so it
+    does not depend on worker processes or on where a resumed run restarted (exact resume).
+    """
+
+    def __init__(self, pairs: Sequence[CaptionPair], transform: Callable, tokenizer: Callable, seed: int = 0) -> None:
         self.pairs = list(pairs)
         self.transform = transform
+        self.seed = seed
         # Tokenize every caption once, up front: [n_pairs, context_length]. open_clip's tokenizers
         # truncate captions longer than the context (an over-long caption is not an error).
         self.tokens = tokenizer([p.caption for p in self.pairs]) if self.pairs else torch.empty(0)
@@ -30,13 +42,24 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int] | BadSample:
+        epoch, i = key
         try:
-            image = self.transform(load_image(self.pairs[i].image))
+            image = load_image(self.pairs[i].image)
         except DataError as e:
             log.warning("skipping %s: %s", self.pairs[i].item_id or self.pairs[i].image, e)
-            return None
-        return image, self.tokens[i], i
+            return BadSample(i, "undecodable image")
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from the global RNG
+            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.transform(image), self.tokens[i], i
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
+    """The batches of one epoch: a permutation seeded by (seed, epoch), cut into full batches (the last,
+    partial one is dropped: a contrastive step on a few pairs is noise). Keys are (epoch, index)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [[(epoch, i) for i in order[b * batch_size : (b + 1) * batch_size]] for b in range(n // batch_size)]
 
 
 class ImageDataset(Dataset):
@@ -49,18 +72,19 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | BadSample:
         try:
             return self.transform(load_image(self.paths[i])), i
         except DataError as e:
             log.warning("skipping image %s: %s", self.paths[i], e)
-            return None
+            return BadSample(i, "undecodable image")
 
 
-def collate_skipping_bad(batch: list[Any]) -> tuple[Any, int]:
-    """Collate the decodable samples; also return how many were dropped."""
-    good = [b for b in batch if b is not None]
-    return (default_collate(good) if good else None), len(batch) - len(good)
+def collate_skipping_bad(batch: list[Any]) -> tuple[Any, list[BadSample]]:
+    """Collate the decodable samples; also return the ones dropped."""
+    good = [b for b in batch if not isinstance(b, BadSample)]
+    bad = [b for b in batch if isinstance(b, BadSample)]
+    return (default_collate(good) if good else None), bad
 
 
 def default_num_workers(requested: int | None, device: torch.device | None = None) -> int:

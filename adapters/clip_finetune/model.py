@@ -153,16 +153,16 @@ def save_artifact(
     tensors = state_dict if state_dict is not None else model.state_dict()
     # safetensors refuses views of shared storage: store plain, contiguous CPU copies
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _atomic(out / HF_SAFE_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic(out / HF_CONFIG_NAME, lambda p: save_config_for_hf(model, p, model_config=clip.model_cfg))
+    atomic_write(out / HF_SAFE_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(out / HF_CONFIG_NAME, lambda p: save_config_for_hf(model, p, model_config=clip.model_cfg))
     if cfg is not None:
-        _atomic(out / FINETUNE_CONFIG_NAME, lambda p: p.write_text(cfg.model_dump_json(indent=2)))
+        atomic_write(out / FINETUNE_CONFIG_NAME, lambda p: p.write_text(cfg.model_dump_json(indent=2)))
     if metrics is not None:
-        _atomic(out / METRICS_NAME, lambda p: p.write_text(json.dumps(metrics, indent=2)))
+        atomic_write(out / METRICS_NAME, lambda p: p.write_text(json.dumps(metrics, indent=2)))
     return out
 
 
-def _atomic(target: Path, write: Callable[[Path], Any]) -> None:
+def atomic_write(target: Path, write: Callable[[Path], Any]) -> None:
     """Write through a temporary file in the same folder, fsync, then rename over `target`."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)

@@ -1,15 +1,15 @@
-"""The fine-tuning loop: symmetric contrastive loss, AdamW, warmup + decay, best-epoch selection."""
+"""The fine-tuning loop: symmetric contrastive loss, AdamW, warmup + decay, best-epoch selection,
+atomic checkpoints with exact resume, and non-finite steps skipped, counted and bounded."""
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +21,24 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import FinetuneConfig
-from .datasets import PairDataset, collate_skipping_bad, default_num_workers
-from .errors import ConfigError, DataError
+from .datasets import PairDataset, collate_skipping_bad, default_num_workers, epoch_batches
+from .errors import ClipFinetuneError, ConfigError, DataError
 from .evaluate import evaluate
-from .model import ClipModel, load_model, save_artifact, unwrap
-from .pairs import CaptionPair
+from .images import set_max_image_pixels
+from .model import ClipModel, atomic_write, load_model, save_artifact, unwrap
+from .pairs import CaptionPair, DataReport
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+CheckpointCallback = Callable[[Path], None]
 MAX_LOGIT_SCALE = math.log(100)  # as in CLIP: the temperature may not go below 1/100
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_VERSION = 1
+
+
+class TrainingDiverged(ClipFinetuneError):
+    """Too many consecutive steps had a non-finite loss or gradients, or the weights became non-finite."""
 
 
 @dataclass
@@ -44,24 +52,38 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     out_dir: Path | None = None
     skipped_images: int = 0
+    skipped_steps: int = 0  # steps with a non-finite loss or gradients, not applied
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "best_epoch": self.best_epoch,
-            "before": self.before,
-            "after": self.after,
-            "history": self.history,
-            "skipped_images": self.skipped_images,
-        }
+        return {k: v for k, v in asdict(self).items() if k != "out_dir"}
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, numpy and torch; return the generator that orders the training batches."""
+@dataclass
+class Progress:
+    """Everything besides tensors that a resumed run needs to continue exactly where it stopped."""
+
+    epoch: int = 1  # the epoch in progress (1-based)
+    batches_done: int = 0  # batches of that epoch already trained
+    global_step: int = 0
+    loss_sum: float = 0.0  # this epoch's finite losses, for its mean
+    loss_count: int = 0
+    epoch_seconds: float = 0.0
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    stale: int = 0  # epochs since the best
+    before: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    bad_pairs: list[int] = field(default_factory=list)  # indices of training pairs whose image failed
+    skipped_steps: int = 0
+    bad_in_a_row: int = 0
+    finished: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (model init; data order and augmentation have their own seeds)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -123,6 +145,59 @@ def check_sizes(cfg: FinetuneConfig, n_train: int) -> None:
         )
 
 
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@dataclass
+class _Run:
+    """The live objects of a run, grouped so checkpoints save and restore them together."""
+
+    cfg: FinetuneConfig
+    clip: ClipModel
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    scaler: torch.amp.GradScaler
+    progress: Progress
+    checkpoint: Path | None
+
+    def save_checkpoint(self, on_checkpoint: CheckpointCallback | None) -> None:
+        """Write every state the run needs to resume, atomically; never a checkpoint of non-finite weights,
+        nor one in the middle of a streak of bad steps (the last one written stays the last good state)."""
+        if self.checkpoint is None or self.progress.bad_in_a_row:
+            return
+        model = unwrap(self.clip.model)
+        if not weights_are_finite(model):
+            raise TrainingDiverged("the weights became non-finite; the last good checkpoint is kept")
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "model": model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "progress": asdict(self.progress),
+        }
+        atomic_write(self.checkpoint, lambda p: torch.save(state, p))
+        if on_checkpoint is not None:
+            on_checkpoint(self.checkpoint)
+
+    def load_checkpoint(self) -> bool:
+        """Restore from the checkpoint file, if there is one (weights_only: no pickled code is run)."""
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            return False
+        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ClipFinetuneError(f"{self.checkpoint}: unknown checkpoint version {state.get('version')!r}")
+        unwrap(self.clip.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.progress = Progress(**state["progress"])
+        return True
+
+
 def fit(
     cfg: FinetuneConfig,
     train_pairs: Sequence[CaptionPair],
@@ -131,117 +206,192 @@ def fit(
     on_epoch_end: EpochCallback | None = None,
     clip: ClipModel | None = None,
     progress: bool = True,
+    resume: bool = False,
+    on_checkpoint: CheckpointCallback | None = None,
+    report: DataReport | None = None,
 ) -> TrainResult:
     """Fine-tune a CLIP model on `train_pairs`; pick the best epoch on `val_pairs`.
 
     The best epoch's weights (by `cfg.early_stopping_metric` on validation) end up in `clip.model` and,
     when `out_dir` is given, in an open_clip local-dir artifact there with finetune_config.json and
-    metrics.json. Without validation pairs the last epoch counts as the best and nothing stops early.
-    `on_epoch_end(epoch, record)` is called after every epoch with loss, learning rate and metrics.
+    metrics.json; the artifact is rewritten at each new best, so a crash keeps the best so far. Without
+    validation pairs the last epoch counts as the best and nothing stops early.
+
+    With `out_dir`, out_dir/checkpoint.pt holds the whole training state, written atomically at every
+    epoch end and every `cfg.checkpoint_every_steps` steps (`on_checkpoint(path)` is called after each
+    write); `resume=True` continues from it exactly (on CPU the weights equal an uninterrupted run's).
+    A run that completes deletes its checkpoint.
+    Images that cannot be decoded are skipped and counted in `report` (reason, example item ids).
     """
     check_sizes(cfg, len(train_pairs))
-    generator = seed_everything(cfg.seed)
+    set_max_image_pixels(cfg.max_image_pixels)
+    seed_everything(cfg.seed)
     clip = clip or load_model(cfg)
     device, precision = clip.device, resolve_precision(cfg, clip.device)
     model = clip.model
-
-    # data: each caption tokenized once; batches shuffled by a seeded generator; partial batch dropped
-    loader = DataLoader(
-        PairDataset(train_pairs, clip.preprocess_train, clip.tokenizer),
-        batch_size=cfg.train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=generator,
-        num_workers=default_num_workers(cfg.num_workers, device),
-        collate_fn=collate_skipping_bad,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
-    total_steps = cfg.num_epochs * len(loader)
+    batches_per_epoch = len(train_pairs) // cfg.train_batch_size
+    total_steps = cfg.num_epochs * batches_per_epoch
+    dataset = PairDataset(train_pairs, clip.preprocess_train, clip.tokenizer, seed=cfg.seed)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
 
     # optimisation: AdamW (fused on CUDA), warmup + decay, open_clip's symmetric contrastive loss
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=cfg.learning_rate,
-        betas=cfg.betas,
-        eps=cfg.epsilon,
-        fused=device.type == "cuda",
-    )
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=cfg.betas,
+                                  eps=cfg.epsilon, fused=device.type == "cuda")
+    run = _Run(cfg, clip, optimizer, make_scheduler(optimizer, cfg, total_steps),
+               torch.amp.GradScaler(device.type, enabled=precision == "fp16"), Progress(),
+               out / CHECKPOINT_NAME if out is not None else None)
     loss_fn = open_clip.ClipLoss()
 
     def validate() -> dict[str, float]:
-        return evaluate(clip, val_pairs, cfg.batch_size, cfg.num_workers) if val_pairs else {}
+        if not val_pairs:
+            return {}
+        if not weights_are_finite(unwrap(model)):
+            raise _diverged(cfg, run, "the weights became non-finite")
+        return evaluate(clip, val_pairs, cfg.batch_size, cfg.num_workers)
 
-    before = validate()
-    metric = cfg.early_stopping_metric
-    best_score = before.get(metric, -math.inf)
-    best_epoch, best_state, stale = 0, _cpu_state(model) if val_pairs else None, 0
-    history: list[dict[str, float]] = []
-    skipped = 0
-    log.info("training %d pairs, %d steps/epoch, %d epochs, %s on %s", len(train_pairs), len(loader),
+    if resume and not (run.checkpoint and run.checkpoint.is_file()):
+        log.warning("nothing to resume: no %s in %s; starting from the beginning", CHECKPOINT_NAME, out)
+    if resume and run.load_checkpoint():
+        log.info("resuming from %s: epoch %d, batch %d", run.checkpoint, run.progress.epoch, run.progress.batches_done)
+        # the best weights so far (the base's until an epoch beats it) are the artifact in out_dir
+        best_state = _cpu_state_from_artifact(out) if val_pairs else None
+    else:
+        if run.checkpoint is not None and run.checkpoint.is_file():
+            log.warning("%s exists: starting over (resume=True continues it)", run.checkpoint)
+        run.progress.before = validate()
+        run.progress.best_score = run.progress.before.get(cfg.early_stopping_metric, -math.inf)
+        best_state = _cpu_state(model) if val_pairs else None
+        if out is not None and val_pairs:  # the base is the best so far: a crash from here keeps a model
+            save_artifact(clip, out, cfg)
+    p = run.progress
+    log.info("training %d pairs, %d steps/epoch, %d epochs, %s on %s", len(train_pairs), batches_per_epoch,
              cfg.num_epochs, precision, device)
 
-    for epoch in range(1, cfg.num_epochs + 1):
-        # one pass over the training data
+    while p.epoch <= cfg.num_epochs and not p.finished:
+        # one pass over the training data (from where a resumed run stopped)
         model.train()
-        t0, losses = time.perf_counter(), []
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.num_epochs}", unit="batch", disable=not progress)
-        for batch, n_bad in bar:
-            skipped += n_bad
-            if batch is None or len(batch[0]) < 2:  # a contrastive step needs two pairs or more
-                continue
-            images, tokens, _ = batch
-            images = images.to(device, non_blocking=True)
-            tokens = tokens.to(device, non_blocking=True)
-            with _autocast(device, precision):
-                image_features, text_features, logit_scale = model(images, tokens)[:3]
-                loss = loss_fn(image_features, text_features, logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            with torch.no_grad():
-                unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        t0 = time.perf_counter() - p.epoch_seconds
+        batches = epoch_batches(len(train_pairs), cfg.train_batch_size, cfg.seed, p.epoch)[p.batches_done:]
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skipping_bad,
+                            num_workers=default_num_workers(cfg.num_workers, device),
+                            pin_memory=device.type == "cuda")
+        bar = tqdm(loader, desc=f"epoch {p.epoch}/{cfg.num_epochs}", unit="batch", disable=not progress,
+                   initial=p.batches_done, total=batches_per_epoch)
+        for batch, bad in bar:
+            for b in bad:  # each undecodable pair is met once per epoch: count it once
+                if b.index not in p.bad_pairs:
+                    p.bad_pairs.append(b.index)
+                    _report_bad(report, train_pairs[b.index], b.reason)
+            loss = _train_step(run, loss_fn, batch, precision) if batch is not None and len(batch[0]) >= 2 else None
+            p.batches_done += 1
+            p.global_step += 1
+            if loss is not None and math.isfinite(loss):
+                p.loss_sum, p.loss_count = p.loss_sum + loss, p.loss_count + 1
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+            if p.bad_in_a_row >= cfg.max_bad_steps:
+                raise _diverged(cfg, run, f"{p.bad_in_a_row} consecutive steps had a non-finite loss or gradients")
+            if cfg.checkpoint_every_steps and p.global_step % cfg.checkpoint_every_steps == 0:
+                p.epoch_seconds = time.perf_counter() - t0
+                run.save_checkpoint(on_checkpoint)
 
         # validation, best-epoch bookkeeping, early stopping
         scores = validate()
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else math.nan,
-                  "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0, **scores}
-        history.append(record)
-        improved = not val_pairs or scores[metric] > best_score
+        metric = cfg.early_stopping_metric
+        record = {"epoch": p.epoch, "train_loss": p.loss_sum / p.loss_count if p.loss_count else math.nan,
+                  "lr": run.scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0, **scores}
+        p.history.append(record)
+        improved = not val_pairs or scores[metric] > p.best_score  # NaN never improves
         if improved:
-            best_score, best_epoch, stale = scores.get(metric, math.nan), epoch, 0
-            best_state = _cpu_state(model) if val_pairs else None
+            p.best_score, p.best_epoch, p.stale = scores.get(metric, math.nan), p.epoch, 0
+            if val_pairs:
+                best_state = _cpu_state(model)
+                if out is not None:
+                    save_artifact(clip, out, cfg, {"best_epoch": p.epoch, "history": p.history})
         else:
-            stale += 1
-        log.info("epoch %d: loss %.4f, %s %.4f%s", epoch, record["train_loss"], metric,
+            p.stale += 1
+        log.info("epoch %d: loss %.4f, %s %.4f%s", p.epoch, record["train_loss"], metric,
                  scores.get(metric, math.nan), " (best)" if improved else "")
+        stop = bool(val_pairs) and cfg.early_stopping and p.stale >= cfg.early_stopping_epochs
+        if stop:
+            log.info("early stopping: no %s gain for %d epochs", metric, p.stale)
+        p.epoch, p.batches_done, p.loss_sum, p.loss_count, p.epoch_seconds = p.epoch + 1, 0, 0.0, 0, 0.0
+        p.finished = stop or p.epoch > cfg.num_epochs
+        run.save_checkpoint(on_checkpoint)
         if on_epoch_end is not None:
-            on_epoch_end(epoch, record)
-        if val_pairs and cfg.early_stopping and stale >= cfg.early_stopping_epochs:
-            log.info("early stopping: no %s gain for %d epochs", metric, stale)
-            break
+            on_epoch_end(int(record["epoch"]), record)
 
     # keep the best epoch's weights (not the last epoch's) and write them out
     if best_state is not None:
         unwrap(model).load_state_dict(best_state)
-    after = history[best_epoch - 1] if best_epoch else {**before, "epoch": 0}
-    after = {k: v for k, v in after.items() if "/" in k}
-    result = TrainResult(best_epoch, metric, before, after, history, skipped_images=skipped)
-    if best_epoch == 0:
-        log.warning("no epoch beat the base model on %s; keeping the base weights", metric)
-    if out_dir is not None:
-        result.out_dir = save_artifact(clip, out_dir, cfg, result.to_dict())
+    best = p.history[p.best_epoch - 1] if p.best_epoch else p.before
+    after = {k: v for k, v in best.items() if "/" in k}
+    result = TrainResult(p.best_epoch, cfg.early_stopping_metric, p.before, after, p.history,
+                         skipped_images=len(p.bad_pairs), skipped_steps=p.skipped_steps)
+    if p.best_epoch == 0:
+        log.warning("no epoch beat the base model on %s; keeping the base weights", cfg.early_stopping_metric)
+    if p.skipped_steps:
+        log.warning("%d steps had a non-finite loss or gradients and were skipped", p.skipped_steps)
+    if out is not None:
+        result.out_dir = save_artifact(clip, out, cfg, result.to_dict())
+        # the run is complete: its resume state (weights + optimizer, ~3x the model) has no further use
+        run.checkpoint.unlink(missing_ok=True)
     return result
 
 
+def _train_step(run: _Run, loss_fn: Callable, batch: Any, precision: str) -> float | None:
+    """One optimisation step; a non-finite loss or gradient norm skips the update and is counted."""
+    model, device, p = run.clip.model, run.clip.device, run.progress
+    images, tokens, _ = batch
+    images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+    with _autocast(device, precision):
+        image_features, text_features, logit_scale = model(images, tokens)[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+    run.optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        p.skipped_steps, p.bad_in_a_row = p.skipped_steps + 1, p.bad_in_a_row + 1
+        return None
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(run.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip_norm or math.inf)
+    # with fp16 the GradScaler itself skips steps whose gradients overflowed (and lowers its scale)
+    if not torch.isfinite(norm) and not run.scaler.is_enabled():
+        run.optimizer.zero_grad(set_to_none=True)
+        p.skipped_steps, p.bad_in_a_row = p.skipped_steps + 1, p.bad_in_a_row + 1
+        return None
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    with torch.no_grad():
+        unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    p.bad_in_a_row = 0
+    return loss.item()
+
+
+def _report_bad(report: DataReport | None, pair: CaptionPair, reason: str) -> None:
+    if report is not None:
+        report.skip(reason, pair.item_id or pair.image)
+        report.used -= 1
+
+
+def _diverged(cfg: FinetuneConfig, run: _Run, what: str) -> TrainingDiverged:
+    p = run.progress
+    kept = f"the last good checkpoint is kept in {run.checkpoint}" if run.checkpoint else "no checkpoint was kept"
+    return TrainingDiverged(
+        f"training diverged at epoch {p.epoch}, step {p.global_step}: {what}; {kept}. Likely causes: "
+        f"learning_rate {cfg.learning_rate:g} too high (fine-tuning recipes use 1e-7 to 5e-6), or fp16 "
+        f"overflow (set precision to 'bf16' or 'fp32')"
+    )
+
+
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in copy.copy(unwrap(model).state_dict()).items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+
+
+def _cpu_state_from_artifact(folder: Path | None) -> dict[str, torch.Tensor] | None:
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME
+    from safetensors.torch import load_file
+
+    path = folder / HF_SAFE_WEIGHTS_NAME if folder is not None else None
+    return load_file(str(path)) if path is not None and path.is_file() else None

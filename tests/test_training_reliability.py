@@ -1,0 +1,176 @@
+"""Training survives what hours-long jobs meet: a SIGKILL mid-epoch (resume is exact), non-finite steps
+(skipped, counted, bounded), untrusted weight files (never unpickled), crashes while writing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adapters.clip_finetune import train as train_module
+from adapters.clip_finetune.config import build_config
+from adapters.clip_finetune.data import read_table
+from adapters.clip_finetune.errors import ModelError
+from adapters.clip_finetune.model import atomic_write, load_artifact, load_model
+from adapters.clip_finetune.pairs import DataReport
+from adapters.clip_finetune.synthetic import write_csv
+from adapters.clip_finetune.train import CHECKPOINT_NAME, TrainingDiverged, fit
+
+WEIGHTS = "open_clip_model.safetensors"
+CLIP_LOSS = open_clip.ClipLoss  # the real one, before tests patch the name
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tables")
+    return write_csv(root / "train" / "pairs.csv", 96, seed=5), write_csv(root / "val" / "pairs.csv", 32, seed=6)
+
+
+def _train_cmd(tiny: Path, tables: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
+    sets = {"model_name": tiny, "pretrained": "none", "learning_rate": 1e-3, "train_batch_size": 16,
+            "num_epochs": 3, "num_workers": 0, "checkpoint_every_steps": 2, "early_stopping": "false"}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    return [sys.executable, "-m", "adapters.clip_finetune", "train", "--data", str(tables[0]),
+            "--validation", str(tables[1]), "--out", str(out), *args, *extra]
+
+
+def _env() -> dict[str, str]:
+    # one thread in every process: float sums then happen in the same order in all runs
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_killed_mid_epoch_then_resumed_equals_an_uninterrupted_run(tiny_model_config, tables, tmp_path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_train_cmd(tiny_model_config, tables, whole), env=_env(), check=True, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(tiny_model_config, tables, killed), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint, seen, deadline = killed / CHECKPOINT_NAME, set(), time.monotonic() + 300
+    while len(seen) < 4 and proc.poll() is None and time.monotonic() < deadline:  # a few checkpoints in
+        if checkpoint.is_file():
+            seen.add(checkpoint.stat().st_mtime_ns)
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(checkpoint, weights_only=True)  # the checkpoint left behind is whole
+    assert not state["progress"]["finished"]
+
+    resumed = subprocess.run(_train_cmd(tiny_model_config, tables, killed, "--resume"), env=_env(),
+                             capture_output=True, text=True, check=True)
+    assert "resuming from" in resumed.stderr
+    a, b = load_file(str(whole / WEIGHTS)), load_file(str(killed / WEIGHTS))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+class _NanOn:
+    """open_clip's loss, but NaN on the chosen steps (0-based) — a stand-in for an fp16 overflow."""
+
+    def __init__(self, bad_steps: set[int] | None) -> None:
+        self.loss, self.step, self.bad = CLIP_LOSS(), 0, bad_steps
+
+    def __call__(self, *args):
+        value = self.loss(*args)
+        bad = self.bad is None or self.step in self.bad
+        self.step += 1
+        return value * float("nan") if bad else value
+
+
+@pytest.fixture(scope="module")
+def small(tiny_model_config, tables):
+    cfg = build_config({"model_name": str(tiny_model_config), "pretrained": None, "learning_rate": 1e-3,
+                        "train_batch_size": 16, "num_epochs": 2, "num_workers": 0, "max_bad_steps": 4})
+    return cfg, read_table(tables[0]), read_table(tables[1])
+
+
+def test_non_finite_steps_are_skipped_and_counted(small, monkeypatch, tmp_path) -> None:
+    cfg, train, val = small
+    monkeypatch.setattr(train_module.open_clip, "ClipLoss", lambda: _NanOn({1, 2, 3, 7}))
+    result = fit(cfg, train, val, out_dir=tmp_path, progress=False)
+    assert result.skipped_steps == 4
+    assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / WEIGHTS)).values())
+
+
+def test_a_run_of_non_finite_steps_stops_with_the_cause_and_keeps_the_last_good_checkpoint(
+    small, monkeypatch, tmp_path
+) -> None:
+    cfg, train, val = small
+    cfg = build_config(cfg.model_dump(), {"checkpoint_every_steps": 1})
+    monkeypatch.setattr(train_module.open_clip, "ClipLoss", lambda: _NanOn(set(range(3, 100))))
+    with pytest.raises(TrainingDiverged) as err:
+        fit(cfg, train, val, out_dir=tmp_path, progress=False)
+    message = str(err.value)
+    assert "4 consecutive steps had a non-finite loss" in message
+    assert "learning_rate 0.001 too high" in message and "precision" in message
+    assert str(tmp_path / CHECKPOINT_NAME) in message
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["progress"]["global_step"] == 3  # the last good step's checkpoint, not a later one
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    best = load_file(str(tmp_path / WEIGHTS))  # the best-so-far artifact (the base) is intact
+    assert all(torch.isfinite(t).all() for t in best.values())
+
+
+def test_undecodable_training_images_are_skipped_and_reported_once(small, tmp_path) -> None:
+    cfg, train, val = small
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    train = [*train, type(train[0])(str(broken), "a red circle", "row-broken")]
+    report = DataReport(used=len(train))
+    result = fit(cfg, train, val, progress=False, report=report)
+    assert result.skipped_images == 1
+    assert report.skipped == {"undecodable image": 1} and report.examples["undecodable image"] == ["row-broken"]
+    assert report.used == len(train) - 1
+
+
+def _malicious_pickle(target: Path, marker: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": Payload()}, target)
+
+
+def test_malicious_pickles_are_refused_without_running_them(tiny_model_config, small, tmp_path) -> None:
+    cfg, train, val = small
+    marker = tmp_path / "pwned"
+    # an artifact folder whose weights are a pickle instead of safetensors
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text('{"model_cfg": ' + tiny_model_config.read_text() + "}")
+    _malicious_pickle(folder / "open_clip_pytorch_model.bin", marker)
+    with pytest.raises(ModelError, match="no open_clip_model.safetensors"):
+        load_artifact(folder)
+    # a weights file given as `pretrained`: open_clip loads it with torch.load(weights_only=True)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        load_model(build_config(cfg.model_dump(), {"pretrained": str(folder / "open_clip_pytorch_model.bin")}))
+    # a planted resume checkpoint
+    out = tmp_path / "out"
+    out.mkdir()
+    _malicious_pickle(out / CHECKPOINT_NAME, marker)
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+        fit(cfg, train, val, out_dir=out, resume=True, progress=False)
+    assert not marker.exists()
+
+
+def test_a_crash_while_writing_leaves_the_previous_file_whole(tmp_path) -> None:
+    target = tmp_path / CHECKPOINT_NAME
+    target.write_bytes(b"previous checkpoint")
+
+    def crash_midway(path: Path) -> None:
+        path.write_bytes(b"half of a new chec")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, crash_midway)
+    assert target.read_bytes() == b"previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]  # no temporary file left behind
