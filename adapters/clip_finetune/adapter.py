@@ -14,8 +14,10 @@ import math
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,22 +57,45 @@ DATA_REPORT_NAME = "data_report.json"  # uploaded with the artifacts: what each 
 PROMPT_IMAGES = ".prompt-images"  # beside the subset folders; the dot keeps it out of the subset scan
 FETCH_THREADS = 16  # as dtlpy's own download pools
 PUBLISHED_METRICS = ("recall@1", "recall@5", "recall@10", "mrr")
+VECTORS = "/features/vectors"  # the platform's feature vector route, for messages
+STORED_QUERY_CHUNK = 500  # item ids per query for the vectors a feature set already holds
+LISTED_IN_LOGS = 20  # bad items named one by one in an embedding job's warning; the rest are counted
 _ITEM_ID = re.compile(r"[0-9a-fA-F]{24}")
+# What a failed platform call raises. Not PlatformException: its constructor raises a subclass of ExceptionMain
+# (NotFound, InternalServerError, ...) in its place. Connection errors and timeouts (requests) are OSErrors.
+PLATFORM_ERRORS = (dl.exceptions.ExceptionMain, dl.exceptions.PlatformException, OSError)
+_DECODE_PREFIX = re.compile(r"^cannot decode image '.*?': ")  # images.load_image's message starts with the path
 
 
 class Unusable(NamedTuple):
     """What prepare_item_func returns for an item it cannot turn into model input; embed() yields None for it.
 
+    `reason` is the category counted in embed_report, `detail` says what exactly is wrong with the file.
+    A `transient` failure (a download that failed) is not the item's fault: embed_items fails the job for it,
+    since a re-run can store the vector, whereas a bad item is skipped and listed.
     (A NamedTuple, not a dataclass: dtlpy loads this file without registering it in sys.modules, where
     @dataclass looks up string annotations.)
     """
 
     item_id: str
     reason: str
+    detail: str = ""
+    transient: bool = False
+
+    def describe(self) -> str:
+        return f"{self.item_id} ({self.reason}{': ' + self.detail if self.detail else ''})"
 
 
 class _Unusable(Exception):
     """Internal: an item cannot be embedded; the message is the reason (counted in embed_report)."""
+
+    def __init__(self, reason: str, transient: bool = False) -> None:
+        super().__init__(reason)
+        self.transient = transient
+
+
+class VectorUploadError(ModelError):
+    """Some of an embedding job's vectors were not stored in the model's feature set; a re-run stores them."""
 
 
 PreparedItem = torch.Tensor | str | Unusable | None  # image tensor [3, H, W] | text | why not
@@ -85,6 +110,11 @@ class ClipAdapter(dl.BaseModelAdapter):
         self.result: TrainResult | None = None
         self.data_reports: dict[str, DataReport] = {}  # per subset, from the last data read
         self.embed_report = DataReport()  # items embedded and skipped (with why) since the adapter was built
+        # A deployed service runs several executions at once on this one adapter: embed() is called from many
+        # threads. Inference itself is safe (eval mode, inference_mode); the shared report and the tokenizer
+        # (Hugging Face fast tokenizers raise "Already borrowed" when called concurrently) are not.
+        self._report_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
         self.evaluation: dict[str, float] = {}
         self._pairs: dict[str, list[CaptionPair]] = {}
         self._pairs_root: Path | None = None
@@ -169,20 +199,26 @@ class ClipAdapter(dl.BaseModelAdapter):
             shutil.rmtree(local_path, ignore_errors=True)
 
     def _check_artifacts(self, local: Path) -> None:
-        """Raise ModelError unless the model, read back from the platform, references the required files at
-        the sizes written locally (a same-named model's stale files would not match)."""
+        """Raise ModelError unless the model, read back from the platform, references every file of the folder
+        dtlpy uploaded (the required ones first) at the size written locally (a same-named model's stale files
+        would not match)."""
         model = dl.models.get(model_id=self.model_entity.id)
         referenced = {a.id for a in model.model_artifacts}
         uploaded = {a.name: a for a in model.artifacts.list() if a.id in referenced}
-        missing = [
-            name for name in REQUIRED_ARTIFACTS
-            if name not in uploaded or _item_size(uploaded[name]) != (local / name).stat().st_size
-        ]
+        others = sorted(p.name for p in local.iterdir() if p.is_file() and p.name not in REQUIRED_ARTIFACTS)
+        files = [*REQUIRED_ARTIFACTS, *others]
+        missing = [n for n in files if n not in uploaded or _item_size(uploaded[n]) != (local / n).stat().st_size]
         if missing:
+            required = [m for m in missing if m in REQUIRED_ARTIFACTS]
+            rest = [m for m in missing if m not in REQUIRED_ARTIFACTS]
+            what = f"{', '.join(required or rest)} did not reach the platform"
+            if required and rest:
+                what += f", nor did {', '.join(rest)}"
             raise ModelError(
-                f"model {model.name!r} ({model.id}): {', '.join(missing)} did not reach the platform (the upload "
-                f"failed; see the dtlpy errors above); its artifacts are {sorted(uploaded) or 'none'}. Re-run "
-                f"training, or upload the folder {str(local.resolve())!r} with model.artifacts.upload(...)"
+                f"model {model.name!r} ({model.id}): {len(missing)} of {len(files)} artifact files were not stored: "
+                f"{what} (the upload failed; see the dtlpy errors above); its artifacts are "
+                f"{sorted(uploaded) or 'none'}. Re-run training, or upload the folder {str(local.resolve())!r} with "
+                "model.artifacts.upload(...)"
             )
 
     # --- training data ----------------------------------------------------------------------------------
@@ -259,11 +295,13 @@ class ClipAdapter(dl.BaseModelAdapter):
                 raise _Unusable(f"unsupported mimetype {item.mimetype!r}")
             return self.clip.preprocess(decode_image(download_bytes(item), item.name))
         except _Unusable as e:
-            return Unusable(item.id, str(e))
-        except ImageDecodeError:
-            return Unusable(item.id, "undecodable image")
-        except (dl.exceptions.PlatformException, OSError) as e:
-            return Unusable(item.id, f"download failed ({type(e).__name__})")
+            return Unusable(item.id, str(e), transient=e.transient)
+        except ImageDecodeError as e:
+            return Unusable(item.id, "undecodable image", decode_detail(e))
+        except dl.exceptions.NotFound:  # a prompt's image item was deleted: no re-run will find it
+            return Unusable(item.id, "prompt image not found")
+        except PLATFORM_ERRORS as e:
+            return Unusable(item.id, f"download failed ({type(e).__name__})", transient=True)
 
     def _prompt_input(self, item: dl.Item) -> torch.Tensor | str:
         """The first prompt's image (by item id), else its text."""
@@ -294,16 +332,65 @@ class ClipAdapter(dl.BaseModelAdapter):
             for i, v in zip(images, unit_vectors(features), strict=True):
                 vectors[i] = v
         if texts:
-            features = encode_texts(self.clip, [batch[i] for i in texts], batch_size=len(texts))
+            clip = replace(self.clip, tokenizer=_Locked(self.clip.tokenizer, self._tokenizer_lock))
+            features = encode_texts(clip, [batch[i] for i in texts], batch_size=len(texts))
             for i, v in zip(texts, unit_vectors(features), strict=True):
                 vectors[i] = v
-        for x in batch:
-            if isinstance(x, Unusable):
-                self.embed_report.skip(x.reason, x.item_id)
-            elif not isinstance(x, torch.Tensor | str) or x == "":
-                self.embed_report.skip("nothing to embed", repr(x)[:40])
-        self.embed_report.used += len(images) + len(texts)
+        with self._report_lock:  # `+=` on a shared counter loses updates between threads
+            for x in batch:
+                if isinstance(x, Unusable):
+                    self.embed_report.skip(x.reason, x.item_id)
+                elif not isinstance(x, torch.Tensor | str) or x == "":
+                    self.embed_report.skip("nothing to embed", repr(x)[:40])
+            self.embed_report.used += len(images) + len(texts)
         return vectors
+
+    @dl.Package.decorators.function(
+        display_name="Embed Items",
+        inputs={"items": "Item[]"},
+        outputs={"items": "Item[]", "features": "Json[]"},
+    )
+    def embed_items(
+        self,
+        items: list,
+        upload_features: bool | None = None,
+        batch_size: int | None = None,
+        progress: Any = None,
+        **kwargs: Any,
+    ) -> tuple[list[dl.Item], list[list[float]]]:
+        """dtlpy's embed_items (embed_dataset runs it too), made resumable and loud:
+
+        - an item whose vector the model's feature set already holds is not embedded again (its stored vector
+          is returned), so re-running a failed job completes it without duplicate vectors;
+        - vectors are uploaded batch by batch; the first failed upload stops the job, which then raises
+          VectorsNotStoredError with the count of vectors not stored (so does an item that failed to download);
+        - an item that cannot be embedded (undecodable, unsupported) gets no vector: it is skipped, counted in
+          embed_report and listed in a warning, and does not fail the job.
+        As in dtlpy, prompt items are uploaded only with upload_features=True, and the return value is the
+        items that have a vector and their vectors, in input order.
+        """
+        items = list(items) if isinstance(items, list | tuple) else [items]
+        if upload_features is None:
+            upload_features = self.model_entity.configuration.get("upload_features")  # the raw dict: no write
+        feature_set = self.feature_set if upload_features is not False else None
+        job = EmbedJob(self.model_entity, items, feature_set, upload_prompts=upload_features is True)
+        todo = [item for item in items if item.id not in job.stored] if job.failure is None else []
+        batch_size = batch_size or self.cfg.batch_size
+        with ThreadPoolExecutor(FETCH_THREADS) as pool:
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                prepared = list(pool.map(self.prepare_item_func, batch))
+                try:
+                    vectors = self.embed(prepared)
+                except Exception as e:  # counted, then raised as VectorsNotStoredError by job.result()
+                    job.failed(f"embed() raised {type(e).__name__}: {e}", e)
+                    break
+                if not job.add(batch, prepared, vectors):
+                    break  # the upload failed: the platform is unlikely to take the next batch
+                if progress is not None:
+                    progress.update(progress=int(100 * (start + len(batch)) / len(todo)),
+                                    message=f"embedded {start + len(batch)}/{len(todo)} items")
+        return job.result()
 
     # --- evaluation -------------------------------------------------------------------------------------
 
@@ -387,7 +474,7 @@ def fetch_item(item_id: str, folder: Path) -> str | None:
         return str(done[0])
     try:
         path = dl.items.get(item_id=item_id).download(local_path=str(folder), overwrite=True)
-    except (dl.exceptions.PlatformException, OSError) as e:  # e.g. NotFound: the image item was deleted
+    except PLATFORM_ERRORS as e:  # e.g. NotFound: the image item was deleted
         logger.warning("cannot fetch item %s: %s", item_id, e)
         return None
     # item.download logs and returns None instead of raising when the transfer fails
@@ -397,16 +484,173 @@ def fetch_item(item_id: str, folder: Path) -> str | None:
 def download_bytes(item: dl.Item) -> bytes:
     buffer = item.download(save_locally=False)
     if buffer is None:  # dtlpy logged why
-        raise _Unusable("download failed")
+        raise _Unusable("download failed", transient=True)
     return buffer.getvalue()
 
 
+def decode_detail(e: ImageDecodeError) -> str:
+    """Why an image could not be decoded, without the temporary path it was decoded from."""
+    return _DECODE_PREFIX.sub("", str(e)).removesuffix("; re-export the file or remove it")
+
+
+class _Locked:
+    """A callable run under a lock: a tokenizer shared by the threads of a deployed service."""
+
+    def __init__(self, fn: Callable[..., Any], lock: threading.Lock) -> None:
+        self._fn, self._lock = fn, lock
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self._fn(*args, **kwargs)
+
+
+# --- embedding jobs: what is stored, what is not ------------------------------------------------------
+
+
+class VectorsNotStoredError(ModelError):
+    """An embedding job left vectors unstored (a failed upload or download); re-running the job stores them."""
+
+
+class EmbedJob:
+    """One embed_items call: the vectors the feature set already held, what this job uploaded, the items that
+    cannot be embedded, and the first failure; result() returns dtlpy's (items, vectors) or raises."""
+
+    def __init__(self, model: dl.Model, items: list[dl.Item], feature_set: dl.FeatureSet | None,
+                 upload_prompts: bool) -> None:
+        self.model, self.items, self.feature_set, self.upload_prompts = model, items, feature_set, upload_prompts
+        self.stored: dict[str, list[float]] = {}
+        self.fresh: dict[str, list[float]] = {}
+        self.uploaded = 0
+        self.kept_local = 0  # prompt items dtlpy does not upload unless asked to
+        self.bad: list[Unusable] = []  # the item's fault: skipped
+        self.unfetched: list[Unusable] = []  # not the item's fault: a re-run can embed them
+        self.failure: str | None = None
+        self.cause: BaseException | None = None
+        if feature_set is None:
+            return
+        try:
+            self.stored = stored_vectors(feature_set, [i.id for i in items])
+        except PLATFORM_ERRORS as e:  # without knowing what is stored, embedding could only duplicate vectors
+            self.failed(platform_failure(e, f"{VECTORS}/query"), e)
+        if self.stored:
+            logger.info("%d of %d items already have a vector in feature set %r: not embedded again",
+                        len(self.stored), len(items), feature_set.name)
+
+    def add(self, batch: list[dl.Item], prepared: list[PreparedItem], vectors: list[list[float] | None]) -> bool:
+        """Record one embedded batch and upload its vectors; False when the upload failed."""
+        for item, x, vector in zip(batch, prepared, vectors, strict=True):
+            if isinstance(x, Unusable):
+                (self.unfetched if x.transient else self.bad).append(x)
+            elif vector is None:
+                self.bad.append(Unusable(item.id, "nothing to embed"))
+            else:
+                self.fresh[item.id] = vector
+        if self.feature_set is None:
+            return True
+        todo = [i for i in batch if i.id in self.fresh and (self.upload_prompts or not is_prompt_item(i))]
+        self.kept_local += sum(1 for i in batch if i.id in self.fresh) - len(todo)
+        if not todo:
+            return True
+        try:
+            created = self.feature_set.features.create(
+                entity=todo, value=[self.fresh[i.id] for i in todo], feature_set_id=self.feature_set.id,
+                project_id=self.model.project_id,
+            )
+        except PLATFORM_ERRORS as e:  # requests' errors are OSErrors
+            self.failed(platform_failure(e, VECTORS), e)
+            return False
+        if created is None:  # dtlpy's error_suppression swallowed the error
+            self.failed("the upload was refused; see the dtlpy errors above", None)
+            return False
+        self.uploaded += len(todo)
+        return True
+
+    def failed(self, why: str, cause: BaseException | None) -> None:
+        self.failure, self.cause = why, cause
+
+    def result(self) -> tuple[list[dl.Item], list[list[float]]]:
+        """dtlpy's return value; VectorsNotStoredError when a vector that should be stored is not."""
+        n, name = len(self.items), self.model.name
+        if self.bad:
+            logger.warning("model %r: %d of %d items cannot be embedded and have no vector (skipped): %s", name,
+                           len(self.bad), n, listing(self.bad))
+        if self.failure is None and not self.unfetched:
+            logger.info("model %r: %d items embedded, %d vectors uploaded, %d already stored", name,
+                        len(self.fresh), self.uploaded, len(self.stored))
+            done = [i for i in self.items if i.id in self.stored or i.id in self.fresh]
+            return done, [self.stored[i.id] if i.id in self.stored else self.fresh[i.id] for i in done]
+        raise VectorsNotStoredError(self.failure_message()) from self.cause
+
+    def failure_message(self) -> str:
+        done = self.uploaded + self.kept_local if self.feature_set is not None else len(self.fresh)
+        settled = len(self.stored) + len(self.bad) + done
+        missing = len(self.items) - settled
+        what = "vectors were not stored" if self.feature_set is not None else "items were not embedded"
+        causes = [self.failure] if self.failure else []
+        if self.unfetched:
+            causes.append(f"{len(self.unfetched)} items could not be downloaded: {listing(self.unfetched)}")
+        message = (f"model {self.model.name!r}: {missing} of {len(self.items)} {what} ({'; '.join(causes)}); "
+                   f"re-run embed_items or embed_dataset to store them: items already embedded are skipped")
+        if self.bad:
+            message += f". Besides, {len(self.bad)} items cannot be embedded (skipped): {listing(self.bad)}"
+        return message
+
+
+def stored_vectors(feature_set: dl.FeatureSet, item_ids: Sequence[str]) -> dict[str, list[float]]:
+    """{item id: vector} of the items that already have a vector in `feature_set`.
+
+    Extra copies of an item's vector are deleted, the newest kept: an upload that timed out on the client can
+    still be stored by the platform, as can each of the SDK's automatic retries of it.
+    """
+    found: dict[str, list[dl.Feature]] = {}
+    for start in range(0, len(item_ids), STORED_QUERY_CHUNK):
+        chunk = list(item_ids[start : start + STORED_QUERY_CHUNK])
+        filters = dl.Filters(resource=dl.FiltersResource.FEATURE, field="entityId", values=chunk,
+                             operator=dl.FiltersOperations.IN)
+        for page in feature_set.features.list(filters=filters):
+            for feature in page:
+                found.setdefault(feature.entity_id, []).append(feature)
+    stored = {}
+    for item_id, features in found.items():
+        *extra, newest = sorted(features, key=lambda f: (str(f.created_at or ""), f.id))
+        delete_vectors(feature_set, extra, item_id)
+        stored[item_id] = list(newest.value)
+    return stored
+
+
+def delete_vectors(feature_set: dl.FeatureSet, features: Iterable[dl.Feature], item_id: str) -> None:
+    for feature in features:
+        try:
+            feature_set.features.delete(feature_id=feature.id)
+            logger.info("deleted a duplicate vector (%s) of item %s", feature.id, item_id)
+        except PLATFORM_ERRORS as e:
+            logger.warning("could not delete duplicate vector %s of item %s: %s", feature.id, item_id, e)
+
+
+def platform_failure(e: BaseException, path: str) -> str:
+    """The cause of a failed request to `path`, in a few words."""
+    if isinstance(e, dl.exceptions.ExceptionMain):
+        return f"HTTP {e.status_code} from {path}: {str(e.message)[:200]}"
+    late = "; the platform may still store some late: a re-run deletes duplicate copies" if path == VECTORS else ""
+    return f"no answer from {path} ({type(e).__name__}){late}"
+
+
+def listing(unusable: Sequence[Unusable]) -> str:
+    """The first LISTED_IN_LOGS items with their reasons, then how many more."""
+    shown = ", ".join(u.describe() for u in unusable[:LISTED_IN_LOGS])
+    return shown + (f" and {len(unusable) - LISTED_IN_LOGS} more" if len(unusable) > LISTED_IN_LOGS else "")
+
+
 def decode_image(data: bytes, name: str) -> Image.Image:
-    """images.load_image on bytes (EXIF orientation, modes, size limit): it takes a path, hence the temp file."""
+    """images.load_image on bytes (EXIF orientation, modes, size limit): it takes a path, hence the temp file
+    (whose path an error names as the item's file name)."""
     with tempfile.TemporaryDirectory(prefix="clip-item-") as tmp:
         path = Path(tmp) / (Path(name or "image").name or "image")
         path.write_bytes(data)
-        return load_image(path)
+        try:
+            return load_image(path)
+        except ImageDecodeError as e:
+            raise ImageDecodeError(str(e).replace(str(path), path.name)) from e.__cause__
 
 
 def is_prompt_item(item: dl.Item) -> bool:
@@ -452,7 +696,7 @@ def publish(model: dl.Model, samples: list[dl.PlotSample], dataset_id: str | Non
     try:
         if model.metrics.create(samples=samples, dataset_id=dataset_id or model.dataset_id) is False:
             logger.warning("the platform did not accept %d metric samples", len(samples))
-    except (dl.exceptions.PlatformException, OSError) as e:
+    except PLATFORM_ERRORS as e:
         logger.warning("could not publish %d metric samples: %s", len(samples), e)
 
 
