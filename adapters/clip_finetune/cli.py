@@ -98,14 +98,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data import load_dataset
+    from .data import load_dataset, require_pairs
     from .metrics import format_table
     from .train import fit
 
     cfg = _load_cfg(args)  # validated before any data is read
     subsets, reports = load_dataset(args.data)
-    for name, report in reports.items():
-        log.info("%s: %s", name, report.summary())
+    for name, pairs in subsets.items():
+        require_pairs(name, pairs, reports[name])
     train = subsets.get("train") or (next(iter(subsets.values())) if len(subsets) == 1 else None)
     if not train:
         raise DataError(f"--data {args.data!r}: no 'train' subset among {sorted(subsets)}")

@@ -1,7 +1,7 @@
 """Readers that turn a Dataloop subset download or a local table into `CaptionPair`s.
 
 Platform-free on purpose (no dtlpy): the Dataloop adapter downloads, these functions only read files.
-Layouts: ../../docs and /work/shared/docs/DATALOOP_PLATFORM.md ("Downloaded subset layout", "Prompt items").
+Layouts: the shared docs DATALOOP_PLATFORM.md, sections "Downloaded subset layout" and "Prompt items".
 Items that cannot be used are skipped and counted in a `DataReport`, never raised for one at a time.
 """
 
@@ -390,6 +390,15 @@ def load_dataset(
         level = logging.WARNING if reports[name].total_skipped else logging.INFO
         logger.log(level, "%s: %s", name, reports[name].summary())
     return splits, reports
+
+
+def require_pairs(name: str, pairs: list[CaptionPair], report: DataReport) -> None:
+    """DataError naming the subset and why nothing in it is usable, when it has no pair."""
+    if not pairs:
+        raise DataError(
+            f"{name}: no usable image-caption pairs ({report.summary()}); give each image a caption (its "
+            "description, or a free-text annotation on each prompt), or point to other data"
+        )
 
 
 def _subset_reader(folder: Path, resolver: ImageResolver | None) -> Callable[[DataReport], list[CaptionPair]]:

@@ -1,0 +1,141 @@
+"""A corpus of hostile inputs, generated here, in one Dataloop download beside good items: training uses
+every good pair, skips each bad one for a named reason, and saves the data report with the model."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from test_data import _jpeg_bytes, _png_declaring, add_item, add_prompt_item, free_text, image_prompt, oid, stream
+
+from adapters.clip_finetune.cli import main
+from adapters.clip_finetune.synthetic import write_dataloop_download
+
+
+def _image(fmt: str, image: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return _image("JPEG", Image.new("RGB", (40, 20), (200, 0, 0)), exif=exif.tobytes())
+
+
+def _palette_with_transparency() -> bytes:
+    im = Image.new("P", (8, 8), 0)
+    im.putpalette([0, 0, 0, 0, 255, 0])
+    im.info["transparency"] = 1
+    return _image("PNG", im)
+
+
+def _animated_gif() -> bytes:
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    return _image("GIF", frames[0], save_all=True, append_images=frames[1:])
+
+
+GOOD_IMAGES = {  # name: file content; each decodes to an upright RGB image
+    "alpha.png": lambda: _image("PNG", Image.new("RGBA", (16, 16), (255, 0, 0, 128))),
+    "palette.png": _palette_with_transparency,
+    "cmyk.jpg": lambda: _image("JPEG", Image.new("CMYK", (16, 16), (0, 255, 255, 0))),
+    "gray16.png": lambda: _image("PNG", Image.new("I;16", (16, 16), 30000)),
+    "animated.gif": _animated_gif,
+    "rotated.jpg": _exif_rotated,
+    "one-pixel.png": lambda: _image("PNG", Image.new("RGB", (1, 1), (0, 255, 0))),
+}
+BAD_IMAGES = {  # name: file content; each fails to decode and is skipped while training
+    "truncated.jpg": lambda: _jpeg_bytes()[:600],
+    "zero-byte.jpg": lambda: b"",
+    "text-named.jpg": lambda: b"this is a text file, not a JPEG\n",
+    "bomb.png": lambda: _png_declaring(100_000, 100_000),
+}
+ODD_CAPTIONS = ["x " * 5000, "красный круг слева", "赤い丸", "🔴 a red circle 🎯"]  # all usable
+NO_CAPTIONS = {"empty": "", "blank": "   \n\t", "missing": None}
+
+
+def build_corpus(subset: Path) -> tuple[int, dict[str, int]]:
+    """Add every hostile case to a subset download; return (good pairs added, expected skips per reason)."""
+    n = 1000
+    good = 0
+    for name, content in GOOD_IMAGES.items():
+        add_item(subset, oid(n := n + 1), f"/hostile/{name}", content(), description=f"image {name}")
+        good += 1
+    for name, content in BAD_IMAGES.items():
+        add_item(subset, oid(n := n + 1), f"/hostile/{name}", content(), description=f"image {name}")
+        good += 1  # readers only check the file is there; the decode failure shows while training
+    ok_png = _image("PNG", Image.new("RGB", (8, 8), (0, 0, 255)))
+    for i, caption in enumerate(ODD_CAPTIONS):
+        add_item(subset, oid(n := n + 1), f"/captions/odd-{i}.png", ok_png, description=caption)
+        good += 1
+    for name, caption in NO_CAPTIONS.items():
+        extra = {} if caption is None else {"description": caption}
+        add_item(subset, oid(n := n + 1), f"/captions/{name}.png", ok_png, **extra)
+    # item JSON: fields missing (no filename: found by stem), and a file that is not JSON at all
+    add_item(subset, oid(n := n + 1), "/json/no-fields.png", ok_png, description="a blue square")
+    record = subset / "json" / "json" / "no-fields.json"
+    record.write_text(json.dumps({"id": oid(n), "description": "a blue square"}))
+    good += 1
+    (subset / "json" / "json" / "garbage.json").write_text("{not json")
+    # prompt items: no image element, an image id that cannot be found, no free-text annotation
+    add_prompt_item(subset, oid(n := n + 1), {"1": [{"mimetype": "application/text", "value": "hi"}]},
+                    [free_text("1", "a caption")])
+    add_prompt_item(subset, oid(n := n + 1), {"1": image_prompt(stream(oid(999_999)))}, [free_text("1", "x")])
+    add_prompt_item(subset, oid(n := n + 1), {"1": image_prompt(stream(oid(1001)))}, [])
+    # a duplicate of an item, and a file name that climbs out of the download
+    add_item(subset / "json" / "dup", oid(1001), "/hostile/alpha.png", None, description="again")
+    escape = {"id": oid(n := n + 1), "filename": "/../../escape.png", "description": "outside", "annotations": []}
+    (subset / "json" / "hostile" / "escape.json").write_text(json.dumps(escape))
+    expected = {"undecodable image": len(BAD_IMAGES), "no caption": len(NO_CAPTIONS), "unreadable json": 1,
+                "prompt has no image": 1, "prompt image not found": 1, "no free-text annotation": 1,
+                "duplicate item": 1, "unsafe path": 1}
+    return good, expected
+
+
+@pytest.fixture(scope="module")
+def trained_on_hostile(tmp_path_factory, tiny_model_config):
+    root = tmp_path_factory.mktemp("hostile")
+    data = write_dataloop_download(root / "data", 48, 16, seed=8)
+    n_good, expected = build_corpus(data / "train")
+    out = root / "model"
+    sets = {"model_name": tiny_model_config, "pretrained": "none", "train_batch_size": 16, "num_epochs": 1,
+            "learning_rate": 1e-3, "num_workers": 0}
+    rc = main(["train", "--data", str(data), "--out", str(out), *[a for k, v in sets.items()
+                                                                  for a in ("--set", f"{k}={v}")]])
+    return rc, out, 48 + n_good, expected
+
+
+def test_training_succeeds_on_every_good_pair(trained_on_hostile) -> None:
+    rc, out, n_good, expected = trained_on_hostile
+    assert rc == 0
+    report = json.loads((out / "data_report.json").read_text())["train"]
+    assert report["used"] == n_good - expected["undecodable image"]
+    assert (out / "open_clip_model.safetensors").is_file()
+
+
+def test_each_bad_input_is_skipped_for_its_reason_with_examples(trained_on_hostile) -> None:
+    _, out, _, expected = trained_on_hostile
+    report = json.loads((out / "data_report.json").read_text())["train"]
+    for reason, count in expected.items():
+        assert report["skipped"].get(reason) == count, (reason, report["skipped"])
+        assert 1 <= len(report["examples"][reason]) <= 5
+    assert not set(report["skipped"]) - set(expected)  # nothing else was refused
+    assert sorted(report["examples"]["undecodable image"]) == sorted(f"{oid(1001 + len(GOOD_IMAGES) + i)}"
+                                                                     for i in range(len(BAD_IMAGES)))
+
+
+def test_a_subset_with_no_good_pair_names_the_subset_and_reasons(tmp_path, tiny_model_config, capsys) -> None:
+    data = write_dataloop_download(tmp_path / "data", 32, 0, seed=9)
+    (data / "validation").mkdir()
+    for i, (name, caption) in enumerate(NO_CAPTIONS.items()):
+        add_item(data / "validation", oid(i), f"/v/{name}.png", b"\x89PNG", **(
+            {} if caption is None else {"description": caption}))
+    rc = main(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--set", f"model_name={tiny_model_config}",
+               "--set", "pretrained=none"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "validation" in err and "3 no caption" in err
