@@ -34,9 +34,17 @@ from adapters.clip_finetune.errors import ConfigError, DataError, ModelError
 from adapters.clip_finetune.evaluate import evaluate as retrieval_metrics
 from adapters.clip_finetune.images import ImageDecodeError, load_image
 from adapters.clip_finetune.metrics import format_table
-from adapters.clip_finetune.model import ClipModel, is_artifact_dir, load_artifact, load_model, save_artifact
+from adapters.clip_finetune.model import (
+    FINETUNE_CONFIG_NAME,
+    METRICS_NAME,
+    ClipModel,
+    is_artifact_dir,
+    load_artifact,
+    load_model,
+    save_artifact,
+)
 from adapters.clip_finetune.pairs import CaptionPair, DataReport
-from adapters.clip_finetune.train import TrainResult, fit
+from adapters.clip_finetune.train import CHECKPOINT_NAME, TrainResult, fit
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +60,8 @@ DTLPY_CONFIG_KEYS = frozenset({
     "id_to_label_map", "label_to_id_map",  # dl.Model label maps (classification models)
 })
 TRAIN_SUBSETS = ("train", "validation")
+# what a restarted run needs: the resume checkpoint and the best-so-far artifact (uploaded as they change)
+RUN_STATE_FILES = (CHECKPOINT_NAME, HF_SAFE_WEIGHTS_NAME, HF_CONFIG_NAME, FINETUNE_CONFIG_NAME, METRICS_NAME)
 REQUIRED_ARTIFACTS = (HF_SAFE_WEIGHTS_NAME, HF_CONFIG_NAME)  # what stock open_clip needs to load the model
 DATA_REPORT_NAME = "data_report.json"  # uploaded with the artifacts: what each subset used and skipped
 PROMPT_IMAGES = ".prompt-images"  # beside the subset folders; the dot keeps it out of the subset scan
@@ -119,6 +129,8 @@ class ClipAdapter(dl.BaseModelAdapter):
         self._pairs: dict[str, list[CaptionPair]] = {}
         self._pairs_root: Path | None = None
         self._trained_dir: Path | None = None
+        self._artifacts_dir: Path | None = None  # where load_from_model put the model's artifacts
+        self._uploaded: dict[str, int] = {}  # run-state file -> mtime_ns of its last upload
         self._failed = False  # training failed: nothing trained to save or upload
         self._cfg_model_id: str | None = None  # the model self.cfg was validated for
         super().__init__(model_entity=model_entity)  # calls load_from_model when given a model
@@ -136,6 +148,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         """The saved artifact in `local_path` (a trained model), else the configured base model."""
         if self._cfg_model_id != self.model_entity.id:  # load() called without load_from_model
             self._validate_config(self.model_entity)
+        self._artifacts_dir = Path(local_path)
         if is_artifact_dir(local_path):
             self.clip = load_artifact(local_path, self.cfg.device)
         else:
@@ -189,6 +202,7 @@ class ClipAdapter(dl.BaseModelAdapter):
             logger.warning("training failed: not uploading %s", local_path)
             return
         local_path = local_path or tempfile.mkdtemp(prefix=f"model_{self.model_entity.name}")
+        self._drop_checkpoint_artifact()
         super().save_to_model(local_path=local_path, cleanup=False, replace=replace, **kwargs)
         try:
             self._check_artifacts(Path(local_path))
@@ -197,6 +211,16 @@ class ClipAdapter(dl.BaseModelAdapter):
             raise
         if cleanup:
             shutil.rmtree(local_path, ignore_errors=True)
+
+    def _drop_checkpoint_artifact(self) -> None:
+        """The run is complete: remove its resume checkpoint (~3x the model) from the artifacts, before dtlpy's
+        upload re-lists them, so a later train_model continues training instead of resuming a finished run."""
+        if CHECKPOINT_NAME not in self._uploaded:
+            return
+        try:
+            self.model_entity.artifacts.delete(artifact_name=CHECKPOINT_NAME)
+        except PLATFORM_ERRORS as e:
+            logger.warning("could not delete the finished run's %s artifact: %s", CHECKPOINT_NAME, e)
 
     def _check_artifacts(self, local: Path) -> None:
         """Raise ModelError unless the model, read back from the platform, references every file of the folder
@@ -264,6 +288,8 @@ class ClipAdapter(dl.BaseModelAdapter):
             out_dir=output_path,
             on_epoch_end=self._epoch_reporter(kwargs.get("on_epoch_end_callback")),
             clip=self.clip,
+            resume=self._stage_checkpoint(Path(output_path)),
+            on_checkpoint=self._upload_run_state,
         )
         publish(self.model_entity, plot_samples(0, self.result.before))  # the base model, at epoch 0
         report = {name: r.to_dict() for name, r in self.data_reports.items()}
@@ -272,6 +298,37 @@ class ClipAdapter(dl.BaseModelAdapter):
         self._failed = False
         logger.info("best epoch %d; validation before/after:\n%s", self.result.best_epoch,
                     format_table(self.result.before, self.result.after) if self.result.before else "(none)")
+
+    def _stage_checkpoint(self, output: Path) -> bool:
+        """A preempted or restarted run left its checkpoint (and best-so-far weights) in the model's artifacts:
+        put them where fit() resumes from. False when there is none (a fresh run)."""
+        source = self._artifacts_dir
+        if source is None or not (source / CHECKPOINT_NAME).is_file():
+            return False
+        # the download folder is keyed by model NAME: a same-named model's stale checkpoint is not ours
+        if CHECKPOINT_NAME not in {a.name for a in self.model_entity.artifacts.list()}:
+            logger.warning("ignoring %s in %s: not an artifact of model %s", CHECKPOINT_NAME, source,
+                           self.model_entity.id)
+            return False
+        output.mkdir(parents=True, exist_ok=True)
+        for name in RUN_STATE_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, output / name)
+        logger.info("model %r has a checkpoint from an interrupted run: resuming it", self.model_entity.name)
+        return True
+
+    def _upload_run_state(self, checkpoint: Path) -> None:
+        """Upload the checkpoint fit() just wrote, and the best-so-far weights when they changed, so a preempted
+        or restarted service resumes instead of starting over. A failure is logged: training goes on."""
+        for name in RUN_STATE_FILES:
+            path = checkpoint.parent / name
+            if not path.is_file() or self._uploaded.get(name) == path.stat().st_mtime_ns:
+                continue
+            try:
+                self.model_entity.artifacts.upload(filepath=str(path), overwrite=True)
+                self._uploaded[name] = path.stat().st_mtime_ns
+            except PLATFORM_ERRORS as e:
+                logger.warning("could not upload %s (a restart would resume from an older state): %s", name, e)
 
     def _epoch_reporter(self, progress: Callable[[int, int], None] | None) -> Callable[[int, dict[str, float]], None]:
         def on_epoch_end(epoch: int, record: dict[str, float]) -> None:
