@@ -699,15 +699,8 @@ def listing(unusable: Sequence[Unusable]) -> str:
 
 
 def decode_image(data: bytes, name: str) -> Image.Image:
-    """images.load_image on bytes (EXIF orientation, modes, size limit): it takes a path, hence the temp file
-    (whose path an error names as the item's file name)."""
-    with tempfile.TemporaryDirectory(prefix="clip-item-") as tmp:
-        path = Path(tmp) / (Path(name or "image").name or "image")
-        path.write_bytes(data)
-        try:
-            return load_image(path)
-        except ImageDecodeError as e:
-            raise ImageDecodeError(str(e).replace(str(path), path.name)) from e.__cause__
+    """images.load_image on an item's bytes; an error names the item's file."""
+    return load_image(data, Path(name or "image").name)
 
 
 def is_prompt_item(item: dl.Item) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -29,34 +30,35 @@ def set_max_image_pixels(n: int | None = PILLOW_MAX_IMAGE_PIXELS) -> None:
     Image.MAX_IMAGE_PIXELS = n
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode `path` fully into an RGB image: EXIF orientation applied, transparency composited onto white,
-    16-bit grayscale scaled to 8 bits, CMYK converted, first frame of an animation.
+def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+    """Decode a file (or its bytes) fully into an RGB image: EXIF orientation applied, transparency composited
+    onto white, 16-bit grayscale scaled to 8 bits, CMYK converted, first frame of an animation.
 
-    Raises ImageDecodeError naming the path and the reason on any failure.
+    Raises ImageDecodeError naming the file (`name`, else the path) and the reason on any failure.
     """
-    path = Path(path)
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
-        if path.stat().st_size == 0:
+        size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
+        if size == 0:
             raise _Refused("empty file (0 bytes)")
         # Pillow only warns between 1x and 2x its pixel limit; refuse there too, before any allocation.
         # (catch_warnings is not thread-safe; _check_size below refuses even when the warning slips past.)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
                 _check_size(im)
                 im.seek(0)  # animated GIF/WebP/APNG: the first frame
                 im.load()
                 return _to_rgb(_upright(im))
     except _Refused as e:
-        raise ImageDecodeError(f"cannot decode image {str(path)!r}: {e}") from None
+        raise ImageDecodeError(f"cannot decode image {label!r}: {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(f"cannot decode image {str(path)!r}: {_bomb_message(e)}") from None
+        raise ImageDecodeError(f"cannot decode image {label!r}: {_bomb_message(e)}") from None
     except FileNotFoundError:
-        raise ImageDecodeError(f"cannot decode image {str(path)!r}: file not found") from None
+        raise ImageDecodeError(f"cannot decode image {label!r}: file not found") from None
     except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, struct.error, IndexError...
         raise ImageDecodeError(
-            f"cannot decode image {str(path)!r}: {type(e).__name__}: {e}; re-export the file or remove it"
+            f"cannot decode image {label!r}: {type(e).__name__}: {e}; re-export the file or remove it"
         ) from e
 
 
