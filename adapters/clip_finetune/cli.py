@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ClipFinetuneError, DataError
+from .runs_cli import add_runs_parser, cmd_runs
 
 log = logging.getLogger("clip_finetune")
 
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--schema", action="store_true", help="print the JSON schema instead")
     p.add_argument("--markdown", action="store_true", help="print the configuration reference table")
+
+    add_runs_parser(sub)
     return parser
 
 
@@ -205,7 +208,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed,
-            "search": cmd_search, "config": cmd_config}
+            "search": cmd_search, "config": cmd_config, "runs": cmd_runs}
 
 
 def main(argv: list[str] | None = None) -> int:
