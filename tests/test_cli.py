@@ -12,6 +12,7 @@ from PIL import Image
 from adapters.clip_finetune.cli import main
 from adapters.clip_finetune.demo import run_demo
 from adapters.clip_finetune.embed import load_embeddings
+from adapters.clip_finetune.images import PILLOW_MAX_IMAGE_PIXELS, set_max_image_pixels
 from adapters.clip_finetune.synthetic import write_csv, write_dataloop_download
 
 
@@ -96,3 +97,13 @@ def test_demo_writes_model_metrics_and_pictures(tmp_path) -> None:
         with Image.open(res.files[name]) as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 150
     assert (res.files["model"] / "open_clip_model.safetensors").is_file()
+
+
+def test_the_configured_pixel_limit_applies_to_embedding(trained_model, tmp_path, capsys) -> None:
+    out, table = trained_model
+    try:
+        rc = main(["embed", "--model", str(out), "--images", str(table.parent / "images"), "--out",
+                   str(tmp_path / "none.npz"), "--set", "max_image_pixels=1000"])  # the 64x64 images are 4096 px
+    finally:
+        set_max_image_pixels(PILLOW_MAX_IMAGE_PIXELS)
+    assert rc == 0 and "wrote 0 vectors" in capsys.readouterr().out

@@ -32,7 +32,7 @@ from adapters.clip_finetune.data import ImageResolver, image_ref, read_subset
 from adapters.clip_finetune.embed import encode_image_tensors, encode_texts
 from adapters.clip_finetune.errors import ConfigError, DataError, ModelError
 from adapters.clip_finetune.evaluate import evaluate as retrieval_metrics
-from adapters.clip_finetune.images import ImageDecodeError, load_image
+from adapters.clip_finetune.images import ImageDecodeError, load_image, set_max_image_pixels
 from adapters.clip_finetune.metrics import format_table
 from adapters.clip_finetune.model import (
     FINETUNE_CONFIG_NAME,
@@ -159,6 +159,7 @@ class ClipAdapter(dl.BaseModelAdapter):
     def _validate_config(self, model: dl.Model) -> None:
         self.cfg = config_from_model(model)
         self._cfg_model_id = model.id
+        set_max_image_pixels(self.cfg.max_image_pixels)  # decoding in embed/evaluate honours the limit too
 
     def _sync_embedding_keys(self) -> None:
         """Make the two keys dtlpy's embed wrappers read agree with the loaded model, in one explicit update.

@@ -75,10 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None):
     from .config import build_config, load_config_file, parse_set_options
+    from .images import set_max_image_pixels
 
     file_cfg = load_config_file(args.config) if getattr(args, "config", None) else None
     # CLI --set > --config file > defaults
-    return build_config(extra, file_cfg, parse_set_options(args.sets))
+    cfg = build_config(extra, file_cfg, parse_set_options(args.sets))
+    set_max_image_pixels(cfg.max_image_pixels)  # every decode of this command honours the configured limit
+    return cfg
 
 
 def _load_clip(args: argparse.Namespace):
