@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # dtlpy writes cookie.json and logs under $DATALOOP_PATH at import time: never touch the user's ~/.dataloop.
@@ -18,5 +19,17 @@ TINY_MODEL = Path(__file__).resolve().parents[1] / "adapters" / "clip_finetune" 
 def tiny_model_config() -> Path:
     """Path of the tiny open_clip architecture (random init) that tests train in seconds on a CPU."""
     return TINY_MODEL
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for tests whose dtlpy thread pools decode beside the model: on a busy 2-core machine
+    two OpenMP threads spin against that work (a training step measured 10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 from loopback_platform import platform_fixture  # noqa: E402,F401  (the `platform` fixture)

@@ -51,13 +51,7 @@ SIZES = {"train": 256, "validation": 64, "test": 100}
 ARTIFACTS = {"open_clip_model.safetensors", "open_clip_config.json", "finetune_config.json", "metrics.json"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """On a busy 2-core machine, 2 torch threads spin against other work: 1 thread is ~10x faster here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------- seeding

@@ -5,7 +5,6 @@ uninterrupted run; the finished run's checkpoint does not stay among the artifac
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import dtlpy as dl
@@ -27,12 +26,7 @@ class Preempted(Exception):
     """Stands in for the service going away mid-run."""
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _weights(platform: LoopbackPlatform, model_id: str) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import dtlpy as dl
@@ -43,13 +43,7 @@ EMBED_CONFIG: dict[str, Any] = {"model_name": str(TINY), "pretrained": None, "ba
 VECTORS = r"^/features/vectors$"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """As in test_adapter: on a busy 2-core machine 1 torch thread is much faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
