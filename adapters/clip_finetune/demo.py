@@ -23,7 +23,7 @@ from .model import load_model
 from .pairs import CaptionPair
 from .plots import plot_training_curves, search_sheet
 from .synthetic import write_dataloop_download
-from .train import TrainResult, fit
+from .train import TrainResult, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def run_demo(
     train, val = subsets["train"], subsets["validation"]
     cfg = build_config(DEMO_CONFIG, {"seed": seed}, overrides)
 
+    seed_everything(cfg.seed)  # the random init of the tiny model, so a demo run is reproducible
     clip = load_model(cfg)
     queries = _sheet_queries(val, n=4)
     before = embed_pairs(clip, val, cfg.batch_size, cfg.num_workers)
