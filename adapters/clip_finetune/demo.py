@@ -38,7 +38,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "warmup": 0.1,
     "num_epochs": 12,
     "train_batch_size": 64,
-    "early_stopping_epochs": 3,
+    "early_stopping": False,  # show the whole curve; the best epoch is still the one kept
     "batch_size": 128,
 }
 
