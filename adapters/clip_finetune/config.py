@@ -144,6 +144,10 @@ class FinetuneConfig(BaseModel):
         None, ge=0, le=64, description="data-loading worker processes; null: fit the machine's cores"
     )
     device: str | None = Field(None, description="torch device; null: cuda if available, else cpu")
+    image_cache_mb: int = Field(
+        2048, ge=0, description="memory for training images decoded once and kept across epochs (uint8, short "
+        "side 1.25x the model input); images past it are decoded each epoch; 0: off; unused with num_workers > 0"
+    )
 
     @field_validator("model_name")
     @classmethod

@@ -8,9 +8,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from .errors import DataError
+from .fastpath import DecodedCache, thread_map
 from .images import load_image
 from .pairs import CaptionPair
 
@@ -24,17 +26,23 @@ class BadSample(NamedTuple):
     reason: str
 
 
+Sample = tuple[torch.Tensor, torch.Tensor, int]  # (image [3, H, W], tokens [context_length], pair index)
+
+
 class PairDataset(Dataset):
     """(image tensor, caption tokens, index) per pair; None where the image cannot be decoded.
 
     Keys are (epoch, index): the random augmentation of a sample is seeded by (seed, epoch, index), so it
-    does not depend on worker processes or on where a resumed run restarted (exact resume).
+    does not depend on worker processes or on where a resumed run restarted (exact resume). With a
+    `cache` (fastpath.DecodedCache) images are decoded once, shrunk, and kept across epochs.
     """
 
-    def __init__(self, pairs: Sequence[CaptionPair], transform: Callable, tokenizer: Callable, seed: int = 0) -> None:
+    def __init__(self, pairs: Sequence[CaptionPair], transform: Callable, tokenizer: Callable, seed: int = 0,
+                 cache: DecodedCache | None = None) -> None:
         self.pairs = list(pairs)
         self.transform = transform
         self.seed = seed
+        self.cache = cache
         # Tokenize every caption once, up front: [n_pairs, context_length]. open_clip's tokenizers
         # truncate captions longer than the context (an over-long caption is not an error).
         self.tokens = tokenizer([p.caption for p in self.pairs]) if self.pairs else torch.empty(0)
@@ -42,15 +50,30 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int] | BadSample:
-        epoch, i = key
+    def __getitem__(self, key: tuple[int, int]) -> Sample | BadSample:
+        return self._augment(key, self._decode(key[1]))
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Sample | BadSample]:
+        """A batch: decoded on threads, augmented in order on this thread (the seeded global RNG is not
+        thread-safe)."""
+        images = thread_map(self._decode, [i for _, i in keys])
+        return [self._augment(key, image) for key, image in zip(keys, images, strict=True)]
+
+    def _decode(self, i: int) -> Image.Image | BadSample:
         try:
-            image = load_image(self.pairs[i].image)
+            return self.cache.get(i, self.pairs[i].image) if self.cache is not None else load_image(self.pairs[i].image)
         except DataError as e:
             log.warning("skipping %s: %s", self.pairs[i].item_id or self.pairs[i].image, e)
             return BadSample(i, "undecodable image")
+
+    def _augment(self, key: tuple[int, int], image: Image.Image | BadSample) -> Sample | BadSample:
+        if isinstance(image, BadSample):
+            return image
+        epoch, i = key
         with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from the global RNG
-            torch.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
+            # the CPU generator only, as torch.manual_seed does for CPU transforms: torch.manual_seed also
+            # queues CUDA/XPU/MPS seeding with a stack trace each, ~1.7 ms a sample (docs/performance.md)
+            torch.default_generator.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
             return self.transform(image), self.tokens[i], i
 
 
@@ -63,21 +86,29 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[t
 
 
 class ImageDataset(Dataset):
-    """(image tensor, index) per image path; None where the image cannot be decoded."""
+    """(image tensor, index) per image path; None where the image cannot be decoded.
 
-    def __init__(self, paths: Sequence[str], transform: Callable) -> None:
+    `draft`: JPEGs are decoded at reduced scale, never below `draft` pixels a side (the transform's size).
+    """
+
+    def __init__(self, paths: Sequence[str], transform: Callable, draft: int | None = None) -> None:
         self.paths = list(paths)
         self.transform = transform
+        self.draft = draft
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | BadSample:
         try:
-            return self.transform(load_image(self.paths[i])), i
+            return self.transform(load_image(self.paths[i], draft=self.draft)), i
         except DataError as e:
             log.warning("skipping image %s: %s", self.paths[i], e)
             return BadSample(i, "undecodable image")
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int] | BadSample]:
+        """A batch, decoded and transformed on threads (the eval transform is deterministic)."""
+        return thread_map(self.__getitem__, indices)
 
 
 def collate_skipping_bad(batch: list[Any]) -> tuple[Any, list[BadSample]]:

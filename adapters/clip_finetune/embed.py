@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .datasets import ImageDataset, collate_skipping_bad, default_num_workers
 from .errors import DataError
+from .fastpath import transform_size
 from .model import ClipModel
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,16 @@ def encode_images(
     batch_size: int = 64,
     num_workers: int | None = None,
     progress: bool = True,
+    draft: bool = True,
 ) -> tuple[np.ndarray, list[int]]:
     """Embed image files. Returns (vectors [n_ok, d] float32, unit norm; indices of `paths` embedded).
 
     Images that cannot be decoded are skipped (logged); their indices are absent from the result.
+    `draft`: decode JPEGs at reduced scale, never below the model's input size (embeddings stay within
+    cosine 0.999 of a full decode, tests/test_fast_paths.py; 2-3x faster on photos, docs/performance.md).
     """
     loader = DataLoader(
-        ImageDataset(paths, clip.preprocess),
+        ImageDataset(paths, clip.preprocess, transform_size(clip.preprocess) if draft else None),
         batch_size=batch_size,
         num_workers=default_num_workers(num_workers, clip.device),
         collate_fn=collate_skipping_bad,

@@ -30,9 +30,12 @@ def set_max_image_pixels(n: int | None = PILLOW_MAX_IMAGE_PIXELS) -> None:
     Image.MAX_IMAGE_PIXELS = n
 
 
-def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
+def load_image(source: str | Path | bytes, name: str | None = None, draft: int | None = None) -> Image.Image:
     """Decode a file (or its bytes) fully into an RGB image: EXIF orientation applied, transparency composited
     onto white, 16-bit grayscale scaled to 8 bits, CMYK converted, first frame of an animation.
+
+    `draft`: decode a JPEG at the smallest DCT scale (1/2, 1/4, 1/8) whose sides both stay >= `draft`
+    pixels (much faster on large JPEGs; see fastpath.py).
 
     Raises ImageDecodeError naming the file (`name`, else the path) and the reason on any failure.
     """
@@ -48,8 +51,11 @@ def load_image(source: str | Path | bytes, name: str | None = None) -> Image.Ima
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
                 _check_size(im)
                 im.seek(0)  # animated GIF/WebP/APNG: the first frame
+                if draft and im.format == "JPEG":
+                    im.draft(None, (draft, draft))
                 im.load()
-                return _to_rgb(_upright(im))
+                upright = _upright(im)  # always a copy, detached from the file: an RGB one needs no second
+                return upright if upright.mode == "RGB" else _to_rgb(upright)
     except _Refused as e:
         raise ImageDecodeError(f"cannot decode image {label!r}: {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

@@ -24,6 +24,7 @@ from .config import FinetuneConfig
 from .datasets import PairDataset, collate_skipping_bad, default_num_workers, epoch_batches
 from .errors import ClipFinetuneError, ConfigError, DataError
 from .evaluate import evaluate
+from .fastpath import train_cache
 from .images import set_max_image_pixels
 from .model import ClipModel, atomic_write, load_model, save_artifact, unwrap
 from .pairs import CaptionPair, DataReport
@@ -231,14 +232,17 @@ def fit(
     model = clip.model
     batches_per_epoch = len(train_pairs) // cfg.train_batch_size
     total_steps = cfg.num_epochs * batches_per_epoch
-    dataset = PairDataset(train_pairs, clip.preprocess_train, clip.tokenizer, seed=cfg.seed)
+    workers = default_num_workers(cfg.num_workers, device)
+    dataset = PairDataset(train_pairs, clip.preprocess_train, clip.tokenizer, seed=cfg.seed,
+                          cache=train_cache(clip.preprocess_train, cfg.image_cache_mb, workers))
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
 
-    # optimisation: AdamW (fused on CUDA), warmup + decay, open_clip's symmetric contrastive loss
+    # optimisation: AdamW (fused kernel: on CPU ~8x faster than the default per-tensor loop), warmup + decay,
+    # open_clip's symmetric contrastive loss
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=cfg.betas,
-                                  eps=cfg.epsilon, fused=device.type == "cuda")
+                                  eps=cfg.epsilon, fused=device.type in ("cuda", "cpu"))
     run = _Run(cfg, clip, optimizer, make_scheduler(optimizer, cfg, total_steps),
                torch.amp.GradScaler(device.type, enabled=precision == "fp16"), Progress(),
                out / CHECKPOINT_NAME if out is not None else None)
@@ -275,7 +279,7 @@ def fit(
         t0 = time.perf_counter() - p.epoch_seconds
         batches = epoch_batches(len(train_pairs), cfg.train_batch_size, cfg.seed, p.epoch)[p.batches_done:]
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skipping_bad,
-                            num_workers=default_num_workers(cfg.num_workers, device),
+                            num_workers=workers,
                             pin_memory=device.type == "cuda")
         bar = tqdm(loader, desc=f"epoch {p.epoch}/{cfg.num_epochs}", unit="batch", disable=not progress,
                    initial=p.batches_done, total=batches_per_epoch)

@@ -1,0 +1,122 @@
+"""Faster image input, measured in docs/performance.md: JPEG draft decoding at reduced scale, a
+decode-once uint8 cache of training images with a memory budget (over it, images are decoded each epoch),
+and decoding a batch's images on threads (Pillow releases the GIL while decoding and resizing).
+
+Each keeps the result of the straightforward path, exactly or within tolerance (tests/test_fast_paths.py):
+draft mode decodes a JPEG at 1/2, 1/4 or 1/8 scale in the DCT domain, never below the size the model's transform
+resizes to, so the transform still only shrinks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from .images import load_image
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# open_clip's training crop, RandomResizedCrop(scale=(0.9, 1), ratio=(3/4, 4/3)), keeps at least ~0.8 of the
+# short side: an image stored with its short side at 1.25x the model's input is still only shrunk by it.
+TRAIN_SIDE_FACTOR = 1.25
+
+
+def transform_size(transform: Callable) -> int | None:
+    """The output side of an open_clip image transform (its Resize / RandomResizedCrop), else None."""
+    for t in getattr(transform, "transforms", ()):
+        size = getattr(t, "size", None)
+        if isinstance(size, int):
+            return size
+        if isinstance(size, list | tuple) and size:
+            return int(min(size))
+    return None
+
+
+def load_reduced(source: str | Path, side: int) -> Image.Image:
+    """Decode (JPEG: draft) and shrink so the short side is `side` (antialiased bicubic; never enlarges)."""
+    image = load_image(source, draft=side)
+    w, h = image.size
+    if min(w, h) <= side:
+        return image
+    scale = side / min(w, h)
+    size = (max(side, round(w * scale)), max(side, round(h * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+class DecodedCache:
+    """Training images decoded once and shrunk (`load_reduced`), kept as uint8 arrays up to `budget_mb`.
+
+    Images past the budget are decoded on every request by the same code, so a cached and a streamed
+    image give identical pixels (exact resume does not depend on what fitted). Lives in the process that
+    reads it: with DataLoader worker processes each would hold its own copy, so use it with workers=0.
+    """
+
+    def __init__(self, side: int, budget_mb: float) -> None:
+        self.side = side
+        self.budget = int(budget_mb * 2**20)
+        self.used = 0
+        self.full = self.budget <= 0
+        self._arrays: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def get(self, key: int, source: str | Path) -> Image.Image:
+        """The shrunk RGB image of `source` (cached under `key` while the budget allows)."""
+        array = self._arrays.get(key)
+        if array is not None:
+            return Image.fromarray(array, "RGB")
+        image = load_reduced(source, self.side)
+        if not self.full:
+            array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+            if self.used + array.nbytes <= self.budget:
+                self._arrays[key] = array
+                self.used += array.nbytes
+            else:
+                self.full = True
+                log.info("image cache full at %d images (%.0f MB); decoding the rest each epoch",
+                         len(self._arrays), self.used / 2**20)
+        return image
+
+
+def train_cache(transform: Callable, budget_mb: float, num_workers: int) -> DecodedCache | None:
+    """The cache for a training transform, or None where it cannot help (unknown size, workers, no budget)."""
+    size = transform_size(transform)
+    if size is None:
+        return None
+    if budget_mb <= 0 or num_workers > 0:
+        return DecodedCache(math.ceil(size * TRAIN_SIDE_FACTOR), 0)  # same pixels, nothing kept
+    return DecodedCache(math.ceil(size * TRAIN_SIDE_FACTOR), budget_mb)
+
+
+def decode_threads() -> int:
+    """Threads for decoding one batch: every core in the main process (the model is idle meanwhile: with
+    workers=0 loading and computing alternate), one inside a DataLoader worker process (already parallel)."""
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is not None:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@lru_cache(maxsize=4)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="decode")
+
+
+def thread_map(fn: Callable[[Any], T], items: Sequence[Any], threads: int | None = None) -> list[T]:
+    """[fn(x) for x in items], in order, on `threads` threads (default: decode_threads())."""
+    threads = decode_threads() if threads is None else threads
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    return list(_pool(threads).map(fn, items))
