@@ -28,7 +28,7 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from PIL import Image
 
 from adapters.clip_finetune.config import DIRECTIONS, EVAL_KS, FinetuneConfig, build_config
-from adapters.clip_finetune.data import ImageResolver, image_ref, read_subset
+from adapters.clip_finetune.data import ImageResolver, image_ref, prompt_parts, read_subset
 from adapters.clip_finetune.embed import encode_image_tensors, encode_texts
 from adapters.clip_finetune.errors import ConfigError, DataError, ModelError
 from adapters.clip_finetune.evaluate import evaluate as retrieval_metrics
@@ -369,7 +369,7 @@ class ClipAdapter(dl.BaseModelAdapter):
             raise _Unusable("unreadable prompt json") from None
         prompts = (content.get("prompts") if isinstance(content, dict) else None) or {}
         elements = prompts[min(prompts, key=_prompt_order)] if prompts else []
-        image, text = _prompt_parts(elements)
+        image, text = prompt_parts(elements)
         if image is not None:
             ref = image_ref(image)
             if not _ITEM_ID.fullmatch(ref):
@@ -712,20 +712,6 @@ def is_prompt_item(item: dl.Item) -> bool:
 def _prompt_order(key: str) -> tuple[int, int, str]:
     """Prompt keys are "1", "2", ...: numeric order, so "10" comes after "9"."""
     return (0, int(key), "") if str(key).isdigit() else (1, 0, str(key))
-
-
-def _prompt_parts(elements: Any) -> tuple[str | None, str | None]:
-    """(image value, text) of one prompt's elements."""
-    image = text = None
-    for e in elements if isinstance(elements, list) else []:
-        mimetype, value = str((e or {}).get("mimetype", "")), (e or {}).get("value")
-        if not isinstance(value, str) or not value.strip():
-            continue
-        if image is None and mimetype.startswith("image"):
-            image = value
-        elif text is None and (mimetype.startswith("text") or mimetype == "application/text"):
-            text = value.strip()
-    return image, text
 
 
 def unit_vectors(features: np.ndarray) -> list[list[float]]:

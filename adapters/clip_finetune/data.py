@@ -218,7 +218,7 @@ def _prompt_requests(r: _Record, report: DataReport) -> list[_PromptRequest]:
     captions = _captions_by_prompt(r.data.get("annotations"))
     requests = []
     for key, elements in prompts["prompts"].items():
-        ref = _image_value(elements)
+        ref = prompt_parts(elements)[0]
         if ref is None:
             report.skip("prompt has no image", f"{r.item_id}#{key}")
         elif not captions.get(str(key)):
@@ -228,13 +228,20 @@ def _prompt_requests(r: _Record, report: DataReport) -> list[_PromptRequest]:
     return requests
 
 
-def _image_value(elements: Any) -> str | None:
+def prompt_parts(elements: Any) -> tuple[str | None, str | None]:
+    """(image value, text) of one prompt's elements: the first non-empty of each, None when absent."""
+    image = text = None
     for e in elements if isinstance(elements, list) else []:
-        if isinstance(e, dict) and str(e.get("mimetype", "")).startswith("image"):
-            value = e.get("value")
-            if isinstance(value, str) and value.strip():
-                return value
-    return None
+        if not isinstance(e, dict):
+            continue
+        mimetype, value = str(e.get("mimetype", "")), e.get("value")
+        if not isinstance(value, str) or not value.strip():
+            continue
+        if image is None and mimetype.startswith("image"):
+            image = value
+        elif text is None and (mimetype.startswith("text") or mimetype == "application/text"):
+            text = value.strip()
+    return image, text
 
 
 def _captions_by_prompt(annotations: Any) -> dict[str, list[str]]:

@@ -30,7 +30,7 @@ Sample = tuple[torch.Tensor, torch.Tensor, int]  # (image [3, H, W], tokens [con
 
 
 class PairDataset(Dataset):
-    """(image tensor, caption tokens, index) per pair; None where the image cannot be decoded.
+    """(image tensor, caption tokens, index) per pair; a BadSample where the image cannot be decoded.
 
     Keys are (epoch, index): the random augmentation of a sample is seeded by (seed, epoch, index), so it
     does not depend on worker processes or on where a resumed run restarted (exact resume). With a
@@ -86,7 +86,7 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[t
 
 
 class ImageDataset(Dataset):
-    """(image tensor, index) per image path; None where the image cannot be decoded.
+    """(image tensor, index) per image path; a BadSample where the image cannot be decoded.
 
     `draft`: JPEGs are decoded at reduced scale, never below `draft` pixels a side (the transform's size).
     """

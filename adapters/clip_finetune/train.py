@@ -8,7 +8,6 @@ import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .config import FinetuneConfig
 from .datasets import PairDataset, collate_skipping_bad, default_num_workers, epoch_batches
+from .embed import autocast_for
 from .errors import ClipFinetuneError, ConfigError, DataError
 from .evaluate import evaluate
 from .fastpath import train_cache
@@ -127,12 +127,6 @@ def resolve_precision(cfg: FinetuneConfig, device: torch.device) -> str:
     if cfg.precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return cfg.precision
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def check_sizes(cfg: FinetuneConfig, n_train: int) -> None:
@@ -349,7 +343,7 @@ def _train_step(run: _Run, loss_fn: Callable, batch: Any, precision: str) -> flo
     model, device, p = run.clip.model, run.clip.device, run.progress
     images, tokens, _ = batch
     images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-    with _autocast(device, precision):
+    with autocast_for(device, precision):
         image_features, text_features, logit_scale = model(images, tokens)[:3]
         loss = loss_fn(image_features, text_features, logit_scale)
     run.optimizer.zero_grad(set_to_none=True)
