@@ -2,6 +2,7 @@
 
 Embeddings files: `.npz` with `ids` (str, [n]) and `vectors` (float32, [n, d]) for numpy
 (`np.load(f)["vectors"]`), or `.parquet` (columns `id`, `vector`) for pandas (`pd.read_parquet(f)`).
+A sharded embedding writes a folder of such parts and an index.json (shards.py); load_embeddings joins them.
 """
 
 from __future__ import annotations
@@ -102,8 +103,15 @@ def save_embeddings(path: str | Path, ids: Sequence[str], vectors: np.ndarray) -
 
 
 def load_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """Read an embeddings file written by save_embeddings: (ids, vectors [n, d] float32)."""
+    """Read an embeddings file written by save_embeddings: (ids, vectors [n, d] float32).
+
+    A sharded-embeddings folder (or its index.json) is joined in input order; a missing part is an error.
+    """
     path = Path(path)
+    if path.is_dir() or path.name == "index.json":
+        from .shards import load_sharded
+
+        return load_sharded(path)
     if not path.is_file():
         raise DataError(f"embeddings file {str(path)!r} does not exist; create it with `clip-finetune embed`")
     if path.suffix == ".parquet":
