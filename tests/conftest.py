@@ -32,4 +32,20 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def stock_open_clip_embeddings(folder: Path, images: list[str], texts: list[str]) -> tuple:
+    """Unit-norm image and text embeddings of a saved model as stock open_clip computes them (`local-dir:`)."""
+    import open_clip
+    import torch
+
+    from adapters.clip_finetune.images import load_image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    model.eval()
+    with torch.no_grad():
+        image = model.encode_image(torch.stack([preprocess(load_image(p)) for p in images]), normalize=True)
+        text = model.encode_text(tokenizer(texts), normalize=True)
+    return image.numpy(), text.numpy()
+
+
 from loopback_platform import platform_fixture  # noqa: E402,F401  (the `platform` fixture)

@@ -7,16 +7,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
+from conftest import stock_open_clip_embeddings
 
 from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.data import load_dataset
 from adapters.clip_finetune.embed import encode_images, encode_texts
 from adapters.clip_finetune.errors import ConfigError
 from adapters.clip_finetune.evaluate import evaluate
-from adapters.clip_finetune.images import load_image
 from adapters.clip_finetune.model import load_artifact, load_model
 from adapters.clip_finetune.synthetic import write_dataloop_download
 from adapters.clip_finetune.train import fit, seed_everything
@@ -90,16 +89,11 @@ def test_stock_open_clip_loads_the_artifact_and_gives_the_same_embeddings(traine
     images = [p.image for p in splits[1][:8]]
     texts = [p.caption for p in splits[1][:8]]
     ours = load_artifact(out)
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
-    model.eval()
-    with torch.no_grad():
-        stock_img = model.encode_image(torch.stack([preprocess(load_image(p)) for p in images]), normalize=True)
-        stock_txt = model.encode_text(tokenizer(texts), normalize=True)
+    stock_img, stock_txt = stock_open_clip_embeddings(out, images, texts)
     our_img, kept = encode_images(ours, images, batch_size=4, num_workers=0, progress=False)
     assert kept == list(range(8))
-    np.testing.assert_allclose(our_img, stock_img.numpy(), atol=1e-5)
-    np.testing.assert_allclose(encode_texts(ours, texts), stock_txt.numpy(), atol=1e-5)
+    np.testing.assert_allclose(our_img, stock_img, atol=1e-5)
+    np.testing.assert_allclose(encode_texts(ours, texts), stock_txt, atol=1e-5)
     assert np.allclose(np.linalg.norm(our_img, axis=1), 1, atol=1e-5)
 
 

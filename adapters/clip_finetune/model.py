@@ -2,15 +2,19 @@
 
 A saved model is an open_clip `local-dir` folder (`open_clip_config.json` + `open_clip_model.safetensors`)
 that stock `open_clip.create_model_and_transforms("local-dir:DIR")` loads, plus this project's
-`finetune_config.json` and `metrics.json`.
+`finetune_config.json` and `metrics.json`. A model whose text tower is a Hugging Face transformer (e.g.
+multilingual xlm-roberta-base-ViT-B-32) also keeps that transformer's `config.json` and its tokenizer files
+there, so it loads offline (docs/multilingual.md).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import os
+import secrets
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +25,7 @@ import open_clip
 import torch
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from open_clip.push_to_hf_hub import save_config_for_hf
+from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 
 from .config import FinetuneConfig, architecture_config
@@ -29,6 +34,7 @@ from .errors import ModelError
 log = logging.getLogger(__name__)
 
 FINETUNE_CONFIG_NAME = "finetune_config.json"
+HF_TEXT_CONFIG_NAME = "config.json"  # a Hugging Face text tower's transformers config, saved beside the weights
 METRICS_NAME = "metrics.json"
 
 
@@ -74,6 +80,12 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
     model_cfg = copy.deepcopy(architecture_config(cfg.model_name))
     name = _register(cfg.model_name, model_cfg)
     kwargs: dict[str, Any] = {}
+    hf_text = hf_text_cfg(model_cfg)
+    if hf_text is not None:
+        _check_hf_text(name, hf_text)
+        # open_clip ignores text_cfg.hf_model_pretrained: whenever no full CLIP checkpoint is loaded it downloads
+        # the transformer's own pretrained weights. Honour the config; absent, random init (as pretrained: null says).
+        kwargs["pretrained_text"] = bool(hf_text.get("hf_model_pretrained", False))
     if cfg.pretrained:
         tag_cfg = open_clip.get_pretrained_cfg(name, cfg.pretrained)
         # open_clip 3.x builds e.g. ViT-B-32 with GELU even for the 'openai' tag, trained with QuickGELU,
@@ -91,11 +103,45 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
         model, pp_train, pp_val = open_clip.create_model_and_transforms(
             name, pretrained=cfg.pretrained, device=device, **kwargs
         )
-    except RuntimeError as e:  # open_clip raises RuntimeError for failed downloads / bad files
-        raise ModelError(f"cannot load {name!r} with pretrained={cfg.pretrained!r}: {e}") from e
+        tokenizer = open_clip.get_tokenizer(name)
+    # open_clip raises RuntimeError for failed downloads / bad files; transformers OSError for a missing
+    # folder, file or unreachable hub
+    except (RuntimeError, OSError) as e:
+        raise ModelError(f"cannot load {name!r} with pretrained={cfg.pretrained!r}: {e}{_hf_hint(hf_text)}") from e
     source = f"{name} ({cfg.pretrained or 'random init'})"
     log.info("loaded %s on %s", source, device)
-    return ClipModel(model, pp_train, pp_val, open_clip.get_tokenizer(name), model_cfg, source)
+    return ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, source)
+
+
+def hf_text_cfg(model_cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The text_cfg of a model whose text tower is a Hugging Face transformer (hf_model_name), else None."""
+    text_cfg = model_cfg.get("text_cfg") or {}
+    return text_cfg if text_cfg.get("hf_model_name") else None
+
+
+def _require_transformers(what: str) -> None:
+    if importlib.util.find_spec("transformers") is None:
+        raise ModelError(
+            f"{what!r} has a Hugging Face text tower, which needs the transformers package: "
+            "pip install 'clip-finetune[multilingual]' (or pip install transformers)"
+        )
+
+
+def _check_hf_text(name: str, hf_text: dict[str, Any]) -> None:
+    """transformers installed; text_cfg's folders exist (transformers would take a missing one for a hub id)."""
+    _require_transformers(name)
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        value = str(hf_text.get(key) or "")
+        if value.startswith(("/", ".", "~")) and not Path(value).expanduser().is_dir():
+            raise ModelError(f"{name!r}: text_cfg.{key} {value!r} is no folder; give a folder holding the "
+                             "transformer's config.json (hf_model_name) or tokenizer files, or a hub id")
+
+
+def _hf_hint(hf_text: dict[str, Any] | None) -> str:
+    if hf_text is None:
+        return ""
+    return (f" (the Hugging Face text tower {hf_text['hf_model_name']!r} and tokenizer "
+            f"{hf_text.get('hf_tokenizer_name')!r} must be local folders or reachable on the Hugging Face hub)")
 
 
 def _register(model_name: str, model_cfg: dict[str, Any]) -> str:
@@ -121,13 +167,27 @@ def load_artifact(path: str | Path, device: torch.device | str | None = None) ->
         raise ModelError(f"{str(folder)!r} has no {HF_SAFE_WEIGHTS_NAME}; refusing to load random weights")
     device = pick_device(str(device) if device else None)
     spec = f"local-dir:{folder}"
-    model, pp_train, pp_val = open_clip.create_model_and_transforms(spec, device=device, weights_only=True)
     model_cfg = json.loads((folder / HF_CONFIG_NAME).read_text())["model_cfg"]
+    kwargs: dict[str, Any] = {}
+    hf_text = hf_text_cfg(model_cfg)
+    if hf_text is not None:
+        _require_transformers(str(folder))
+        if (folder / HF_TEXT_CONFIG_NAME).is_file():
+            # the transformer's config saved beside the weights (save_artifact): offline, wherever the folder
+            # now lies; the full CLIP weights load next, so no pretrained text weights are fetched
+            kwargs["text_cfg"] = {**hf_text, "hf_model_name": str(folder), "hf_model_pretrained": False}
+    try:
+        model, pp_train, pp_val = open_clip.create_model_and_transforms(
+            spec, device=device, weights_only=True, **kwargs
+        )
+        tokenizer = open_clip.get_tokenizer(spec)  # an HF tokenizer is read from the folder itself
+    except OSError as e:  # transformers: a missing config or tokenizer file, an unreachable hub
+        raise ModelError(f"cannot load the saved model {str(folder)!r}: {e}{_hf_hint(hf_text)}") from e
     extra = {}
     if (folder / FINETUNE_CONFIG_NAME).is_file():
         extra["finetune_config"] = json.loads((folder / FINETUNE_CONFIG_NAME).read_text())
     log.info("loaded saved model %s on %s", folder, device)
-    return ClipModel(model, pp_train, pp_val, open_clip.get_tokenizer(spec), model_cfg, str(folder), extra)
+    return ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, str(folder), extra)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -150,11 +210,14 @@ def save_artifact(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = unwrap(clip.model)
+    model_cfg = clip.model_cfg
+    if hf_text_cfg(model_cfg) is not None:
+        model_cfg = _save_hf_text_files(clip, model, out)
     tensors = state_dict if state_dict is not None else model.state_dict()
     # safetensors refuses views of shared storage: store plain, contiguous CPU copies
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     atomic_write(out / HF_SAFE_WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    atomic_write(out / HF_CONFIG_NAME, lambda p: save_config_for_hf(model, p, model_config=clip.model_cfg))
+    atomic_write(out / HF_CONFIG_NAME, lambda p: save_config_for_hf(model, p, model_config=model_cfg))
     if cfg is not None:
         atomic_write(out / FINETUNE_CONFIG_NAME, lambda p: p.write_text(cfg.model_dump_json(indent=2)))
     if metrics is not None:
@@ -162,11 +225,41 @@ def save_artifact(
     return out
 
 
+def _save_hf_text_files(clip: ClipModel, model: torch.nn.Module, out: Path) -> dict[str, Any]:
+    """Write the Hugging Face text tower's config.json and tokenizer files into `out`; return the model config
+    to save with them.
+
+    Stock open_clip reads the tokenizer of a `local-dir:` model from the folder itself, and builds the text
+    tower from text_cfg.hf_model_name (a hub id or a folder) before loading the CLIP weights. A hub id is kept
+    (stock loading fetches only its small config.json); a local folder, which may not outlive the artifact, is
+    replaced by this folder's absolute path. load_artifact always reads the copy inside the folder.
+    """
+    text_cfg = dict(clip.model_cfg["text_cfg"], hf_model_pretrained=False)  # the CLIP weights hold the text tower
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        if text_cfg.get(key) and Path(text_cfg[key]).expanduser().is_dir():
+            text_cfg[key] = str(out.resolve())
+    tokenizer = clip.tokenizer
+    if not hasattr(tokenizer, "save_pretrained") and text_cfg.get("hf_tokenizer_name"):
+        tokenizer = HFTokenizer(clip.model_cfg["text_cfg"]["hf_tokenizer_name"])
+    with tempfile.TemporaryDirectory(dir=out, prefix=".hf-text-") as tmp:
+        model.text.config.save_pretrained(tmp)
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            if f.is_file():  # each file renamed into place whole, as atomic_write does
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(f, out / f.name)
+    return {**clip.model_cfg, "text_cfg": text_cfg}
+
+
 def atomic_write(target: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over `target`."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
+    """Write through a temporary file in the same folder, fsync, then rename over `target`.
+
+    The temporary file is created with the umask's permissions (mkstemp's 0600 would leave a shared output
+    folder unreadable to others)."""
+    tmp_path = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp_path)
         with open(tmp_path, "rb+") as f:
@@ -174,3 +267,17 @@ def atomic_write(target: Path, write: Callable[[Path], Any]) -> None:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def wise_ft(
+    base: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor], alpha: float
+) -> dict[str, torch.Tensor]:
+    """WiSE-FT (Wortsman et al. 2022): alpha * fine-tuned + (1 - alpha) * base, tensor by tensor.
+
+    torch.lerp returns `base` exactly at alpha 0 and `fine_tuned` exactly at alpha 1; tensors that are not
+    floating point (token ids, masks) are taken from the fine-tuned model.
+    """
+    if base.keys() != fine_tuned.keys():
+        raise ModelError("WiSE-FT: the base and fine-tuned models have different architectures")
+    return {k: torch.lerp(base[k].to(v.dtype), v, alpha) if v.is_floating_point() else v
+            for k, v in fine_tuned.items()}
