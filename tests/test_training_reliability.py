@@ -95,7 +95,7 @@ def small(tiny_model_config, tables):
 
 def test_non_finite_steps_are_skipped_and_counted(small, monkeypatch, tmp_path) -> None:
     cfg, train, val = small
-    monkeypatch.setattr(train_module.open_clip, "ClipLoss", lambda: _NanOn({1, 2, 3, 7}))
+    monkeypatch.setattr(train_module.open_clip, "ClipLoss", lambda **_: _NanOn({1, 2, 3, 7}))
     result = fit(cfg, train, val, out_dir=tmp_path, progress=False)
     assert result.skipped_steps == 4
     assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / WEIGHTS)).values())
@@ -106,7 +106,7 @@ def test_a_run_of_non_finite_steps_stops_with_the_cause_and_keeps_the_last_good_
 ) -> None:
     cfg, train, val = small
     cfg = build_config(cfg.model_dump(), {"checkpoint_every_steps": 1})
-    monkeypatch.setattr(train_module.open_clip, "ClipLoss", lambda: _NanOn(set(range(3, 100))))
+    monkeypatch.setattr(train_module.open_clip, "ClipLoss", lambda **_: _NanOn(set(range(3, 100))))
     with pytest.raises(TrainingDiverged) as err:
         fit(cfg, train, val, out_dir=tmp_path, progress=False)
     message = str(err.value)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ClipFinetuneError, DataError
+from .errors import ClipFinetuneError, ConfigError, DataError
 from .runs_cli import add_runs_parser, cmd_runs
 
 log = logging.getLogger("clip_finetune")
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--subset", help="subset of --data to use (default: validation if present, else train)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
+    p.add_argument("--wise-ft", metavar="ALPHAS", help="WiSE-FT sweep: comma-separated alphas, e.g. 0,0.25,0.5,0.75,1; "
+                   "each mixes alpha x --model + (1 - alpha) x its base model")
+    p.add_argument("--base", help="with --wise-ft: the base model folder (default: the base named in --model's "
+                   "finetune_config.json)")
+    p.add_argument("--save-mix", metavar="DIR", help="with --wise-ft and one alpha: also save that mix as a model")
     _config_args(p)
 
     p = sub.add_parser("embed", help="embed images or texts into an .npz/.parquet file")
@@ -54,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of images, or CSV/TSV/JSONL with an image column")
     src.add_argument("--texts", help="text file (one text per line) or CSV/TSV/JSONL with a caption column")
-    p.add_argument("--out", required=True, help="output file: .npz (numpy) or .parquet (pandas)")
+    p.add_argument("--out", required=True, help="output file: .npz (numpy) or .parquet (pandas); a folder when sharded")
+    p.add_argument("--num-shards", type=int, metavar="N",
+                   help="embed one of N slices into the --out folder (torchrun: WORLD_SIZE); see docs/scale.md")
+    p.add_argument("--shard-index", type=int, metavar="I", help="the slice to embed, 0..N-1 (torchrun: RANK)")
     _config_args(p)
 
     p = sub.add_parser("search", help="text-to-image search over an embeddings file")
@@ -63,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=5, help="results per query")
     p.add_argument("queries", nargs="+", help="text queries")
     _config_args(p)
+
+    p = sub.add_parser("export-onnx", help="export a saved model's image and text towers to ONNX")
+    p.add_argument("--model", required=True, help="saved model folder")
+    p.add_argument("--out", required=True, help="output folder (new, or an earlier export to replace)")
+    p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
 
     p = sub.add_parser("config", help="print the default configuration (or the merged one) as JSON")
     _config_args(p)
@@ -121,6 +135,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         val = vsets.get("validation") or next(iter(vsets.values()))
     report = reports.get("train") or next(iter(reports.values()))
     result = fit(cfg, train, val, out_dir=args.out, resume=args.resume, report=report)
+    if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 writes and prints for the run
+        return 0
     # what each subset used and skipped (with example ids) is kept with the model
     saved = {name: r.to_dict() for name, r in reports.items()}
     (Path(args.out) / "data_report.json").write_text(json.dumps(saved, indent=2))
@@ -135,14 +151,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
     from .metrics import format_table
 
+    alphas = _parse_alphas(args.wise_ft) if args.wise_ft else None
+    if alphas is not None and not args.model:
+        raise ConfigError("--wise-ft needs --model: the fine-tuned model to mix with its base")
+    if args.save_mix and (alphas is None or len(alphas) != 1):
+        raise ConfigError("--save-mix needs --wise-ft with exactly one alpha")
     clip, cfg = _load_clip(args)
     subsets, _ = load_dataset(args.data)
     name = args.subset or ("validation" if "validation" in subsets else next(iter(subsets)))
     if name not in subsets:
         raise DataError(f"--subset {name!r} not found in {args.data!r}; subsets: {sorted(subsets)}")
-    metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers)
-    print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+    if alphas is None:
+        metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers)
+        print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+        return 0
+    from .evaluate import base_model_of, save_wise_ft_mix, wise_ft_sweep
+    from .metrics import format_sweep
+
+    base = base_model_of(clip, args.base, cfg.device)
+    results = wise_ft_sweep(clip, base, alphas, subsets[name], cfg.batch_size, cfg.num_workers)
+    print(json.dumps({f"{a:g}": m for a, m in results.items()}, indent=2) if args.json else format_sweep(results))
+    if args.save_mix:
+        save_wise_ft_mix(clip, base, alphas[0], args.save_mix, results[alphas[0]])
+        print(f"saved the alpha={alphas[0]:g} mix to {args.save_mix}")
     return 0
+
+
+def _parse_alphas(text: str) -> list[float]:
+    try:
+        alphas = [float(a) for a in text.split(",") if a.strip()]
+    except ValueError:
+        raise ConfigError(f"--wise-ft {text!r}: expected comma-separated numbers, e.g. 0,0.5,1") from None
+    bad = [a for a in alphas if not 0 <= a <= 1]
+    if not alphas or bad:
+        raise ConfigError(f"--wise-ft {text!r}: each alpha must be in [0, 1]")
+    return alphas
 
 
 def _list_images(source: str) -> list[str]:
@@ -167,8 +210,20 @@ def _list_texts(source: str) -> list[str]:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from .embed import encode_images, encode_texts, save_embeddings
+    from .shards import embed_shard, pin_local_gpu, shard_spec
 
+    spec = shard_spec(args.shard_index, args.num_shards)  # None: one process writes the one --out file
+    if spec is not None:
+        pin_local_gpu()
     clip, cfg = _load_clip(args)
+    if spec is not None:
+        kind = "images" if args.images else "texts"
+        items = _list_images(args.images) if args.images else _list_texts(args.texts)
+        if not items:
+            raise DataError(f"--{kind} {args.images or args.texts!r}: nothing to embed")
+        settings = {"max_image_pixels": cfg.max_image_pixels} if args.images else {}
+        print(embed_shard(clip, kind, items, args.out, spec, cfg.batch_size, cfg.num_workers, settings).summary)
+        return 0
     if args.images:
         paths = _list_images(args.images)
         if not paths:
@@ -198,6 +253,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+
+    out = export_onnx(args.model, args.out, args.opset)
+    settings = json.loads((out / "preprocess.json").read_text())
+    print(f"exported {args.model} (opset {settings['opset']}, {settings['embed_dim']} dimensions) to {out}:")
+    for path in sorted(out.rglob("*")):
+        if path.is_file():
+            print(f"  {path.relative_to(out)}  ({path.stat().st_size / 1e6:.1f} MB)")
+    if settings.get("verified_min_cosine") is not None:
+        print(f"onnxruntime vs torch: lowest cosine {settings['verified_min_cosine']:.6f} on sample inputs")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from .config import FinetuneConfig, markdown_reference
 
@@ -211,7 +280,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed,
-            "search": cmd_search, "config": cmd_config, "runs": cmd_runs}
+            "search": cmd_search, "config": cmd_config, "runs": cmd_runs,
+            "export-onnx": cmd_export_onnx}
 
 
 def main(argv: list[str] | None = None) -> int:

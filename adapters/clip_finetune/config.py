@@ -118,6 +118,37 @@ class FinetuneConfig(BaseModel):
         "auto", description="auto: bf16 autocast on CUDA if supported, else fp16 on CUDA, fp32 on CPU"
     )
 
+    # --- what trains, and memory (docs/scale.md) ------------------------------------------------
+    lock_image: bool = Field(False, description="freeze the image tower (LiT); see lock_image_unlocked_groups")
+    lock_image_unlocked_groups: int = Field(
+        0, ge=0, description="with lock_image: leave the last N layer groups of the image tower trainable "
+        "(open_clip's groups: 1 = the projection, 2 = also the last block and final norm, ...)"
+    )
+    lock_text: bool = Field(False, description="freeze the text tower; see lock_text_unlocked_layers")
+    lock_text_unlocked_layers: int = Field(
+        0, ge=0, description="with lock_text: leave the last N layer groups of the text tower trainable "
+        "(1 = the projection, 2 = also the last block and final norm, ...; Hugging Face towers: the last N "
+        "transformer layers, their projection always trains)"
+    )
+    grad_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, ~30% slower steps"
+    )
+    accum_freq: int = Field(
+        1, ge=1, le=1024, description="split each step of train_batch_size pairs into this many micro-batches; "
+        "their features are cached so the contrastive loss still sees the whole batch (less memory, same result)"
+    )
+    num_processes: int | None = Field(
+        None, ge=1, le=1024, description="DDP training processes on this machine (torchrun); null: one per "
+        "visible GPU, one on a CPU; train_batch_size is the global batch, split across them"
+    )
+    wise_ft_alpha: float = Field(
+        1.0, ge=0.0, le=1.0, description="WiSE-FT: saved weights = alpha * fine-tuned + (1 - alpha) * base "
+        "(1: fine-tuned only; 0.5 often keeps more zero-shot skill)"
+    )
+    export_onnx: bool = Field(
+        False, description="also export the image and text towers to ONNX (onnx/ inside the saved model)"
+    )
+
     # --- validation, best checkpoint, early stopping -------------------------------------------
     early_stopping: bool = Field(True, description="stop when the validation metric stops improving")
     early_stopping_epochs: int = Field(2, ge=1, le=1000, description="epochs without improvement before stopping")
@@ -187,6 +218,12 @@ class FinetuneConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _micro_batches_divide(self) -> FinetuneConfig:
+        if self.train_batch_size % self.accum_freq:
+            raise ValueError(f"accum_freq: {self.accum_freq} does not divide train_batch_size {self.train_batch_size}")
+        return self
+
+    @model_validator(mode="after")
     def _derive_embeddings_size(self) -> FinetuneConfig:
         arch = _artifact_model_config(self.pretrained) or architecture_config(self.model_name)
         size = int(arch["embed_dim"])
@@ -211,6 +248,8 @@ def _format_error(err: dict[str, Any]) -> str:
         hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(FIELDS)}"
         return f"{loc}: unknown key{hint}"
     msg = err["msg"].removeprefix("Value error, ")
+    if not err["loc"]:  # a check across fields names its keys itself
+        return msg
     if err["type"] == "value_error" and "(got" in msg:
         return f"{loc}: {msg}" if not msg.startswith(loc) else msg
     return f"{loc}: {msg} (got {err.get('input')!r})"

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from .config import EVAL_KS
+from .config import EVAL_KS, build_config
 from .embed import encode_images, encode_texts
-from .errors import DataError
+from .errors import DataError, ModelError
 from .metrics import retrieval_metrics
-from .model import ClipModel
+from .model import ClipModel, load_artifact, load_model, save_artifact, wise_ft
 from .pairs import CaptionPair
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,3 +58,55 @@ def evaluate(
     """Text->image and image->text retrieval metrics of `clip` on `pairs` (flat 'direction/metric' keys)."""
     emb = embed_pairs(clip, pairs, batch_size, num_workers)
     return retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image, ks)
+
+
+def wise_ft_sweep(
+    fine_tuned: ClipModel,
+    base: ClipModel,
+    alphas: Sequence[float],
+    pairs: Sequence[CaptionPair],
+    batch_size: int = 64,
+    num_workers: int | None = None,
+) -> dict[float, dict[str, float]]:
+    """Retrieval metrics of the WiSE-FT mix `alpha * fine_tuned + (1 - alpha) * base` for each alpha.
+
+    The mixes are built in `fine_tuned.model`, whose own weights are put back at the end.
+    """
+    own = {k: v.detach().to("cpu", copy=True) for k, v in fine_tuned.model.state_dict().items()}
+    base_state = {k: v.detach().to("cpu") for k, v in base.model.state_dict().items()}
+    results = {}
+    try:
+        for alpha in alphas:
+            fine_tuned.model.load_state_dict(wise_ft(base_state, own, alpha))
+            results[alpha] = evaluate(fine_tuned, pairs, batch_size, num_workers)
+    finally:
+        fine_tuned.model.load_state_dict(own)
+    return results
+
+
+def base_model_of(fine_tuned: ClipModel, base_dir: str | None = None, device: str | None = None) -> ClipModel:
+    """The model a fine-tuned model started from: `base_dir`, else the base its finetune_config.json names."""
+    from .train import seed_everything  # train imports this module
+
+    if base_dir:
+        return load_artifact(base_dir, device)
+    saved = fine_tuned.extra.get("finetune_config")
+    if not saved:
+        raise ModelError(f"{fine_tuned.source} has no finetune_config.json naming its base; give --base DIR")
+    if saved.get("wise_ft_alpha", 1.0) < 1:
+        log.warning("this model was saved as a WiSE-FT mix (alpha %s); the sweep mixes that with the base",
+                    saved["wise_ft_alpha"])
+    base_cfg = build_config(saved, {"device": device})
+    seed_everything(base_cfg.seed)  # a random-init base is rebuilt exactly as fit() built it
+    return load_model(base_cfg)
+
+
+def save_wise_ft_mix(
+    fine_tuned: ClipModel, base: ClipModel, alpha: float, out: str | Path, metrics: dict[str, float]
+) -> Path:
+    """Save the WiSE-FT mix `alpha * fine_tuned + (1 - alpha) * base` as a model folder."""
+    own = {k: v.detach().cpu() for k, v in fine_tuned.model.state_dict().items()}
+    mixed = wise_ft({k: v.detach().cpu() for k, v in base.model.state_dict().items()}, own, alpha)
+    saved = fine_tuned.extra.get("finetune_config")
+    cfg = build_config(saved, {"wise_ft_alpha": alpha}) if saved else None
+    return save_artifact(fine_tuned, out, cfg, {"wise_ft_alpha": alpha, "after": metrics}, state_dict=mixed)

@@ -322,6 +322,15 @@ def format_table(
     columns = [(name, d) for name, d in (("before", before), ("after", after)) if d is not None]
     if not columns:
         raise ValueError("format_table needs `before`, `after` or both")
+    return _table(columns, metrics, change=len(columns) == 2)
+
+
+def format_sweep(results: Mapping[float, Mapping[str, float]], metrics: Sequence[str] | None = None) -> str:
+    """format_table with one column per WiSE-FT alpha (`results`: alpha -> metrics)."""
+    return _table([(f"alpha={alpha:g}", d) for alpha, d in results.items()], metrics, change=False)
+
+
+def _table(columns: list[tuple[str, Mapping[str, float]]], metrics: Sequence[str] | None, change: bool) -> str:
     present = set().union(*(d.keys() for _, d in columns))
 
     # rows: (group, label, key); a None group means bare keys, shown without a direction heading
@@ -352,13 +361,13 @@ def format_table(
         group_order = list(dict.fromkeys(g for g, _, _ in rows))
         rows.sort(key=lambda row: group_order.index(row[0]))
 
-    headers = [name for name, _ in columns] + (["change"] if len(columns) == 2 else [])
+    headers = [name for name, _ in columns] + (["change"] if change else [])
     body: list[tuple[str | None, str, list[str]]] = []
     for group, label, key in rows:
         rank = _is_rank(key)
         values = [d.get(key) for _, d in columns]
         cells = [_cell(v, rank) for v in values]
-        if len(columns) == 2:
+        if change:
             b, a = values
             cells.append(_cell(None if a is None or b is None else a - b, rank, signed=True))
         body.append((group, label, cells))

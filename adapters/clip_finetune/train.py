@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +23,13 @@ from tqdm.auto import tqdm
 
 from .config import FinetuneConfig
 from .datasets import PairDataset, collate_skipping_bad, default_num_workers, epoch_batches
+from .distributed import DistContext, all_gather_lists, broadcast, launch, process_group, resolve_num_processes
 from .embed import autocast_for
 from .errors import ClipFinetuneError, ConfigError, DataError
 from .evaluate import evaluate
 from .fastpath import train_cache
 from .images import set_max_image_pixels
-from .model import ClipModel, atomic_write, load_model, save_artifact, unwrap
+from .model import ClipModel, atomic_write, load_model, save_artifact, unwrap, wise_ft
 from .pairs import CaptionPair, DataReport
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,8 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 CheckpointCallback = Callable[[Path], None]
 MAX_LOGIT_SCALE = math.log(100)  # as in CLIP: the temperature may not go below 1/100
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+ONNX_DIR = "onnx"  # export_onnx: the ONNX towers go to this folder inside the saved model
 
 
 class TrainingDiverged(ClipFinetuneError):
@@ -54,6 +58,8 @@ class TrainResult:
     out_dir: Path | None = None
     skipped_images: int = 0
     skipped_steps: int = 0  # steps with a non-finite loss or gradients, not applied
+    wise_ft_alpha: float = 1.0
+    after_fine_tuned: dict[str, float] = field(default_factory=dict)  # before WiSE-FT mixing (alpha < 1 only)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "out_dir"}
@@ -129,7 +135,7 @@ def resolve_precision(cfg: FinetuneConfig, device: torch.device) -> str:
     return cfg.precision
 
 
-def check_sizes(cfg: FinetuneConfig, n_train: int) -> None:
+def check_sizes(cfg: FinetuneConfig, n_train: int, world_size: int = 1) -> None:
     """Reject a run that cannot make one full contrastive batch before any work is done."""
     if n_train == 0:
         raise DataError("the training set has no usable image-caption pairs")
@@ -138,6 +144,25 @@ def check_sizes(cfg: FinetuneConfig, n_train: int) -> None:
             f"train_batch_size: {cfg.train_batch_size} is larger than the training set ({n_train} pairs); "
             f"set it to at most {n_train}"
         )
+    if cfg.train_batch_size % (world_size * cfg.accum_freq):
+        raise ConfigError(
+            f"train_batch_size: {cfg.train_batch_size} pairs cannot be split evenly across {world_size} processes "
+            f"x accum_freq {cfg.accum_freq}; use a multiple of {world_size * cfg.accum_freq}"
+        )
+
+
+def apply_locks(model: torch.nn.Module, cfg: FinetuneConfig) -> None:
+    """Freeze what the configuration locks (open_clip's own tower locks), and turn on gradient checkpointing."""
+    if cfg.lock_image:
+        model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=False)
+    if cfg.lock_text:
+        model.lock_text_tower(unlocked_layers=cfg.lock_text_unlocked_layers, freeze_layer_norm=True)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if trainable < total:
+        log.info("training %d of %d parameters (%.1f%%)", trainable, total, 100 * trainable / total)
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:
@@ -155,15 +180,25 @@ class _Run:
     scaler: torch.amp.GradScaler
     progress: Progress
     checkpoint: Path | None
+    ctx: DistContext | None = None  # None: a single process
+    train_model: torch.nn.Module | None = None  # the model the steps run (DDP-wrapped in a distributed run)
+    base_state: dict[str, torch.Tensor] | None = None  # the starting weights, kept for WiSE-FT (alpha < 1)
+
+    @property
+    def is_main(self) -> bool:
+        return self.ctx is None or self.ctx.is_main
 
     def save_checkpoint(self, on_checkpoint: CheckpointCallback | None) -> None:
         """Write every state the run needs to resume, atomically; never a checkpoint of non-finite weights,
-        nor one in the middle of a streak of bad steps (the last one written stays the last good state)."""
+        nor one in the middle of a streak of bad steps (the last one written stays the last good state).
+        In a distributed run every rank checks the (identical) weights and rank 0 writes."""
         if self.checkpoint is None or self.progress.bad_in_a_row:
             return
         model = unwrap(self.clip.model)
         if not weights_are_finite(model):
             raise TrainingDiverged("the weights became non-finite; the last good checkpoint is kept")
+        if not self.is_main:
+            return
         state = {
             "version": CHECKPOINT_VERSION,
             "model": model.state_dict(),
@@ -172,6 +207,7 @@ class _Run:
             "scaler": self.scaler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "progress": asdict(self.progress),
+            "base": self.base_state,
         }
         atomic_write(self.checkpoint, lambda p: torch.save(state, p))
         if on_checkpoint is not None:
@@ -190,7 +226,14 @@ class _Run:
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         self.progress = Progress(**state["progress"])
+        if self.base_state is not None:
+            self.base_state = state["base"]
         return True
+
+    def sync_bad_pairs(self) -> None:
+        """Every rank sees the undecodable images of its own slices: make the list whole on every rank."""
+        if self.ctx is not None:
+            self.progress.bad_pairs = sorted(set(all_gather_lists(self.progress.bad_pairs)))
 
 
 def fit(
@@ -210,68 +253,130 @@ def fit(
     The best epoch's weights (by `cfg.early_stopping_metric` on validation) end up in `clip.model` and,
     when `out_dir` is given, in an open_clip local-dir artifact there with finetune_config.json and
     metrics.json; the artifact is rewritten at each new best, so a crash keeps the best so far. Without
-    validation pairs the last epoch counts as the best and nothing stops early.
+    validation pairs the last epoch counts as the best and nothing stops early. With `cfg.wise_ft_alpha`
+    below 1 the saved weights are that mix of the best epoch's and the starting weights (WiSE-FT).
 
     With `out_dir`, out_dir/checkpoint.pt holds the whole training state, written atomically at every
     epoch end and every `cfg.checkpoint_every_steps` steps (`on_checkpoint(path)` is called after each
     write); `resume=True` continues from it exactly (on CPU the weights equal an uninterrupted run's).
     A run that completes deletes its checkpoint.
     Images that cannot be decoded are skipped and counted in `report` (reason, example item ids).
+
+    Distributed (distributed.py): under torchrun every rank calls fit(); rank 0 evaluates, writes and calls
+    the callbacks, and its result is the run's. Outside torchrun, `cfg.num_processes` > 1 (or null with
+    several GPUs) makes this call spawn the other ranks and train as rank 0.
     """
-    check_sizes(cfg, len(train_pairs))
+    if cfg.export_onnx:  # missing packages fail now, not after the training
+        from .onnx_export import require_exporter
+
+        require_exporter()
+    ctx = DistContext.from_env()
+    if ctx is None:
+        # a launcher's single process (torchrun --nproc_per_node 1) sets RANK: it asked for one process
+        nprocs = 1 if "RANK" in os.environ else resolve_num_processes(cfg.num_processes, cfg.device)
+        if nprocs > 1:
+            check_sizes(cfg, len(train_pairs), nprocs)
+            set_max_image_pixels(cfg.max_image_pixels)
+            seed_everything(cfg.seed)
+            clip = clip or load_model(cfg, "cpu")
+            return launch(nprocs, cfg, train_pairs, val_pairs, clip, out_dir, on_epoch_end=on_epoch_end,
+                          progress=progress, resume=resume, on_checkpoint=on_checkpoint, report=report)
+        return _fit(cfg, train_pairs, val_pairs, out_dir, on_epoch_end, clip, progress, resume, on_checkpoint, report)
+    device = ctx.device(cfg.device)
+    with process_group(ctx, device):
+        return _fit(cfg, train_pairs, val_pairs, out_dir, on_epoch_end if ctx.is_main else None, clip,
+                    progress and ctx.is_main, resume, on_checkpoint if ctx.is_main else None,
+                    report if ctx.is_main else None, ctx, device)
+
+
+def _fit(
+    cfg: FinetuneConfig,
+    train_pairs: Sequence[CaptionPair],
+    val_pairs: Sequence[CaptionPair] | None,
+    out_dir: str | Path | None,
+    on_epoch_end: EpochCallback | None,
+    clip: ClipModel | None,
+    progress: bool,
+    resume: bool,
+    on_checkpoint: CheckpointCallback | None,
+    report: DataReport | None,
+    ctx: DistContext | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    world = ctx.world_size if ctx is not None else 1
+    check_sizes(cfg, len(train_pairs), world)
     set_max_image_pixels(cfg.max_image_pixels)
     seed_everything(cfg.seed)
-    clip = clip or load_model(cfg)
+    clip = clip or load_model(cfg, device)
+    if device is not None:
+        clip.model.to(device)
     device, precision = clip.device, resolve_precision(cfg, clip.device)
     model = clip.model
+    apply_locks(unwrap(model), cfg)
     batches_per_epoch = len(train_pairs) // cfg.train_batch_size
     total_steps = cfg.num_epochs * batches_per_epoch
-    workers = default_num_workers(cfg.num_workers, device)
+    workers = default_num_workers(cfg.num_workers, device, ctx.local_world_size if ctx is not None else 1)
     dataset = PairDataset(train_pairs, clip.preprocess_train, clip.tokenizer, seed=cfg.seed,
                           cache=train_cache(clip.preprocess_train, cfg.image_cache_mb, workers))
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
+    is_main = ctx is None or ctx.is_main
+    if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
 
     # optimisation: AdamW (fused kernel: on CPU ~8x faster than the default per-tensor loop), warmup + decay,
-    # open_clip's symmetric contrastive loss
+    # open_clip's symmetric contrastive loss; with several processes, each rank's features are gathered with
+    # gradients so every pair meets the negatives of the whole global batch (local_loss: each rank computes
+    # the rows of its own pairs; the mean over ranks is the single-process loss)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate, betas=cfg.betas,
                                   eps=cfg.epsilon, fused=device.type in ("cuda", "cpu"))
+    train_model = model
+    if ctx is not None:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     run = _Run(cfg, clip, optimizer, make_scheduler(optimizer, cfg, total_steps),
                torch.amp.GradScaler(device.type, enabled=precision == "fp16"), Progress(),
-               out / CHECKPOINT_NAME if out is not None else None)
-    loss_fn = open_clip.ClipLoss()
+               out / CHECKPOINT_NAME if out is not None else None, ctx, train_model,
+               _cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None)
+    loss_fn = open_clip.ClipLoss(local_loss=ctx is not None, gather_with_grad=ctx is not None, cache_labels=True,
+                                 rank=ctx.rank if ctx else 0, world_size=world)
 
     def validate() -> dict[str, float]:
+        """The validation metrics (computed on rank 0, sent to all ranks so their bookkeeping agrees)."""
         if not val_pairs:
             return {}
-        if not weights_are_finite(unwrap(model)):
-            raise _diverged(cfg, run, "the weights became non-finite")
-        return evaluate(clip, val_pairs, cfg.batch_size, cfg.num_workers)
+        scores: dict[str, float] | None = None
+        if is_main:
+            if not weights_are_finite(unwrap(model)):
+                raise _diverged(cfg, run, "the weights became non-finite")
+            scores = evaluate(clip, val_pairs, cfg.batch_size, cfg.num_workers)
+        return broadcast(scores) if ctx is not None else scores
 
     if resume and not (run.checkpoint and run.checkpoint.is_file()):
         log.warning("nothing to resume: no %s in %s; starting from the beginning", CHECKPOINT_NAME, out)
     if resume and run.load_checkpoint():
         log.info("resuming from %s: epoch %d, batch %d", run.checkpoint, run.progress.epoch, run.progress.batches_done)
         # the best weights so far (the base's until an epoch beats it) are the artifact in out_dir
-        best_state = _cpu_state_from_artifact(out) if val_pairs else None
+        best_state = _cpu_state_from_artifact(out) if val_pairs and is_main else None
     else:
-        if run.checkpoint is not None and run.checkpoint.is_file():
+        if run.checkpoint is not None and run.checkpoint.is_file() and is_main:
             log.warning("%s exists: starting over (resume=True continues it)", run.checkpoint)
         run.progress.before = validate()
         run.progress.best_score = run.progress.before.get(cfg.early_stopping_metric, -math.inf)
-        best_state = _cpu_state(model) if val_pairs else None
-        if out is not None and val_pairs:  # the base is the best so far: a crash from here keeps a model
+        best_state = _cpu_state(model) if val_pairs and is_main else None
+        if out is not None and val_pairs and is_main:  # the base is the best so far: a crash from here keeps a model
             save_artifact(clip, out, cfg)
     p = run.progress
-    log.info("training %d pairs, %d steps/epoch, %d epochs, %s on %s", len(train_pairs), batches_per_epoch,
-             cfg.num_epochs, precision, device)
+    log.info("training %d pairs, %d steps/epoch, %d epochs, %s on %s%s", len(train_pairs), batches_per_epoch,
+             cfg.num_epochs, precision, device, f", {world} processes" if ctx is not None else "")
 
     while p.epoch <= cfg.num_epochs and not p.finished:
         # one pass over the training data (from where a resumed run stopped)
-        model.train()
+        train_model.train()
         t0 = time.perf_counter() - p.epoch_seconds
         batches = epoch_batches(len(train_pairs), cfg.train_batch_size, cfg.seed, p.epoch)[p.batches_done:]
+        if ctx is not None:  # this rank's slice of each global batch
+            per = cfg.train_batch_size // world
+            batches = [b[ctx.rank * per : (ctx.rank + 1) * per] for b in batches]
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skipping_bad,
                             num_workers=workers,
                             pin_memory=device.type == "cuda")
@@ -282,7 +387,7 @@ def fit(
                 if b.index not in p.bad_pairs:
                     p.bad_pairs.append(b.index)
                     _report_bad(report, train_pairs[b.index], b.reason)
-            loss = _train_step(run, loss_fn, batch, precision) if batch is not None and len(batch[0]) >= 2 else None
+            loss = _train_step(run, loss_fn, batch, precision)
             p.batches_done += 1
             p.global_step += 1
             if loss is not None and math.isfinite(loss):
@@ -292,9 +397,11 @@ def fit(
                 raise _diverged(cfg, run, f"{p.bad_in_a_row} consecutive steps had a non-finite loss or gradients")
             if cfg.checkpoint_every_steps and p.global_step % cfg.checkpoint_every_steps == 0:
                 p.epoch_seconds = time.perf_counter() - t0
+                run.sync_bad_pairs()
                 run.save_checkpoint(on_checkpoint)
 
         # validation, best-epoch bookkeeping, early stopping
+        run.sync_bad_pairs()
         scores = validate()
         metric = cfg.early_stopping_metric
         record = {"epoch": p.epoch, "train_loss": p.loss_sum / p.loss_count if p.loss_count else math.nan,
@@ -303,7 +410,7 @@ def fit(
         improved = not val_pairs or scores[metric] > p.best_score  # NaN never improves
         if improved:
             p.best_score, p.best_epoch, p.stale = scores.get(metric, math.nan), p.epoch, 0
-            if val_pairs:
+            if val_pairs and is_main:
                 best_state = _cpu_state(model)
                 if out is not None:
                     save_artifact(clip, out, cfg, {"best_epoch": p.epoch, "history": p.history})
@@ -320,37 +427,90 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(int(record["epoch"]), record)
 
-    # keep the best epoch's weights (not the last epoch's) and write them out
+    # keep the best epoch's weights (not the last epoch's), mixed with the base's for WiSE-FT, and write them out
     if best_state is not None:
         unwrap(model).load_state_dict(best_state)
     best = p.history[p.best_epoch - 1] if p.best_epoch else p.before
     after = {k: v for k, v in best.items() if "/" in k}
     result = TrainResult(p.best_epoch, cfg.early_stopping_metric, p.before, after, p.history,
-                         skipped_images=len(p.bad_pairs), skipped_steps=p.skipped_steps)
+                         skipped_images=len(p.bad_pairs), skipped_steps=p.skipped_steps,
+                         wise_ft_alpha=cfg.wise_ft_alpha)
     if p.best_epoch == 0:
         log.warning("no epoch beat the base model on %s; keeping the base weights", cfg.early_stopping_metric)
     if p.skipped_steps:
         log.warning("%d steps had a non-finite loss or gradients and were skipped", p.skipped_steps)
-    if out is not None:
+    if run.base_state is not None and is_main:
+        unwrap(model).load_state_dict(wise_ft(run.base_state, _cpu_state(model), cfg.wise_ft_alpha))
+        if val_pairs:
+            result.after_fine_tuned, result.after = after, evaluate(clip, val_pairs, cfg.batch_size, cfg.num_workers)
+        log.info("WiSE-FT: saved weights are %.2f x fine-tuned + %.2f x base", cfg.wise_ft_alpha, 1 - cfg.wise_ft_alpha)
+    if out is not None and is_main:
         result.out_dir = save_artifact(clip, out, cfg, result.to_dict())
+        if cfg.export_onnx:
+            from .onnx_export import export_onnx
+
+            export_onnx(clip, out / ONNX_DIR)
         # the run is complete: its resume state (weights + optimizer, ~3x the model) has no further use
         run.checkpoint.unlink(missing_ok=True)
+    elif cfg.export_onnx and out is None:
+        log.warning("export_onnx: no output folder to export to; call onnx_export.export_onnx(model, folder)")
     return result
 
 
 def _train_step(run: _Run, loss_fn: Callable, batch: Any, precision: str) -> float | None:
-    """One optimisation step; a non-finite loss or gradient norm skips the update and is counted."""
-    model, device, p = run.clip.model, run.clip.device, run.progress
-    images, tokens, _ = batch
-    images, tokens = images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
-    with autocast_for(device, precision):
-        image_features, text_features, logit_scale = model(images, tokens)[:3]
-        loss = loss_fn(image_features, text_features, logit_scale)
+    """One optimisation step; a non-finite loss or gradient norm skips the update and is counted.
+
+    With `accum_freq` k > 1 the batch runs as k micro-batches with open_clip's feature caching: a no-grad
+    pass computes every micro-batch's features, then each micro-batch is recomputed with gradients and its
+    features put in place of the cached ones, so each backward is of the loss over the whole batch; the
+    summed gradients are the whole batch's (the logit scale, which does not go through the features, takes
+    its gradient from one of the k passes only). In a distributed run, all ranks take the same decisions:
+    the batch is trimmed to the smallest rank's (after undecodable images), the loss is the mean over ranks.
+    """
+    model, device, p, ctx = run.train_model, run.clip.device, run.progress, run.ctx
+    images, tokens = (batch[0], batch[1]) if batch is not None else (None, None)
+    n = len(images) if images is not None else 0
+    if ctx is not None:  # every rank must feed the same number of pairs to the gathered loss
+        size = torch.tensor([n], device=device)
+        torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MIN)
+        n = int(size.item())
+    k = min(run.cfg.accum_freq, n)
+    if n * (ctx.world_size if ctx else 1) < 2 or k < 1:
+        return None  # a contrastive step needs two pairs
+    images = images[:n].to(device, non_blocking=True)
+    tokens = tokens[:n].to(device, non_blocking=True)
     run.optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        p.skipped_steps, p.bad_in_a_row = p.skipped_steps + 1, p.bad_in_a_row + 1
-        return None
-    run.scaler.scale(loss).backward()
+    if k == 1:
+        with autocast_for(device, precision):
+            image_features, text_features, logit_scale = model(images, tokens)[:3]
+            loss = loss_fn(image_features, text_features, logit_scale)
+        value = _global_loss(loss.detach(), ctx)
+        if not math.isfinite(value):
+            p.skipped_steps, p.bad_in_a_row = p.skipped_steps + 1, p.bad_in_a_row + 1
+            return None
+        run.scaler.scale(loss).backward()
+    else:
+        image_chunks, token_chunks = images.chunk(k), tokens.chunk(k)
+        k = len(image_chunks)  # chunk() makes fewer pieces when k does not divide a trimmed batch
+        with torch.no_grad(), autocast_for(device, precision):
+            cached = [model(i, t)[:2] for i, t in zip(image_chunks, token_chunks, strict=True)]
+            cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
+            loss = loss_fn(torch.cat(cached_images), torch.cat(cached_texts), unwrap(model).logit_scale.exp())
+        value = _global_loss(loss, ctx)
+        if not math.isfinite(value):
+            p.skipped_steps, p.bad_in_a_row = p.skipped_steps + 1, p.bad_in_a_row + 1
+            return None
+        for j in range(k):
+            last = j == k - 1
+            # DDP all-reduces gradients at the last micro-batch only
+            sync = model.no_sync() if ctx is not None and not last else nullcontext()
+            with sync:
+                with autocast_for(device, precision):
+                    image_j, text_j, logit_scale = model(image_chunks[j], token_chunks[j])[:3]
+                    all_images = torch.cat([*cached_images[:j], image_j, *cached_images[j + 1 :]])
+                    all_texts = torch.cat([*cached_texts[:j], text_j, *cached_texts[j + 1 :]])
+                    micro_loss = loss_fn(all_images, all_texts, logit_scale if last else logit_scale.detach())
+                run.scaler.scale(micro_loss).backward()
     run.scaler.unscale_(run.optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip_norm or math.inf)
     # with fp16 the GradScaler itself skips steps whose gradients overflowed (and lowers its scale)
@@ -364,7 +524,16 @@ def _train_step(run: _Run, loss_fn: Callable, batch: Any, precision: str) -> flo
     with torch.no_grad():
         unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     p.bad_in_a_row = 0
-    return loss.item()
+    return value
+
+
+def _global_loss(loss: torch.Tensor, ctx: DistContext | None) -> float:
+    """The step's loss as a number: the mean over ranks (non-finite if any rank's is, so all skip together)."""
+    if ctx is None:
+        return loss.item()
+    total = loss.detach().float().clone()
+    torch.distributed.all_reduce(total)
+    return total.item() / ctx.world_size
 
 
 def _report_bad(report: DataReport | None, pair: CaptionPair, reason: str) -> None:

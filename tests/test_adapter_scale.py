@@ -1,0 +1,51 @@
+"""The scale options from the Dataloop adapter's configuration: a train_model run on 2 processes (gloo on CPU)
+with a locked image tower, gradient accumulation and WiSE-FT, checked by what reached the platform."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from loopback_platform import LoopbackPlatform
+from test_adapter import QUICK_CONFIG, add_model, published, rig_validation, seed_shapes
+
+from adapters.clip_finetune.adapter import ClipAdapter
+from adapters.clip_finetune.config import build_config
+from adapters.clip_finetune.model import load_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_train_model_on_two_processes_with_locked_image_tower_accumulation_and_wise_ft(
+    platform: LoopbackPlatform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    shapes = seed_shapes(platform, {"train": 32, "validation": 16})
+    config = {**QUICK_CONFIG, "num_epochs": 2, "train_batch_size": 16, "num_processes": 2, "accum_freq": 2,
+              "lock_image": True, "wise_ft_alpha": 0.5, "export_onnx": True}
+    model = add_model(platform, shapes, config)
+    rig_validation(monkeypatch, best_call=2)  # rank 0 validates here: epoch 2 wins (so the text tower changed)
+    torch.manual_seed(0)
+    ClipAdapter().train_model(model)
+
+    assert platform.model(model.id)["status"] == "trained"
+    files = platform.artifact_files(model.id)
+    uploaded = safetensors.torch.load(files["open_clip_model.safetensors"])
+    torch.manual_seed(0)  # the adapter's base model: the same random init
+    base = load_model(build_config({k: v for k, v in config.items() if k in ("model_name", "pretrained")})).model
+    base_state = base.state_dict()
+    visual = [k for k in base_state if k.startswith("visual.")]
+    assert visual and all(torch.equal(uploaded[k], base_state[k]) for k in visual)  # the locked tower
+    text = [k for k in base_state if k.startswith("transformer.")]
+    assert any(not torch.equal(uploaded[k], base_state[k]) for k in text)  # the text tower trained
+    metrics = json.loads(files["metrics.json"])
+    assert metrics["best_epoch"] == 2 and metrics["wise_ft_alpha"] == 0.5
+    assert metrics["after_fine_tuned"] and metrics["after"]
+    assert metrics["after"] != metrics["after_fine_tuned"]  # `after` is the mix's, measured after mixing
+    onnx = {a["name"] for a in platform.artifacts(model.id) if a.get("dir", "").endswith("/onnx")}
+    assert onnx == {"image_encoder.onnx", "text_encoder.onnx", "preprocess.json"}  # export_onnx, in onnx/
+    losses = published(platform, model.id, "loss")  # rank 0 published each epoch's metrics
+    assert sorted(next(iter(losses.values()))) == [1, 2]
