@@ -108,3 +108,11 @@ def test_cli_config_prints_the_merged_defaults(tmp_path, capsys) -> None:
     assert main(["config", "--config", str(f), "--set", "learning_rate=2e-6"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["num_epochs"] == 3 and printed["learning_rate"] == 2e-6 and printed["embeddings_size"] == 512
+
+
+def test_a_saved_models_missing_architecture_file_is_only_an_error_when_it_is_needed(tmp_path) -> None:
+    gone = {"model_name": str(tmp_path / "trained-elsewhere.json"), "pretrained": None}
+    with pytest.raises(ConfigError, match="trained-elsewhere.json' does not exist"):
+        build_config(gone)
+    cfg = build_config(gone, saved_model=True)  # its artifact holds the architecture
+    assert cfg.model_name.endswith("trained-elsewhere.json") and cfg.embeddings_size is None

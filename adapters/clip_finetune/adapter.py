@@ -502,9 +502,11 @@ def hyperparameters(configuration: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def config_from_model(model: dl.Model) -> FinetuneConfig:
     """Validate a model's configuration, read once as a plain dict (the adapter's `configuration` mapping would
-    write defaults of missing keys back to the platform). Model configuration > FinetuneConfig defaults."""
+    write defaults of missing keys back to the platform). Model configuration > FinetuneConfig defaults.
+    A trained model (one with artifacts) loads its architecture from them, so a model_name config JSON of the
+    machine it was trained on need not exist here."""
     try:
-        return build_config(hyperparameters(dict(model.configuration or {})))
+        return build_config(hyperparameters(dict(model.configuration or {})), saved_model=bool(model.model_artifacts))
     except ConfigError as e:
         raise ConfigError(f"model {model.name!r} ({model.id}): {e}") from None
 

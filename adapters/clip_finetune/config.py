@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -224,7 +232,13 @@ class FinetuneConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _derive_embeddings_size(self) -> FinetuneConfig:
+    def _derive_embeddings_size(self, info: ValidationInfo) -> FinetuneConfig:
+        if (info.context or {}).get("saved_model") and self.model_name.endswith(".json") and not Path(
+            self.model_name
+        ).expanduser().is_file():
+            # a trained model loads its architecture from its own artifact: the config JSON it was built from
+            # may live on another machine (embeddings_size comes from the artifact when it loads)
+            return self
         arch = _artifact_model_config(self.pretrained) or architecture_config(self.model_name)
         size = int(arch["embed_dim"])
         if self.embeddings_size is None:
@@ -255,9 +269,11 @@ def _format_error(err: dict[str, Any]) -> str:
     return f"{loc}: {msg} (got {err.get('input')!r})"
 
 
-def build_config(*layers: Mapping[str, Any] | None) -> FinetuneConfig:
+def build_config(*layers: Mapping[str, Any] | None, saved_model: bool = False) -> FinetuneConfig:
     """Merge configuration layers (later wins) and validate once.
 
+    `saved_model`: the configuration of a model that has saved weights (which hold its architecture): a
+    model_name config JSON missing on this machine is then not an error.
     Raises ConfigError listing every bad field, one line each, before any work is done.
     """
     merged: dict[str, Any] = {}
@@ -265,7 +281,7 @@ def build_config(*layers: Mapping[str, Any] | None) -> FinetuneConfig:
         if layer:
             merged.update(layer)
     try:
-        return FinetuneConfig(**merged)
+        return FinetuneConfig.model_validate(merged, context={"saved_model": saved_model})
     except ValidationError as e:
         lines = [_format_error(err) for err in e.errors()]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
