@@ -108,10 +108,11 @@ def test_a_rank_that_dies_at_start_fails_the_run_at_once(tiny_model_config, data
     train, _, _, _ = data
 
     def broken_copy(clip, folder, *args, **kwargs):  # the other ranks get a model folder without weights
+        Path(folder).mkdir(parents=True)
         (Path(folder) / "open_clip_config.json").write_text("{}")
 
     monkeypatch.setattr(model_module, "save_artifact", broken_copy)
-    with pytest.raises(ClipFinetuneError, match="rank-1 exited with code 1 before training started"):
+    with pytest.raises(ClipFinetuneError, match="rank 1 exited with code 1 before training started"):
         fit(_cfg(tiny_model_config, num_processes=2), train, None, out_dir=tmp_path, progress=False)
 
 

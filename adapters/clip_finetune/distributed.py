@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import multiprocessing
 import os
-import queue
+import pickle
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,64 +139,70 @@ def _threads_per_process(world: int) -> int:
     return max(1, cores // world)
 
 
-def _worker(rank: int, world: int, port: int, cfg_json: str, model_dir: str, train_pairs: list, val_pairs: list | None,
-            out_dir: str | None, resume: bool, threads: int, ready: Any) -> None:
-    """Ranks 1..N-1 of a launched run: the same fit() as rank 0, on a copy of rank 0's starting model."""
-    os.environ.update(_rank_env(rank, world, port))
-    torch.set_num_threads(threads)  # on a CPU the ranks share the cores; oversubscribed OpenMP threads spin
+JOB_NAME = "job.pkl"
+READY_PREFIX = "ready-"
+
+
+def _worker(staging: Path) -> None:
+    """Ranks 1..N-1 of a launched run (`python -m adapters.clip_finetune.distributed STAGING`, rank in the
+    environment): the same fit() as rank 0, on a copy of rank 0's starting model."""
+    rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(levelname)s %(name)s: %(message)s")
+    with open(staging / JOB_NAME, "rb") as f:
+        job = pickle.load(f)  # written by launch() in this run's private folder, for these processes only
+    torch.set_num_threads(job["threads"])  # on a CPU the ranks share the cores; oversubscribed OpenMP threads spin
     from .config import FinetuneConfig
     from .model import load_artifact
     from .train import fit
 
-    cfg = FinetuneConfig.model_validate_json(cfg_json)
-    clip = load_artifact(model_dir, "cpu")
-    ready.put(rank)
-    fit(cfg, train_pairs, val_pairs, out_dir=out_dir, clip=clip, progress=False, resume=resume)
+    cfg = FinetuneConfig.model_validate_json(job["cfg"])
+    clip = load_artifact(staging / "model", "cpu")
+    (staging / f"{READY_PREFIX}{rank}").touch()
+    fit(cfg, job["train"], job["val"], out_dir=job["out_dir"], clip=clip, progress=False, resume=job["resume"])
 
 
-def _wait_until_ready(procs: list, ready: Any) -> None:
-    """Wait until every spawned rank has started and loaded its model; a rank that dies first is an error now,
-    not a wait of TIMEOUT for it to join the process group."""
-    waiting = {int(p.name.rsplit("-", 1)[1]) for p in procs}
-    while waiting:
-        try:
-            waiting.discard(ready.get(timeout=1.0))
-        except queue.Empty:
-            dead = [p for p in procs if p.exitcode is not None]
-            if dead:
-                raise ClipFinetuneError(
-                    f"distributed training: {dead[0].name} exited with code {dead[0].exitcode} before training "
-                    "started (see its log above)") from None
+def _wait_until_ready(procs: dict[int, subprocess.Popen], staging: Path) -> None:
+    """Wait until every rank has started and loaded its model; a rank that dies first is an error now, not a
+    wait of TIMEOUT for it to join the process group."""
+    while not all((staging / f"{READY_PREFIX}{rank}").exists() for rank in procs):
+        dead = {rank: p.returncode for rank, p in procs.items() if p.poll() is not None}
+        if dead:
+            rank, code = next(iter(dead.items()))
+            raise ClipFinetuneError(f"distributed training: rank {rank} exited with code {code} before training "
+                                    "started (see its log above)")
+        time.sleep(0.2)
 
 
 def launch(nprocs: int, cfg: Any, train_pairs: Any, val_pairs: Any, clip: Any, out_dir: str | Path | None,
            **rank0_kwargs: Any) -> Any:
-    """Train on `nprocs` processes on this machine: spawn ranks 1..N-1, run rank 0 here, return its result.
+    """Train on `nprocs` processes on this machine: start ranks 1..N-1, run rank 0 here, return its result.
 
-    The other ranks start from rank 0's model, passed as a saved model folder (exact weights, transforms
-    and tokenizer, no second download). If any rank fails, the others are stopped and the error is raised;
-    the resume checkpoint (rank 0's, in out_dir) stays for `resume=True`.
+    The other ranks are fresh interpreters (`python -m adapters.clip_finetune.distributed`), not
+    multiprocessing children: those would re-import the caller's main module (a user's script, the Dataloop
+    agent), and fork would copy CUDA state and torch's thread pools. They start from rank 0's model, passed as
+    a saved model folder (exact weights, transforms and tokenizer, no second download). If any rank fails,
+    the others are stopped and the error is raised; the resume checkpoint (rank 0's, in out_dir) stays.
     """
     from .model import save_artifact
     from .train import fit
 
     port, threads = _free_port(), _threads_per_process(nprocs)
     staging = Path(tempfile.mkdtemp(prefix="clip-finetune-ranks-"))
-    spawn = multiprocessing.get_context("spawn")  # fork would copy CUDA state and torch's thread pools
-    ready = spawn.Queue()
-    procs = []
+    procs: dict[int, subprocess.Popen] = {}
     try:
-        save_artifact(clip, staging)
+        save_artifact(clip, staging / "model")
+        job = {"cfg": cfg.model_dump_json(), "train": list(train_pairs), "val": list(val_pairs) if val_pairs else None,
+               "out_dir": str(out_dir) if out_dir else None, "resume": rank0_kwargs.get("resume", False),
+               "threads": threads}
+        with open(staging / JOB_NAME, "wb") as f:
+            pickle.dump(job, f)
+        # the package's parent folder on the path: the ranks import this package even from an uninstalled checkout
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
         for rank in range(1, nprocs):
-            # not daemonic: a daemonic process may not start the DataLoader's worker processes
-            p = spawn.Process(target=_worker, name=f"clip-finetune-rank-{rank}", daemon=False,
-                              args=(rank, nprocs, port, cfg.model_dump_json(), str(staging), list(train_pairs),
-                                    list(val_pairs) if val_pairs else None, str(out_dir) if out_dir else None,
-                                    rank0_kwargs.get("resume", False), threads, ready))
-            p.start()
-            procs.append(p)
-        _wait_until_ready(procs, ready)
+            env = {**os.environ, **_rank_env(rank, nprocs, port), "PYTHONPATH": path}
+            procs[rank] = subprocess.Popen([sys.executable, "-m", __name__, str(staging)], env=env)
+        _wait_until_ready(procs, staging)
         log.info("training on %d processes (this one is rank 0)", nprocs)
         threads_before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -203,15 +211,21 @@ def launch(nprocs: int, cfg: Any, train_pairs: Any, val_pairs: Any, clip: Any, o
                 result = fit(cfg, train_pairs, val_pairs, out_dir=out_dir, clip=clip, **rank0_kwargs)
         finally:
             torch.set_num_threads(threads_before)
-        for p in procs:
-            p.join()
-        failed = [p.name for p in procs if p.exitcode != 0]
+        failed = {rank: p.wait() for rank, p in procs.items()}
+        failed = {rank: code for rank, code in failed.items() if code}
         if failed:
-            raise ClipFinetuneError(f"distributed training: {', '.join(failed)} failed (see their log above)")
+            raise ClipFinetuneError(f"distributed training: rank(s) {sorted(failed)} failed (see their log above)")
         return result
     finally:
-        for p in procs:
-            if p.is_alive():
+        for p in procs.values():
+            if p.poll() is None:
                 p.terminate()
-                p.join(10)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
         shutil.rmtree(staging, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
