@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -149,19 +150,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(speed: dict, rss: list[dict], args: argparse.Namespace, argv: list[str] | None, mb: float) -> str:
-    cmd = "python -m bench.embed" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    out = [f"`{cmd}`: {args.images} JPEGs of {args.image_size} (mean {mb:.2f} MiB), batch {args.batch}, "
-           f"{args.threads} torch threads, random-init weights (speed only), median of {args.repeats} "
-           f"alternating runs.\nMachine: {machine()}\n"]
-    rows = []
-    for model, res in speed.items():
-        ips = {s: median(v) for s, v in res["images_per_s"].items()}
-        rows.append([model, f"{ips['plain loop']:.1f}", f"{ips['ours']:.1f}", f"{ips['ours, draft off']:.1f}",
-                     f"{ips['limit']:.1f}", f"{ips['ours'] / ips['plain loop']:.2f}x",
-                     f"{ips['ours'] / ips['limit']:.0%}", f"{res['min_cosine']:.4f}"])
-    out.append(markdown_table(["model", "plain loop img/s", "ours img/s", "ours, draft off img/s",
-                               "limit (forward only) img/s", "ours / plain loop", "ours / limit",
-                               "min cosine ours vs plain"], rows))
+    cmd = shlex.join(["python", "-m", "bench.embed", *(argv if argv is not None else sys.argv[1:])])
+    if not speed:  # --models "": the peak-RSS table only, without an empty speed table
+        out = [f"`{cmd}`: batch {args.batch}, {args.threads} torch threads.\nMachine: {machine()}"]
+    else:
+        out = [f"`{cmd}`: {args.images} JPEGs of {args.image_size} (mean {mb:.2f} MiB), batch {args.batch}, "
+               f"{args.threads} torch threads, random-init weights (speed only), median of {args.repeats} "
+               f"alternating runs.\nMachine: {machine()}\n"]
+        rows = []
+        for model, res in speed.items():
+            ips = {s: median(v) for s, v in res["images_per_s"].items()}
+            rows.append([model, f"{ips['plain loop']:.1f}", f"{ips['ours']:.1f}", f"{ips['ours, draft off']:.1f}",
+                         f"{ips['limit']:.1f}", f"{ips['ours'] / ips['plain loop']:.2f}x",
+                         f"{ips['ours'] / ips['limit']:.0%}", f"{res['min_cosine']:.4f}"])
+        out.append(markdown_table(["model", "plain loop img/s", "ours img/s", "ours, draft off img/s",
+                                   "limit (forward only) img/s", "ours / plain loop", "ours / limit",
+                                   "min cosine ours vs plain"], rows))
     if rss:
         out.append(f"\nPeak RSS of `encode_images` ({args.rss_model}, {args.rss_image_size} JPEGs cycled), "
                    "each count in its own process:\n")
