@@ -107,14 +107,14 @@ def test_train_cache_side_and_fallbacks(tiny_model_config):
     assert train_cache(clip.preprocess_train, 0, num_workers=0).full
 
 
-def test_training_samples_equal_with_and_without_cache_and_threads(photos, tiny_model_config):
+def test_training_samples_equal_with_and_without_cache(photos, tiny_model_config):
     clip = load_model(FinetuneConfig(model_name=str(tiny_model_config), pretrained=None, device="cpu"))
     pairs = [CaptionPair(p, f"caption {i}") for i, p in enumerate(photos)]
     keys = [(1, i) for i in range(len(pairs))]
     cached = PairDataset(pairs, clip.preprocess_train, clip.tokenizer, seed=3, cache=DecodedCache(80, 64))
     streamed = PairDataset(pairs, clip.preprocess_train, clip.tokenizer, seed=3, cache=DecodedCache(80, 0))
     for _ in range(2):  # the second pass reads the cache
-        batch = cached.__getitems__(keys)  # decoded on threads
+        batch = [cached[k] for k in keys]
         serial = [streamed[k] for k in keys]
         for (a, ta, ia), (b, tb, ib) in zip(batch, serial, strict=True):
             assert torch.equal(a, b) and torch.equal(ta, tb) and ia == ib

@@ -53,12 +53,6 @@ class PairDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Sample | BadSample:
         return self._augment(key, self._decode(key[1]))
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Sample | BadSample]:
-        """A batch: decoded on threads, augmented in order on this thread (the seeded global RNG is not
-        thread-safe)."""
-        images = thread_map(self._decode, [i for _, i in keys])
-        return [self._augment(key, image) for key, image in zip(keys, images, strict=True)]
-
     def _decode(self, i: int) -> Image.Image | BadSample:
         try:
             return self.cache.get(i, self.pairs[i].image) if self.cache is not None else load_image(self.pairs[i].image)
