@@ -209,32 +209,24 @@ def _list_texts(source: str) -> list[str]:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .embed import encode_images, encode_texts, save_embeddings
+    from .embed import encode_items, save_embeddings
     from .shards import embed_shard, pin_local_gpu, shard_spec
 
     spec = shard_spec(args.shard_index, args.num_shards)  # None: one process writes the one --out file
     if spec is not None:
         pin_local_gpu()
     clip, cfg = _load_clip(args)
+    kind = "images" if args.images else "texts"
+    items = _list_images(args.images) if args.images else _list_texts(args.texts)
+    if args.images and not items:
+        raise DataError(f"--images {args.images!r}: no images found")
     if spec is not None:
-        kind = "images" if args.images else "texts"
-        items = _list_images(args.images) if args.images else _list_texts(args.texts)
         if not items:
-            raise DataError(f"--{kind} {args.images or args.texts!r}: nothing to embed")
+            raise DataError(f"--texts {args.texts!r}: nothing to embed")
         settings = {"max_image_pixels": cfg.max_image_pixels} if args.images else {}
         print(embed_shard(clip, kind, items, args.out, spec, cfg.batch_size, cfg.num_workers, settings).summary)
         return 0
-    if args.images:
-        paths = _list_images(args.images)
-        if not paths:
-            raise DataError(f"--images {args.images!r}: no images found")
-        vectors, kept = encode_images(clip, paths, cfg.batch_size, cfg.num_workers)
-        ids = [paths[i] for i in kept]
-        if len(kept) < len(paths):
-            log.warning("%d of %d images could not be decoded and were skipped", len(paths) - len(kept), len(paths))
-    else:
-        ids = _list_texts(args.texts)
-        vectors = encode_texts(clip, ids, cfg.batch_size)
+    ids, vectors, _ = encode_items(clip, kind, items, cfg.batch_size, cfg.num_workers)
     out = save_embeddings(args.out, ids, vectors)
     print(f"wrote {len(ids)} vectors of {vectors.shape[1]} dimensions to {out}")
     return 0

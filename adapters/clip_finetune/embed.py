@@ -98,6 +98,30 @@ def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 256, p
     return out if out is not None else np.zeros((0, clip.embed_dim), np.float32)
 
 
+def encode_items(
+    clip: ClipModel,
+    kind: str,
+    items: Sequence[str],
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = True,
+) -> tuple[list[str], np.ndarray, list[str]]:
+    """Embed image paths (kind "images") or texts ("texts"): (ids embedded, vectors, images skipped).
+
+    Images that cannot be decoded are left out of ids and vectors, listed in the third value and logged.
+    """
+    if kind == "texts":
+        return list(items), encode_texts(clip, items, batch_size), []
+    if kind != "images":
+        raise ValueError(f"kind {kind!r}: 'images' or 'texts'")
+    vectors, kept = encode_images(clip, items, batch_size, num_workers, progress=progress)
+    kept_set = set(kept)
+    skipped = [p for i, p in enumerate(items) if i not in kept_set]
+    if skipped:
+        log.warning("%d of %d images could not be decoded and were skipped", len(skipped), len(items))
+    return [items[i] for i in kept], vectors, skipped
+
+
 def save_embeddings(path: str | Path, ids: Sequence[str], vectors: np.ndarray) -> Path:
     """Write ids + vectors as .npz (numpy) or .parquet (pandas; needs pyarrow)."""
     path = Path(path)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .embed import encode_items
 from .errors import DataError
 from .model import ClipModel, atomic_write, unwrap
 
@@ -230,26 +231,12 @@ def embed_shard(clip: ClipModel, kind: str, items: Sequence[str], out: str | Pat
         start, stop = shard_range(len(items), spec.index, spec.count)
         log.info("shard %d of %d (%s): %s %d-%d of %d", spec.index, spec.count, spec.source, kind, start,
                  stop, len(items))
-        ids, vectors, skipped = _encode(clip, kind, items[start:stop], batch_size, num_workers, progress)
+        ids, vectors, skipped = encode_items(clip, kind, items[start:stop], batch_size, num_workers, progress)
         meta = {**job, "shard": spec.index, "start": start, "stop": stop, "count": len(ids),
                 "skipped": len(skipped), "skipped_examples": skipped[:_LISTED], "dim": int(vectors.shape[1])}
         _write_part(part, ids, vectors, meta)
         done_before = False
     return ShardResult(part, meta, done_before, write_index_if_complete(folder, job))
-
-
-def _encode(clip: ClipModel, kind: str, items: Sequence[str], batch_size: int, num_workers: int | None,
-            progress: bool) -> tuple[list[str], np.ndarray, list[str]]:
-    from .embed import encode_images, encode_texts
-
-    if kind == "texts":
-        return list(items), encode_texts(clip, items, batch_size), []
-    vectors, kept = encode_images(clip, items, batch_size, num_workers, progress=progress)
-    kept_set = set(kept)
-    skipped = [p for i, p in enumerate(items) if i not in kept_set]
-    if skipped:
-        log.warning("%d of %d images could not be decoded and were skipped", len(skipped), len(items))
-    return [items[i] for i in kept], vectors, skipped
 
 
 def _write_part(path: Path, ids: Sequence[str], vectors: np.ndarray, meta: Mapping[str, Any]) -> None:
