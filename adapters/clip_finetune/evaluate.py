@@ -13,7 +13,7 @@ from .config import EVAL_KS, build_config
 from .embed import encode_images, encode_texts
 from .errors import DataError, ModelError
 from .metrics import retrieval_metrics
-from .model import ClipModel, load_artifact, load_model, save_artifact, wise_ft
+from .model import ClipModel, cpu_state, load_artifact, load_model, save_artifact, wise_ft
 from .pairs import CaptionPair
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ def wise_ft_sweep(
 
     The mixes are built in `fine_tuned.model`, whose own weights are put back at the end.
     """
-    own = {k: v.detach().to("cpu", copy=True) for k, v in fine_tuned.model.state_dict().items()}
-    base_state = {k: v.detach().to("cpu") for k, v in base.model.state_dict().items()}
+    own, base_state = cpu_state(fine_tuned.model), cpu_state(base.model)
     results = {}
     try:
         for alpha in alphas:
@@ -105,8 +104,7 @@ def save_wise_ft_mix(
     fine_tuned: ClipModel, base: ClipModel, alpha: float, out: str | Path, metrics: dict[str, float]
 ) -> Path:
     """Save the WiSE-FT mix `alpha * fine_tuned + (1 - alpha) * base` as a model folder."""
-    own = {k: v.detach().cpu() for k, v in fine_tuned.model.state_dict().items()}
-    mixed = wise_ft({k: v.detach().cpu() for k, v in base.model.state_dict().items()}, own, alpha)
+    mixed = wise_ft(cpu_state(base.model), cpu_state(fine_tuned.model), alpha)
     saved = fine_tuned.extra.get("finetune_config")
     cfg = build_config(saved, {"wise_ft_alpha": alpha}) if saved else None
     return save_artifact(fine_tuned, out, cfg, {"wise_ft_alpha": alpha, "after": metrics}, state_dict=mixed)

@@ -196,6 +196,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the bare model's weights on the CPU (unchanged by later training or loading)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+
+
 def save_artifact(
     clip: ClipModel,
     out_dir: str | Path,

@@ -29,7 +29,7 @@ from .errors import ClipFinetuneError, ConfigError, DataError
 from .evaluate import evaluate
 from .fastpath import train_cache
 from .images import set_max_image_pixels
-from .model import ClipModel, atomic_write, load_model, save_artifact, unwrap, wise_ft
+from .model import ClipModel, atomic_write, cpu_state, load_model, save_artifact, unwrap, wise_ft
 from .pairs import CaptionPair, DataReport
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,11 @@ class Progress:
     skipped_steps: int = 0
     bad_in_a_row: int = 0
     finished: bool = False
+
+    def skip_step(self) -> None:
+        """Count a step whose loss or gradients were non-finite: it was not applied."""
+        self.skipped_steps += 1
+        self.bad_in_a_row += 1
 
 
 def seed_everything(seed: int) -> None:
@@ -336,7 +341,7 @@ def _fit(
     run = _Run(cfg, clip, optimizer, make_scheduler(optimizer, cfg, total_steps),
                torch.amp.GradScaler(device.type, enabled=precision == "fp16"), Progress(),
                out / CHECKPOINT_NAME if out is not None else None, ctx, train_model,
-               _cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None)
+               cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None)
     loss_fn = open_clip.ClipLoss(local_loss=ctx is not None, gather_with_grad=ctx is not None, cache_labels=True,
                                  rank=ctx.rank if ctx else 0, world_size=world)
 
@@ -362,7 +367,7 @@ def _fit(
             log.warning("%s exists: starting over (resume=True continues it)", run.checkpoint)
         run.progress.before = validate()
         run.progress.best_score = run.progress.before.get(cfg.early_stopping_metric, -math.inf)
-        best_state = _cpu_state(model) if val_pairs and is_main else None
+        best_state = cpu_state(model) if val_pairs and is_main else None
         if out is not None and val_pairs and is_main:  # the base is the best so far: a crash from here keeps a model
             save_artifact(clip, out, cfg)
     p = run.progress
@@ -411,7 +416,7 @@ def _fit(
         if improved:
             p.best_score, p.best_epoch, p.stale = scores.get(metric, math.nan), p.epoch, 0
             if val_pairs and is_main:
-                best_state = _cpu_state(model)
+                best_state = cpu_state(model)
                 if out is not None:
                     save_artifact(clip, out, cfg, {"best_epoch": p.epoch, "history": p.history})
         else:
@@ -440,7 +445,7 @@ def _fit(
     if p.skipped_steps:
         log.warning("%d steps had a non-finite loss or gradients and were skipped", p.skipped_steps)
     if run.base_state is not None and is_main:
-        unwrap(model).load_state_dict(wise_ft(run.base_state, _cpu_state(model), cfg.wise_ft_alpha))
+        unwrap(model).load_state_dict(wise_ft(run.base_state, cpu_state(model), cfg.wise_ft_alpha))
         if val_pairs:
             result.after_fine_tuned, result.after = after, evaluate(clip, val_pairs, cfg.batch_size, cfg.num_workers)
         log.info("WiSE-FT: saved weights are %.2f x fine-tuned + %.2f x base", cfg.wise_ft_alpha, 1 - cfg.wise_ft_alpha)
@@ -486,7 +491,7 @@ def _train_step(run: _Run, loss_fn: Callable, batch: Any, precision: str) -> flo
             loss = loss_fn(image_features, text_features, logit_scale)
         value = _global_loss(loss.detach(), ctx)
         if not math.isfinite(value):
-            p.skipped_steps, p.bad_in_a_row = p.skipped_steps + 1, p.bad_in_a_row + 1
+            p.skip_step()
             return None
         run.scaler.scale(loss).backward()
     else:
@@ -498,7 +503,7 @@ def _train_step(run: _Run, loss_fn: Callable, batch: Any, precision: str) -> flo
             loss = loss_fn(torch.cat(cached_images), torch.cat(cached_texts), unwrap(model).logit_scale.exp())
         value = _global_loss(loss, ctx)
         if not math.isfinite(value):
-            p.skipped_steps, p.bad_in_a_row = p.skipped_steps + 1, p.bad_in_a_row + 1
+            p.skip_step()
             return None
         for j in range(k):
             last = j == k - 1
@@ -516,7 +521,7 @@ def _train_step(run: _Run, loss_fn: Callable, batch: Any, precision: str) -> flo
     # with fp16 the GradScaler itself skips steps whose gradients overflowed (and lowers its scale)
     if not torch.isfinite(norm) and not run.scaler.is_enabled():
         run.optimizer.zero_grad(set_to_none=True)
-        p.skipped_steps, p.bad_in_a_row = p.skipped_steps + 1, p.bad_in_a_row + 1
+        p.skip_step()
         return None
     run.scaler.step(run.optimizer)
     run.scaler.update()
@@ -550,10 +555,6 @@ def _diverged(cfg: FinetuneConfig, run: _Run, what: str) -> TrainingDiverged:
         f"learning_rate {cfg.learning_rate:g} too high (fine-tuning recipes use 1e-7 to 5e-6), or fp16 "
         f"overflow (set precision to 'bf16' or 'fp32')"
     )
-
-
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
 
 
 def _cpu_state_from_artifact(folder: Path | None) -> dict[str, torch.Tensor] | None:
