@@ -35,7 +35,9 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from adapters.clip_finetune.fastpath import cpu_cores
+
+    return cpu_cores()
 
 
 def machine() -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -12,7 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from .errors import DataError
-from .fastpath import DecodedCache, thread_map
+from .fastpath import DecodedCache, cpu_cores, thread_map
 from .images import load_image
 from .pairs import CaptionPair
 
@@ -123,8 +122,7 @@ def default_num_workers(requested: int | None, device: torch.device | None = Non
     """
     if requested is not None:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores = max(1, cores // processes)
+    cores = max(1, cpu_cores() // processes)
     if device is not None and device.type == "cuda":
         return max(0, min(8, cores - 1))
     return cores // 4 if cores >= 8 else 0

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ClipFinetuneError, ConfigError
+from .fastpath import cpu_cores
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +136,7 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 
 def _threads_per_process(world: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // world)
+    return max(1, cpu_cores() // world)
 
 
 JOB_NAME = "job.pkl"

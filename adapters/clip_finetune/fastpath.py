@@ -99,6 +99,11 @@ def train_cache(transform: Callable, budget_mb: float, num_workers: int) -> Deco
     return DecodedCache(math.ceil(size * TRAIN_SIDE_FACTOR), budget_mb)
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one, else the CPU count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def decode_threads() -> int:
     """Threads for decoding one batch: every core in the main process (the model is idle meanwhile: with
     workers=0 loading and computing alternate), one inside a DataLoader worker process (already parallel)."""
@@ -106,7 +111,7 @@ def decode_threads() -> int:
 
     if get_worker_info() is not None:
         return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cpu_cores()
 
 
 @lru_cache(maxsize=4)
