@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from adapters.clip_finetune.synthetic import SyntheticSample, render, sample_specs
+from adapters.clip_finetune.data.synthetic import SyntheticSample, render, sample_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = ROOT / "adapters" / "clip_finetune" / "model_configs" / "clip-tiny.json"
@@ -35,7 +35,7 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 
 
 def cores() -> int:
-    from adapters.clip_finetune.fastpath import cpu_cores
+    from adapters.clip_finetune.data.decode_cache import cpu_cores
 
     return cpu_cores()
 

@@ -29,7 +29,7 @@ SYSTEMS = ("plain loop", "ours", "ours, draft off", "limit")
 
 def _load(model: str):
     from adapters.clip_finetune.config import FinetuneConfig
-    from adapters.clip_finetune.model import load_model
+    from adapters.clip_finetune.model.clip import load_model
 
     name = str(TINY_MODEL) if model == "clip-tiny" else model
     return load_model(FinetuneConfig(model_name=name, pretrained=None, device="cpu"))
@@ -63,7 +63,7 @@ def child_speed(spec: dict) -> dict:
     import torch
     from PIL import Image
 
-    from adapters.clip_finetune.embed import encode_images
+    from adapters.clip_finetune.retrieval.embed import encode_images
 
     torch.set_num_threads(spec["threads"])
     clip = _load(spec["model"])
@@ -90,7 +90,7 @@ def child_speed(spec: dict) -> dict:
 def child_rss(spec: dict) -> dict:
     import torch
 
-    from adapters.clip_finetune.embed import encode_images
+    from adapters.clip_finetune.retrieval.embed import encode_images
     from bench.common import peak_rss_mb
 
     torch.set_num_threads(spec["threads"])

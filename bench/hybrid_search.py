@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.clip_finetune.api import encode, fit, get_model
-from adapters.clip_finetune.fusion import fuse
-from adapters.clip_finetune.metrics import ranking_metrics
-from adapters.clip_finetune.synthetic import render, sample_specs, write_dataloop_download
+from adapters.clip_finetune.api.run import encode, fit, get_model
+from adapters.clip_finetune.data.synthetic import render, sample_specs, write_dataloop_download
+from adapters.clip_finetune.retrieval.fusion import fuse
+from adapters.clip_finetune.retrieval.metrics import ranking_metrics
 
 TINY_MODEL = Path(__file__).resolve().parents[1] / "adapters" / "clip_finetune" / "model_configs" / "clip-tiny.json"
 ALPHAS = (0.1, 0.25, 0.5, 0.75, 0.9)  # weight of the description score; the image score gets 1 - alpha

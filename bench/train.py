@@ -45,9 +45,9 @@ def _config(spec: dict, pretrained: str | None, cache_mb: int):
 
 def _held_out_score(spec: dict, state_dict: dict | None = None, artifact: str | None = None) -> dict[str, float]:
     """Text->image R@1 / R@5 of a trained model on the held-out pairs, by this project's evaluate()."""
-    from adapters.clip_finetune.evaluate import evaluate
-    from adapters.clip_finetune.model import load_artifact, load_model
-    from adapters.clip_finetune.pairs import CaptionPair
+    from adapters.clip_finetune.data.pairs import CaptionPair
+    from adapters.clip_finetune.model.clip import load_artifact, load_model
+    from adapters.clip_finetune.retrieval.evaluate import evaluate
 
     if artifact is not None:
         clip = load_artifact(artifact, spec["device"])
@@ -60,16 +60,16 @@ def _held_out_score(spec: dict, state_dict: dict | None = None, artifact: str | 
 
 
 def child_ours(spec: dict) -> dict:
-    from adapters.clip_finetune.pairs import CaptionPair
-    from adapters.clip_finetune.train import fit
+    from adapters.clip_finetune.data.pairs import CaptionPair
+    from adapters.clip_finetune.training.loop import fit
 
     system = spec["system"]
     if system in ("ours-nothreads", "ours-plain"):
-        import adapters.clip_finetune.fastpath as fastpath
+        import adapters.clip_finetune.data.decode_cache as fastpath
 
         fastpath.decode_threads = lambda: 1
     if system in ("ours-nodraft", "ours-plain"):
-        import adapters.clip_finetune.train as train_module
+        import adapters.clip_finetune.training.loop as train_module
 
         train_module.train_cache = lambda *args, **kwargs: None  # PairDataset then decodes each image in full
     if system in ("ours-nofused", "ours-plain"):
@@ -134,7 +134,7 @@ def make_init(model: str, path: Path, seed: int) -> None:
     import torch
 
     from adapters.clip_finetune.config import FinetuneConfig
-    from adapters.clip_finetune.model import load_model
+    from adapters.clip_finetune.model.clip import load_model
 
     torch.manual_seed(seed)
     clip = load_model(FinetuneConfig(model_name=model, pretrained=None, device="cpu"))

@@ -37,7 +37,7 @@ def stock_open_clip_embeddings(folder: Path, images: list[str], texts: list[str]
     import open_clip
     import torch
 
-    from adapters.clip_finetune.images import load_image
+    from adapters.clip_finetune.data.images import load_image
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")

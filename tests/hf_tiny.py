@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters.clip_finetune.pairs import CaptionPair
-from adapters.clip_finetune.synthetic import TEMPLATES, _caption, render, sample_specs
+from adapters.clip_finetune.data.pairs import CaptionPair
+from adapters.clip_finetune.data.synthetic import TEMPLATES, _caption, render, sample_specs
 
 # --- German captions: synthetic.TEMPLATES translated, template by template -----------------------------------
 

@@ -25,14 +25,14 @@ import torch
 from loopback_platform import LoopbackPlatform, dtlpy_pointed_at, tag_subset_filter
 from PIL import Image
 
-from adapters.clip_finetune import train as train_module
-from adapters.clip_finetune.adapter import DTLPY_CONFIG_KEYS, ClipAdapter
 from adapters.clip_finetune.config import build_config
-from adapters.clip_finetune.data import read_subset
+from adapters.clip_finetune.data.dataloop import read_subset
+from adapters.clip_finetune.data.synthetic import render, sample_specs
+from adapters.clip_finetune.dataloop.adapter import DTLPY_CONFIG_KEYS, ClipAdapter
 from adapters.clip_finetune.errors import ConfigError, DataError, ModelError
-from adapters.clip_finetune.evaluate import evaluate
-from adapters.clip_finetune.model import ClipModel
-from adapters.clip_finetune.synthetic import render, sample_specs
+from adapters.clip_finetune.model.clip import ClipModel
+from adapters.clip_finetune.retrieval.evaluate import evaluate
+from adapters.clip_finetune.training import loop as train_module
 
 TINY = Path(__file__).resolve().parents[1] / "adapters" / "clip_finetune" / "model_configs" / "clip-tiny.json"
 EMBED_DIM = 64  # clip-tiny.json's embed_dim; dtlpy's default embeddings_size is 256

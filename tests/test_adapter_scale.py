@@ -16,9 +16,9 @@ import torch
 from loopback_platform import LoopbackPlatform
 from test_adapter import QUICK_CONFIG, add_model, published, rig_validation, seed_shapes
 
-from adapters.clip_finetune.adapter import ClipAdapter
 from adapters.clip_finetune.config import build_config
-from adapters.clip_finetune.model import load_model
+from adapters.clip_finetune.dataloop.adapter import ClipAdapter
+from adapters.clip_finetune.model.clip import load_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adapters.clip_finetune.cli import main
+from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.config import (
     FinetuneConfig,
     build_config,

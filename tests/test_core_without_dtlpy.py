@@ -1,4 +1,4 @@
-"""The core never imports dtlpy (DESIGN.md, rule 1): every module but adapter.py imports with dtlpy blocked."""
+"""The core never imports dtlpy (DESIGN.md, rule 1): every module outside dataloop/ imports with dtlpy blocked."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import adapters.clip_finetune as package
 
 REPO = Path(__file__).resolve().parents[1]
-PLATFORM_MODULES = {"adapter"}  # the one module allowed to import dtlpy
-ENTRY_POINTS = {"__main__"}  # runs the CLI on import; cli is imported (and checked) on its own
+PLATFORM = f"{package.__name__}.dataloop"  # the one folder allowed to import dtlpy
+ENTRY_POINTS = {f"{package.__name__}.__main__"}  # runs the CLI on import; cli is imported (and checked) on its own
 
 # A meta-path finder first in line: any import of dtlpy (or a submodule) raises ImportError, as on a machine
 # without it. The child imports each module, then reports which imported and whether dtlpy got loaded.
@@ -38,8 +38,8 @@ print(json.dumps({"results": results, "dtlpy_loaded": any(m.split(".")[0] == "dt
 
 
 def core_modules() -> list[str]:
-    names = {m.name for m in pkgutil.iter_modules(package.__path__)}
-    return sorted(f"{package.__name__}.{n}" for n in names - PLATFORM_MODULES - ENTRY_POINTS)
+    names = {m.name for m in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")}
+    return sorted(n for n in names - ENTRY_POINTS if n != PLATFORM and not n.startswith(f"{PLATFORM}."))
 
 
 def import_blocked(modules: list[str]) -> dict:
@@ -51,9 +51,9 @@ def import_blocked(modules: list[str]) -> dict:
 def test_every_core_module_imports_with_dtlpy_blocked() -> None:
     modules = core_modules()
     # the adapter is the control: it needs dtlpy, so it must fail to import in the same child
-    report = import_blocked([*modules, f"{package.__name__}.adapter"])
+    report = import_blocked([*modules, f"{PLATFORM}.adapter"])
 
     assert len(modules) >= 10, modules  # the package layout was found (config, data, model, train, ...)
     assert {m: r for m, r in report["results"].items() if m in modules and r != "ok"} == {}
-    assert report["results"][f"{package.__name__}.adapter"].startswith("ImportError: dtlpy is blocked")
+    assert report["results"][f"{PLATFORM}.adapter"].startswith("ImportError: dtlpy is blocked")
     assert report["dtlpy_loaded"] is False

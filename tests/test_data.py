@@ -17,21 +17,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapters.clip_finetune.data import (
+from adapters.clip_finetune.data.dataloop import (
     CAPTION_COLUMNS,
     IMAGE_COLUMNS,
     load_dataset,
     read_subset,
     read_table,
 )
-from adapters.clip_finetune.errors import DataError
-from adapters.clip_finetune.images import (
+from adapters.clip_finetune.data.images import (
     PILLOW_MAX_IMAGE_PIXELS,
     ImageDecodeError,
     load_image,
     set_max_image_pixels,
 )
-from adapters.clip_finetune.pairs import DataReport
+from adapters.clip_finetune.data.pairs import DataReport
+from adapters.clip_finetune.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -385,7 +385,8 @@ def test_load_dataset_explains_the_accepted_layouts(tmp_path: Path, make: str) -
 
 def test_core_modules_import_without_dtlpy() -> None:
     code = ("import sys; sys.modules['dtlpy'] = None\n"
-            "import adapters.clip_finetune.data, adapters.clip_finetune.images, adapters.clip_finetune.synthetic")
+            "import adapters.clip_finetune.data.dataloop, adapters.clip_finetune.data.images, "
+            "adapters.clip_finetune.data.synthetic")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from adapters.clip_finetune.cli import build_parser
+from adapters.clip_finetune.cli.main import build_parser
 from adapters.clip_finetune.config import markdown_reference
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.clip_finetune import embed
 from adapters.clip_finetune.config import FinetuneConfig
-from adapters.clip_finetune.datasets import ImageDataset
-from adapters.clip_finetune.embed import encode_image_tensors, encode_images, encode_texts
-from adapters.clip_finetune.fastpath import transform_size
-from adapters.clip_finetune.model import load_model
-from adapters.clip_finetune.synthetic import render, sample_specs
+from adapters.clip_finetune.data.datasets import ImageDataset
+from adapters.clip_finetune.data.decode_cache import transform_size
+from adapters.clip_finetune.data.synthetic import render, sample_specs
+from adapters.clip_finetune.model.clip import load_model
+from adapters.clip_finetune.retrieval import embed
+from adapters.clip_finetune.retrieval.embed import encode_image_tensors, encode_images, encode_texts
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ import torch
 from PIL import Image
 
 from adapters.clip_finetune.config import FinetuneConfig
-from adapters.clip_finetune.datasets import ImageDataset, PairDataset
-from adapters.clip_finetune.embed import encode_images
-from adapters.clip_finetune.fastpath import (
+from adapters.clip_finetune.data.datasets import ImageDataset, PairDataset
+from adapters.clip_finetune.data.decode_cache import (
     TRAIN_SIDE_FACTOR,
     DecodedCache,
     load_reduced,
@@ -24,10 +23,11 @@ from adapters.clip_finetune.fastpath import (
     train_cache,
     transform_size,
 )
-from adapters.clip_finetune.images import load_image
-from adapters.clip_finetune.model import load_model
-from adapters.clip_finetune.pairs import CaptionPair
-from adapters.clip_finetune.synthetic import render, sample_specs
+from adapters.clip_finetune.data.images import load_image
+from adapters.clip_finetune.data.pairs import CaptionPair
+from adapters.clip_finetune.data.synthetic import render, sample_specs
+from adapters.clip_finetune.model.clip import load_model
+from adapters.clip_finetune.retrieval.embed import encode_images
 
 
 def _photos(folder: Path, n: int, size: tuple[int, int] = (1600, 1200), fmt: str = "JPEG") -> list[str]:
@@ -144,7 +144,7 @@ def test_threaded_embedding_batches_equal_serial(photos, tiny_model_config):
 
 def test_fused_adamw_on_cpu_matches_the_per_tensor_loop(tiny_model_config):
     """The same gradients give the same updates (to float rounding) with the fused kernel fit uses on CPU."""
-    from adapters.clip_finetune.train import param_groups
+    from adapters.clip_finetune.training.loop import param_groups
 
     clip = load_model(FinetuneConfig(model_name=str(tiny_model_config), pretrained=None, device="cpu"))
     torch.manual_seed(1)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.clip_finetune.fusion import fuse, hybrid_top_k, top_k_scores, weighted_sum, zscore, zscore_fusion
+from adapters.clip_finetune.retrieval.fusion import (
+    fuse,
+    hybrid_top_k,
+    top_k_scores,
+    weighted_sum,
+    zscore,
+    zscore_fusion,
+)
 
 # Text-text cosines on a compressed scale, text-image ones on a wider one (jina-clip-v1's observation).
 # Item 0 is the text list's favourite, item 3 the image list's; item 1 is second in both.

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 from test_data import _jpeg_bytes, _png_declaring, add_item, add_prompt_item, free_text, image_prompt, oid, stream
 
-from adapters.clip_finetune.cli import main
-from adapters.clip_finetune.synthetic import write_dataloop_download
+from adapters.clip_finetune.cli.main import main
+from adapters.clip_finetune.data.synthetic import write_dataloop_download
 
 
 def _image(fmt: str, image: Image.Image, **kw) -> bytes:

@@ -89,7 +89,7 @@ def test_manifest_loads_with_dtlpy() -> None:
     assert (dpk.name, dpk.version, dpk.scope) == ("clip-finetune", "0.1.0", "project")
     assert [m.name for m in dpk.components.modules] == ["clip-finetune-module"]
     (module,) = dpk.components.modules
-    assert module.entry_point == "adapters/clip_finetune/adapter.py"
+    assert module.entry_point == "adapters/clip_finetune/dataloop/adapter.py"
     assert module.class_name == "ClipAdapter"
     assert [f.name for f in module.functions] == ["train_model", "evaluate_model", "embed_items", "embed_dataset"]
     assert [i.to_json() for i in module.init_inputs] == [{"name": "model_entity", "type": "Model"}]

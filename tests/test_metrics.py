@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.clip_finetune import metrics as metrics_module
 from adapters.clip_finetune.config import metric_names
-from adapters.clip_finetune.metrics import format_table, metric_keys, ranking_metrics, retrieval_metrics
+from adapters.clip_finetune.retrieval import metrics as metrics_module
+from adapters.clip_finetune.retrieval.metrics import format_table, metric_keys, ranking_metrics, retrieval_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -456,5 +456,6 @@ def test_large_matrices_are_fast(density: float) -> None:
 
 
 def test_metrics_imports_no_torch() -> None:
-    code = "import sys, adapters.clip_finetune.metrics; sys.exit(any(m in sys.modules for m in ('torch', 'dtlpy')))"
+    code = ("import sys, adapters.clip_finetune.retrieval.metrics; "
+            "sys.exit(any(m in sys.modules for m in ('torch', 'dtlpy')))")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

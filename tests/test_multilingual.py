@@ -22,14 +22,14 @@ from hf_tiny import bilingual_pairs, build_tiny_xlmr, in_language, mixed  # noqa
 from open_clip.hf_model import HFTextEncoder  # noqa: E402
 from open_clip.tokenizer import HFTokenizer  # noqa: E402
 
-from adapters.clip_finetune import model as model_module  # noqa: E402
-from adapters.clip_finetune.cli import main  # noqa: E402
+from adapters.clip_finetune.cli.main import main  # noqa: E402
 from adapters.clip_finetune.config import build_config  # noqa: E402
-from adapters.clip_finetune.embed import encode_images, encode_texts, load_embeddings  # noqa: E402
 from adapters.clip_finetune.errors import ModelError  # noqa: E402
-from adapters.clip_finetune.evaluate import evaluate  # noqa: E402
-from adapters.clip_finetune.model import load_artifact, load_model, save_artifact  # noqa: E402
-from adapters.clip_finetune.train import fit, param_groups, seed_everything  # noqa: E402
+from adapters.clip_finetune.model import clip as model_module  # noqa: E402
+from adapters.clip_finetune.model.clip import load_artifact, load_model, save_artifact  # noqa: E402
+from adapters.clip_finetune.retrieval.embed import encode_images, encode_texts, load_embeddings  # noqa: E402
+from adapters.clip_finetune.retrieval.evaluate import evaluate  # noqa: E402
+from adapters.clip_finetune.training.loop import fit, param_groups, seed_everything  # noqa: E402
 
 R10, MRR, MEDIAN = "text_to_image/recall@10", "text_to_image/mrr", "text_to_image/median_rank"
 CONTEXT = 32

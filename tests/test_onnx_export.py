@@ -17,13 +17,13 @@ from PIL import Image
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from adapters.clip_finetune.cli import main  # noqa: E402
+from adapters.clip_finetune.cli.main import main  # noqa: E402
 from adapters.clip_finetune.config import build_config  # noqa: E402
-from adapters.clip_finetune.embed import encode_images, encode_texts  # noqa: E402
+from adapters.clip_finetune.data.images import load_image  # noqa: E402
 from adapters.clip_finetune.errors import ModelError  # noqa: E402
-from adapters.clip_finetune.images import load_image  # noqa: E402
-from adapters.clip_finetune.model import load_artifact, load_model, save_artifact  # noqa: E402
-from adapters.clip_finetune.onnx_export import export_onnx  # noqa: E402
+from adapters.clip_finetune.model.clip import load_artifact, load_model, save_artifact  # noqa: E402
+from adapters.clip_finetune.model.onnx_export import export_onnx  # noqa: E402
+from adapters.clip_finetune.retrieval.embed import encode_images, encode_texts  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "onnx.md"
 TEXTS = ["a red circle", "Two BLUE squares,   side by side!", "a very long caption " * 20]
@@ -213,7 +213,7 @@ def test_a_failing_tower_leaves_no_export_and_names_the_tower(exported, clip, tm
 
 
 def test_the_export_check_rejects_files_that_disagree_with_torch(exported, clip, tmp_path) -> None:
-    from adapters.clip_finetune.onnx_export import _verify
+    from adapters.clip_finetune.model.onnx_export import _verify
 
     other = load_artifact(exported["model"], "cpu").model.eval()
     with torch.no_grad():

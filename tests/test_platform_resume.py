@@ -14,8 +14,8 @@ import torch
 from loopback_platform import LoopbackPlatform, dtlpy_pointed_at
 from test_adapter import TINY, add_model, published, seed_shapes
 
-from adapters.clip_finetune import adapter as adapter_module
-from adapters.clip_finetune.adapter import ClipAdapter
+from adapters.clip_finetune.dataloop import adapter as adapter_module
+from adapters.clip_finetune.dataloop.adapter import ClipAdapter
 
 CONFIG = {"model_name": str(TINY), "pretrained": None, "learning_rate": 2e-3, "num_epochs": 3,
           "train_batch_size": 16, "early_stopping": False, "num_workers": 0}

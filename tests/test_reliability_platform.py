@@ -34,10 +34,10 @@ from loopback_platform import LoopbackPlatform
 from PIL import Image
 from test_adapter import QUICK_CONFIG, TINY, add_model, png, seed_shapes
 
-from adapters.clip_finetune.adapter import ClipAdapter, Unusable, VectorsNotStoredError
+from adapters.clip_finetune.data.pairs import DataReport
+from adapters.clip_finetune.data.synthetic import render, sample_specs
+from adapters.clip_finetune.dataloop.adapter import ClipAdapter, Unusable, VectorsNotStoredError
 from adapters.clip_finetune.errors import ModelError
-from adapters.clip_finetune.pairs import DataReport
-from adapters.clip_finetune.synthetic import render, sample_specs
 
 EMBED_CONFIG: dict[str, Any] = {"model_name": str(TINY), "pretrained": None, "batch_size": 4, "num_workers": 0}
 VECTORS = r"^/features/vectors$"
@@ -299,7 +299,7 @@ def test_bad_items_get_no_vector_are_listed_with_reasons_and_do_not_fail_the_job
     }
     adapter = embedding.adapter()
 
-    with caplog.at_level(logging.WARNING, logger="adapters.clip_finetune.adapter"):
+    with caplog.at_level(logging.WARNING, logger="adapters.clip_finetune.dataloop.adapter"):
         adapter.embed_dataset(dl.datasets.get(dataset_id=dataset_id))  # returns: the job succeeds
 
     assert embedding.stored() == Counter(good)

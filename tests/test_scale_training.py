@@ -14,16 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapters.clip_finetune import model as model_module
-from adapters.clip_finetune.cli import main
+from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.config import build_config
-from adapters.clip_finetune.data import read_table
+from adapters.clip_finetune.data.dataloop import read_table
+from adapters.clip_finetune.data.images import load_image
+from adapters.clip_finetune.data.synthetic import write_csv
 from adapters.clip_finetune.errors import ClipFinetuneError
-from adapters.clip_finetune.evaluate import evaluate
-from adapters.clip_finetune.images import load_image
-from adapters.clip_finetune.model import load_artifact, load_model
-from adapters.clip_finetune.synthetic import write_csv
-from adapters.clip_finetune.train import CHECKPOINT_NAME, apply_locks, fit, seed_everything, wise_ft
+from adapters.clip_finetune.model import clip as model_module
+from adapters.clip_finetune.model.clip import load_artifact, load_model
+from adapters.clip_finetune.retrieval.evaluate import evaluate
+from adapters.clip_finetune.training.loop import CHECKPOINT_NAME, apply_locks, fit, seed_everything, wise_ft
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "open_clip_model.safetensors"

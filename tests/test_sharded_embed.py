@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from adapters.clip_finetune.cli import main
+from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.config import build_config
-from adapters.clip_finetune.embed import load_embeddings
 from adapters.clip_finetune.errors import DataError
-from adapters.clip_finetune.model import load_model, save_artifact
-from adapters.clip_finetune.shards import ShardSpec, shard_range, shard_spec
+from adapters.clip_finetune.model.clip import load_model, save_artifact
+from adapters.clip_finetune.retrieval.embed import load_embeddings
+from adapters.clip_finetune.retrieval.shards import ShardSpec, shard_range, shard_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ["part-00000-of-00002.npz", "part-00001-of-00002.npz"]
@@ -122,7 +122,7 @@ def test_torchrun_shards_join_to_exactly_the_single_process_embedding(sharded, r
 
 def test_rerun_skips_finished_parts_and_recomputes_only_a_deleted_one(sharded, model_dir, images, tmp_path,
                                                                       capsys, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="adapters.clip_finetune.shards")
+    caplog.set_level(logging.INFO, logger="adapters.clip_finetune.retrieval.shards")
     folder = _copy(sharded[0], tmp_path / "out")
     joined = load_embeddings(folder)
     before = _state(folder)

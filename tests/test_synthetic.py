@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapters.clip_finetune import synthetic
-from adapters.clip_finetune.data import load_dataset, read_subset, read_table
-from adapters.clip_finetune.images import load_image
-from adapters.clip_finetune.pairs import DataReport
-from adapters.clip_finetune.synthetic import (
+from adapters.clip_finetune.data import synthetic
+from adapters.clip_finetune.data.dataloop import load_dataset, read_subset, read_table
+from adapters.clip_finetune.data.images import load_image
+from adapters.clip_finetune.data.pairs import DataReport
+from adapters.clip_finetune.data.synthetic import (
     ATTRIBUTES,
     COLOURS,
     POSITIONS,

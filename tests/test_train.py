@@ -12,13 +12,13 @@ import torch
 from conftest import stock_open_clip_embeddings
 
 from adapters.clip_finetune.config import build_config
-from adapters.clip_finetune.data import load_dataset
-from adapters.clip_finetune.embed import encode_images, encode_texts
+from adapters.clip_finetune.data.dataloop import load_dataset
+from adapters.clip_finetune.data.synthetic import write_dataloop_download
 from adapters.clip_finetune.errors import ConfigError
-from adapters.clip_finetune.evaluate import evaluate
-from adapters.clip_finetune.model import load_artifact, load_model
-from adapters.clip_finetune.synthetic import write_dataloop_download
-from adapters.clip_finetune.train import fit, seed_everything
+from adapters.clip_finetune.model.clip import load_artifact, load_model
+from adapters.clip_finetune.retrieval.embed import encode_images, encode_texts
+from adapters.clip_finetune.retrieval.evaluate import evaluate
+from adapters.clip_finetune.training.loop import fit, seed_everything
 
 R1, R10, MEDIAN = "text_to_image/recall@1", "text_to_image/recall@10", "text_to_image/median_rank"
 

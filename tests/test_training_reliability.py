@@ -15,14 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapters.clip_finetune import train as train_module
 from adapters.clip_finetune.config import build_config
-from adapters.clip_finetune.data import read_table
+from adapters.clip_finetune.data.dataloop import read_table
+from adapters.clip_finetune.data.pairs import DataReport
+from adapters.clip_finetune.data.synthetic import write_csv
 from adapters.clip_finetune.errors import ModelError
-from adapters.clip_finetune.model import atomic_write, load_artifact, load_model
-from adapters.clip_finetune.pairs import DataReport
-from adapters.clip_finetune.synthetic import write_csv
-from adapters.clip_finetune.train import CHECKPOINT_NAME, TrainingDiverged, fit
+from adapters.clip_finetune.model.clip import atomic_write, load_artifact, load_model
+from adapters.clip_finetune.training import loop as train_module
+from adapters.clip_finetune.training.loop import CHECKPOINT_NAME, TrainingDiverged, fit
 
 WEIGHTS = "open_clip_model.safetensors"
 CLIP_LOSS = open_clip.ClipLoss  # the real one, before tests patch the name

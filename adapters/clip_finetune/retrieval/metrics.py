@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .config import AT_K_METRICS, DIRECTIONS, EVAL_KS, RANK_METRICS
+from ..config import AT_K_METRICS, DIRECTIONS, EVAL_KS, RANK_METRICS
 
 # First-relevant-rank statistics; lower is better (every other metric: higher is better).
 LOWER_IS_BETTER = ("median_rank", "mean_rank")

@@ -28,8 +28,8 @@ from open_clip.push_to_hf_hub import save_config_for_hf
 from open_clip.tokenizer import HFTokenizer
 from safetensors.torch import save_file
 
-from .config import FinetuneConfig, architecture_config
-from .errors import ModelError
+from ..config import FinetuneConfig, architecture_config
+from ..errors import ModelError
 
 log = logging.getLogger(__name__)
 

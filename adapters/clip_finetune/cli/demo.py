@@ -15,19 +15,19 @@ from typing import Any
 
 import numpy as np
 
-from .config import FinetuneConfig, build_config
-from .data import load_dataset
-from .evaluate import PairEmbeddings, embed_pairs
-from .metrics import format_table
-from .model import load_model
-from .pairs import CaptionPair
+from ..config import FinetuneConfig, build_config
+from ..data.dataloop import load_dataset
+from ..data.pairs import CaptionPair
+from ..data.synthetic import write_dataloop_download
+from ..model.clip import load_model
+from ..retrieval.evaluate import PairEmbeddings, embed_pairs
+from ..retrieval.metrics import format_table
+from ..training.loop import TrainResult, fit, seed_everything
 from .plots import plot_training_curves, search_sheet
-from .synthetic import write_dataloop_download
-from .train import TrainResult, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
-TINY_MODEL = Path(__file__).parent / "model_configs" / "clip-tiny.json"
+TINY_MODEL = Path(__file__).parents[1] / "model_configs" / "clip-tiny.json"
 
 # From-scratch training of a 3.5M-parameter model: a learning rate ~1000x a fine-tuning one.
 DEMO_CONFIG: dict[str, Any] = {

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import ClipFinetuneError, ConfigError
-from .fastpath import cpu_cores
+from ..data.decode_cache import cpu_cores
+from ..errors import ClipFinetuneError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -144,16 +144,16 @@ READY_PREFIX = "ready-"
 
 
 def _worker(staging: Path) -> None:
-    """Ranks 1..N-1 of a launched run (`python -m adapters.clip_finetune.distributed STAGING`, rank in the
+    """Ranks 1..N-1 of a launched run (`python -m adapters.clip_finetune.training.distributed STAGING`, rank in the
     environment): the same fit() as rank 0, on a copy of rank 0's starting model."""
     rank = int(os.environ["RANK"])
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(levelname)s %(name)s: %(message)s")
     with open(staging / JOB_NAME, "rb") as f:
         job = pickle.load(f)  # written by launch() in this run's private folder, for these processes only
     torch.set_num_threads(job["threads"])  # on a CPU the ranks share the cores; oversubscribed OpenMP threads spin
-    from .config import FinetuneConfig
-    from .model import load_artifact
-    from .train import fit
+    from ..config import FinetuneConfig
+    from ..model.clip import load_artifact
+    from .loop import fit
 
     cfg = FinetuneConfig.model_validate_json(job["cfg"])
     clip = load_artifact(staging / "model", "cpu")
@@ -177,14 +177,14 @@ def launch(nprocs: int, cfg: Any, train_pairs: Any, val_pairs: Any, clip: Any, o
            **rank0_kwargs: Any) -> Any:
     """Train on `nprocs` processes on this machine: start ranks 1..N-1, run rank 0 here, return its result.
 
-    The other ranks are fresh interpreters (`python -m adapters.clip_finetune.distributed`), not
+    The other ranks are fresh interpreters (`python -m adapters.clip_finetune.training.distributed`), not
     multiprocessing children: those would re-import the caller's main module (a user's script, the Dataloop
     agent), and fork would copy CUDA state and torch's thread pools. They start from rank 0's model, passed as
     a saved model folder (exact weights, transforms and tokenizer, no second download). If any rank fails,
     the others are stopped and the error is raised; the resume checkpoint (rank 0's, in out_dir) stays.
     """
-    from .model import save_artifact
-    from .train import fit
+    from ..model.clip import save_artifact
+    from .loop import fit
 
     port, threads = _free_port(), _threads_per_process(nprocs)
     staging = Path(tempfile.mkdtemp(prefix="clip-finetune-ranks-"))
@@ -197,7 +197,7 @@ def launch(nprocs: int, cfg: Any, train_pairs: Any, val_pairs: Any, clip: Any, o
         with open(staging / JOB_NAME, "wb") as f:
             pickle.dump(job, f)
         # the package's parent folder on the path: the ranks import this package even from an uninstalled checkout
-        root = str(Path(__file__).resolve().parents[2])
+        root = str(Path(__file__).resolve().parents[3])
         path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
         for rank in range(1, nprocs):
             env = {**os.environ, **_rank_env(rank, nprocs, port), "PYTHONPATH": path}

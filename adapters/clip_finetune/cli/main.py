@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ClipFinetuneError, ConfigError, DataError
-from .runs_cli import add_runs_parser, cmd_runs
+from ..errors import ClipFinetuneError, ConfigError, DataError
+from .runs import add_runs_parser, cmd_runs
 
 log = logging.getLogger("clip_finetune")
 
@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None):
-    from .config import build_config, load_config_file, parse_set_options
-    from .images import set_max_image_pixels
+    from ..config import build_config, load_config_file, parse_set_options
+    from ..data.images import set_max_image_pixels
 
     file_cfg = load_config_file(args.config) if getattr(args, "config", None) else None
     # CLI --set > --config file > defaults
@@ -99,14 +99,14 @@ def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None):
 
 
 def _load_clip(args: argparse.Namespace):
-    from .model import load_artifact, load_model
+    from ..model.clip import load_artifact, load_model
 
     cfg = _load_cfg(args)
     return (load_artifact(args.model, cfg.device) if args.model else load_model(cfg)), cfg
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .config import parse_set_options
+    from ..config import parse_set_options
     from .demo import run_demo
 
     res = run_demo(args.out, args.train, args.validation, args.seed, parse_set_options(args.sets))
@@ -118,9 +118,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .data import load_dataset, require_pairs
-    from .metrics import format_table
-    from .train import fit
+    from ..data.dataloop import load_dataset, require_pairs
+    from ..retrieval.metrics import format_table
+    from ..training.loop import fit
 
     cfg = _load_cfg(args)  # validated before any data is read
     subsets, reports = load_dataset(args.data)
@@ -147,9 +147,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .evaluate import evaluate
-    from .metrics import format_table
+    from ..data.dataloop import load_dataset
+    from ..retrieval.evaluate import evaluate
+    from ..retrieval.metrics import format_table
 
     alphas = _parse_alphas(args.wise_ft) if args.wise_ft else None
     if alphas is not None and not args.model:
@@ -165,8 +165,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers)
         print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
         return 0
-    from .evaluate import base_model_of, save_wise_ft_mix, wise_ft_sweep
-    from .metrics import format_sweep
+    from ..retrieval.evaluate import base_model_of, save_wise_ft_mix, wise_ft_sweep
+    from ..retrieval.metrics import format_sweep
 
     base = base_model_of(clip, args.base, cfg.device)
     results = wise_ft_sweep(clip, base, alphas, subsets[name], cfg.batch_size, cfg.num_workers)
@@ -192,7 +192,7 @@ def _list_images(source: str) -> list[str]:
     path = Path(source)
     if path.is_dir():
         return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    from .data import read_table
+    from ..data.dataloop import read_table
 
     return list(dict.fromkeys(p.image for p in read_table(path)))
 
@@ -200,7 +200,7 @@ def _list_images(source: str) -> list[str]:
 def _list_texts(source: str) -> list[str]:
     path = Path(source)
     if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
-        from .data import read_table
+        from ..data.dataloop import read_table
 
         return [p.caption for p in read_table(path)]
     if not path.is_file():
@@ -209,8 +209,8 @@ def _list_texts(source: str) -> list[str]:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from .embed import encode_items, save_embeddings
-    from .shards import embed_shard, pin_local_gpu, shard_spec
+    from ..retrieval.embed import encode_items, save_embeddings
+    from ..retrieval.shards import embed_shard, pin_local_gpu, shard_spec
 
     spec = shard_spec(args.shard_index, args.num_shards)  # None: one process writes the one --out file
     if spec is not None:
@@ -233,8 +233,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .embed import load_embeddings
-    from .search import search_texts
+    from ..retrieval.embed import load_embeddings
+    from ..retrieval.search import search_texts
 
     clip, _ = _load_clip(args)
     ids, vectors = load_embeddings(args.index)
@@ -246,7 +246,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from .onnx_export import export_onnx
+    from ..model.onnx_export import export_onnx
 
     out = export_onnx(args.model, args.out, args.opset)
     settings = json.loads((out / "preprocess.json").read_text())
@@ -260,7 +260,7 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from .config import FinetuneConfig, markdown_reference
+    from ..config import FinetuneConfig, markdown_reference
 
     if args.markdown:
         print(markdown_reference(), end="")

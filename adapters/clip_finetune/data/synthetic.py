@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import ImageResolver, image_ref
+from .dataloop import ImageResolver, image_ref
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

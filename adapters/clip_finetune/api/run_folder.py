@@ -12,7 +12,7 @@ A run is a folder under the runs folder (`$CLIP_FINETUNE_RUNS_DIR`, else `./runs
 
 state.json is only ever replaced whole (temp file + fsync + os.replace), under a lock file so that the
 worker and a reader marking a dead worker never lose each other's update. Readers take no lock.
-The worker: `python -m adapters.clip_finetune.runs NAME --runs-dir DIR` (spawned by api.fit).
+The worker: `python -m adapters.clip_finetune.api.run_folder NAME --runs-dir DIR` (spawned by api.fit).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ClipFinetuneError, ConfigError, DataError
-from .pairs import CaptionPair
+from ..data.pairs import CaptionPair
+from ..errors import ClipFinetuneError, ConfigError, DataError
 
 log = logging.getLogger(__spec__.name if __spec__ else __name__)  # not "__main__" when run with -m
 
@@ -216,7 +216,7 @@ def refresh_state(run_dir: Path) -> dict[str, Any]:
 def read_pairs(train_data: str, eval_data: str | None) -> tuple[list[CaptionPair], list[CaptionPair] | None]:
     """Training and evaluation pairs, as `clip-finetune train` reads them: without eval_data, the
     'validation' subset of train_data (if it has one) evaluates."""
-    from .data import load_dataset
+    from ..data.dataloop import load_dataset
 
     subsets, _ = load_dataset(train_data)
     if "train" in subsets:
@@ -262,7 +262,7 @@ def execute(run_dir: Path) -> dict[str, Any]:
 
 
 def _train(run_dir: Path) -> dict[str, Any]:
-    from .config import build_config
+    from ..config import build_config
 
     request = read_json(run_dir / REQUEST_NAME)
     cfg = build_config(request["config"])
@@ -270,10 +270,10 @@ def _train(run_dir: Path) -> dict[str, Any]:
     log.info("run %s: %d training pairs, %d evaluation pairs", run_dir.name, len(train), len(val or []))
 
     # heavy imports only now: a bad data path fails in a second, without loading torch
-    from .evaluate import embed_pairs
-    from .images import set_max_image_pixels
-    from .model import load_model
-    from .train import CHECKPOINT_NAME, check_sizes, fit, seed_everything
+    from ..data.images import set_max_image_pixels
+    from ..model.clip import load_model
+    from ..retrieval.evaluate import embed_pairs
+    from ..training.loop import CHECKPOINT_NAME, check_sizes, fit, seed_everything
 
     check_sizes(cfg, len(train))
     update_state(run_dir, details="loading the model")
@@ -313,13 +313,13 @@ def _train(run_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Worker entry point: train run NAME of the runs folder; stdout/stderr are the run's log file."""
-    parser = argparse.ArgumentParser(prog="python -m adapters.clip_finetune.runs", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m adapters.clip_finetune.api.run_folder", description=main.__doc__)
     parser.add_argument("name")
     parser.add_argument("--runs-dir", help=f"runs folder (default: ${RUNS_DIR_ENV}, else ./runs)")
     args = parser.parse_args(argv)
     # this package at INFO (data report, epochs); other libraries' chatter (open_clip's INFO) only from WARNING
     logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT, stream=sys.stderr, force=True)
-    logging.getLogger(__package__).setLevel(logging.INFO)
+    logging.getLogger(__package__.rpartition(".")[0]).setLevel(logging.INFO)
     logging.captureWarnings(True)
     run_dir = runs_root(args.runs_dir) / check_run_name(args.name)
     try:

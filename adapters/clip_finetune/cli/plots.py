@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import load_image
+from ..data.images import load_image
 
 CURVE_KEYS = ("text_to_image/recall@1", "text_to_image/recall@5", "image_to_text/recall@1")
 

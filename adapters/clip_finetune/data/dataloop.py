@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from ..errors import DataError
 from .pairs import CaptionPair, DataReport
 
 logger = logging.getLogger(__name__)

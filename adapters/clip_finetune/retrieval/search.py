@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import DataError
+from ..model.clip import ClipModel
 from .embed import encode_texts
-from .errors import DataError
-from .model import ClipModel
 
 
 def top_k(query_vectors: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

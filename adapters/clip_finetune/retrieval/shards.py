@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import DataError
+from ..model.clip import ClipModel, atomic_write, unwrap
 from .embed import encode_items
-from .errors import DataError
-from .model import ClipModel, atomic_write, unwrap
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ def _progress(state: dict[str, Any]) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from .api import get_run, list_runs
+    from ..api.run import get_run, list_runs
 
     if args.runs_command == "list":
         states = [r.status() for r in list_runs(args.runs_dir)]

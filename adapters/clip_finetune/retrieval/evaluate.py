@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import EVAL_KS, build_config
+from ..config import EVAL_KS, build_config
+from ..data.pairs import CaptionPair
+from ..errors import DataError, ModelError
+from ..model.clip import ClipModel, cpu_state, load_artifact, load_model, save_artifact, wise_ft
 from .embed import encode_images, encode_texts
-from .errors import DataError, ModelError
 from .metrics import retrieval_metrics
-from .model import ClipModel, cpu_state, load_artifact, load_model, save_artifact, wise_ft
-from .pairs import CaptionPair
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def wise_ft_sweep(
 
 def base_model_of(fine_tuned: ClipModel, base_dir: str | None = None, device: str | None = None) -> ClipModel:
     """The model a fine-tuned model started from: `base_dir`, else the base its finetune_config.json names."""
-    from .train import seed_everything  # train imports this module
+    from ..training.loop import seed_everything  # train imports this module
 
     if base_dir:
         return load_artifact(base_dir, device)

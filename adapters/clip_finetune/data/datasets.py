@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from .errors import DataError
-from .fastpath import DecodedCache, cpu_cores, thread_map
+from ..errors import DataError
+from .decode_cache import DecodedCache, cpu_cores, thread_map
 from .images import load_image
 from .pairs import CaptionPair
 

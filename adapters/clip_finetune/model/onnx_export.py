@@ -31,8 +31,8 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg
 
-from .errors import ModelError
-from .model import ClipModel, load_artifact, unwrap
+from ..errors import ModelError
+from .clip import ClipModel, load_artifact, unwrap
 
 log = logging.getLogger(__name__)
 

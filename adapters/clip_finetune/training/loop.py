@@ -21,16 +21,16 @@ from torch.optim.lr_scheduler import ConstantLR, CosineAnnealingLR, LinearLR, LR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import FinetuneConfig
-from .datasets import PairDataset, collate_skipping_bad, default_num_workers, epoch_batches
+from ..config import FinetuneConfig
+from ..data.datasets import PairDataset, collate_skipping_bad, default_num_workers, epoch_batches
+from ..data.decode_cache import train_cache
+from ..data.images import set_max_image_pixels
+from ..data.pairs import CaptionPair, DataReport
+from ..errors import ClipFinetuneError, ConfigError, DataError
+from ..model.clip import ClipModel, atomic_write, cpu_state, load_model, save_artifact, unwrap, wise_ft
+from ..retrieval.embed import autocast_for
+from ..retrieval.evaluate import evaluate
 from .distributed import DistContext, all_gather_lists, broadcast, launch, process_group, resolve_num_processes
-from .embed import autocast_for
-from .errors import ClipFinetuneError, ConfigError, DataError
-from .evaluate import evaluate
-from .fastpath import train_cache
-from .images import set_max_image_pixels
-from .model import ClipModel, atomic_write, cpu_state, load_model, save_artifact, unwrap, wise_ft
-from .pairs import CaptionPair, DataReport
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def fit(
     several GPUs) makes this call spawn the other ranks and train as rank 0.
     """
     if cfg.export_onnx:  # missing packages fail now, not after the training
-        from .onnx_export import require_exporter
+        from ..model.onnx_export import require_exporter
 
         require_exporter()
     ctx = DistContext.from_env()
@@ -452,7 +452,7 @@ def _fit(
     if out is not None and is_main:
         result.out_dir = save_artifact(clip, out, cfg, result.to_dict())
         if cfg.export_onnx:
-            from .onnx_export import export_onnx
+            from ..model.onnx_export import export_onnx
 
             export_onnx(clip, out / ONNX_DIR)
         # the run is complete: its resume state (weights + optimizer, ~3x the model) has no further use

@@ -28,22 +28,22 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from PIL import Image
 
-from . import runs
-from .config import build_config
-from .errors import ConfigError, DataError
-from .fusion import top_k_scores
-from .pairs import CaptionPair
-from .runs import RunError
+from ..config import build_config
+from ..data.pairs import CaptionPair
+from ..errors import ConfigError, DataError
+from ..retrieval.fusion import top_k_scores
+from . import run_folder as runs
+from .run_folder import RunError
 
 if TYPE_CHECKING:
-    from .model import ClipModel
+    from ..model.clip import ClipModel
 
 log = logging.getLogger(__name__)
 
 PairLike = CaptionPair | tuple[Any, str] | list[Any]
 DataLike = str | os.PathLike | Sequence[PairLike]
 TOWERS = ("clip-text", "clip-vision")
-_PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding adapters/, for the worker's sys.path
+_PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the folder holding adapters/, for the worker's sys.path
 
 
 # --- fit ------------------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def _spawn(run_dir: Path) -> subprocess.Popen:
     """Start the worker in its own session (Ctrl-C in the caller's terminal does not stop it)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", f"{__package__}.runs", run_dir.name, "--runs-dir", str(run_dir.parent)]
+    cmd = [sys.executable, "-m", f"{__package__}.run_folder", run_dir.name, "--runs-dir", str(run_dir.parent)]
     with open(run_dir / runs.LOG_NAME, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)
@@ -178,7 +178,7 @@ def _log_to(path: Path) -> Iterator[None]:
     """Send this package's log (INFO and up) to the run's log file while a foreground run trains."""
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(runs.LOG_FORMAT))
-    package_log = logging.getLogger(__package__)
+    package_log = logging.getLogger(__package__.rpartition(".")[0])
     old_level = package_log.level
     if package_log.getEffectiveLevel() > logging.INFO:
         package_log.setLevel(logging.INFO)
@@ -356,7 +356,7 @@ def get_model(
     if select_model not in TOWERS:
         raise ConfigError(f"select_model: {select_model!r} is not a tower; use 'clip-text' (texts) or "
                           "'clip-vision' (images)")
-    from .model import load_artifact
+    from ..model.clip import load_artifact
 
     folder = artifact.model_dir if isinstance(artifact, Run) else artifact
     return Encoder(load_artifact(folder, device), select_model)
@@ -365,7 +365,7 @@ def get_model(
 def encode(model: Encoder, data: Sequence[Any] | str | Image.Image, batch_size: int = 64) -> np.ndarray:
     """L2-normalised float32 vectors [n, d], one row per text (clip-text) or image (path or PIL; clip-vision),
     in order. An image that cannot be decoded is an error (a skipped row would misalign the result)."""
-    from .embed import encode_texts
+    from ..retrieval.embed import encode_texts
 
     items = [data] if isinstance(data, (str, Image.Image)) else list(data)
     if model.tower == "clip-text":
@@ -385,7 +385,7 @@ def encode(model: Encoder, data: Sequence[Any] | str | Image.Image, batch_size: 
 
 def _encode_files(clip: ClipModel, paths: list[Any], batch_size: int) -> np.ndarray:
     """Image files through embed.encode_images, the very pipeline of `clip-finetune embed`."""
-    from .embed import encode_images
+    from ..retrieval.embed import encode_images
 
     paths = [os.fspath(p) for p in paths]
     vectors, kept = encode_images(clip, paths, batch_size, progress=False)
@@ -399,7 +399,7 @@ def _encode_files(clip: ClipModel, paths: list[Any], batch_size: int) -> np.ndar
 def _encode_pil(clip: ClipModel, images: list[Image.Image], batch_size: int) -> np.ndarray:
     import torch
 
-    from .embed import autocast_for
+    from ..retrieval.embed import autocast_for
 
     out = []
     clip.model.eval()
@@ -413,6 +413,6 @@ def _encode_pil(clip: ClipModel, images: list[Image.Image], batch_size: int) -> 
 def _as_rgb(image: Image.Image) -> Image.Image:
     """What load_image does after decoding (EXIF orientation, RGB, alpha onto white), so a PIL image and
     its file give the same vector."""
-    from .images import _to_rgb, _upright
+    from ..data.images import _to_rgb, _upright
 
     return _to_rgb(_upright(image))

@@ -28,13 +28,11 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from PIL import Image
 
 from adapters.clip_finetune.config import DIRECTIONS, EVAL_KS, FinetuneConfig, build_config
-from adapters.clip_finetune.data import ImageResolver, image_ref, prompt_parts, read_subset
-from adapters.clip_finetune.embed import encode_image_tensors, encode_texts
+from adapters.clip_finetune.data.dataloop import ImageResolver, image_ref, prompt_parts, read_subset
+from adapters.clip_finetune.data.images import ImageDecodeError, load_image, set_max_image_pixels
+from adapters.clip_finetune.data.pairs import CaptionPair, DataReport
 from adapters.clip_finetune.errors import ConfigError, DataError, ModelError
-from adapters.clip_finetune.evaluate import evaluate as retrieval_metrics
-from adapters.clip_finetune.images import ImageDecodeError, load_image, set_max_image_pixels
-from adapters.clip_finetune.metrics import format_table
-from adapters.clip_finetune.model import (
+from adapters.clip_finetune.model.clip import (
     FINETUNE_CONFIG_NAME,
     METRICS_NAME,
     ClipModel,
@@ -43,8 +41,10 @@ from adapters.clip_finetune.model import (
     load_model,
     save_artifact,
 )
-from adapters.clip_finetune.pairs import CaptionPair, DataReport
-from adapters.clip_finetune.train import CHECKPOINT_NAME, TrainResult, fit
+from adapters.clip_finetune.retrieval.embed import encode_image_tensors, encode_texts
+from adapters.clip_finetune.retrieval.evaluate import evaluate as retrieval_metrics
+from adapters.clip_finetune.retrieval.metrics import format_table
+from adapters.clip_finetune.training.loop import CHECKPOINT_NAME, TrainResult, fit
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .datasets import ImageDataset, collate_skipping_bad, default_num_workers
-from .errors import DataError
-from .fastpath import transform_size
-from .model import ClipModel
+from ..data.datasets import ImageDataset, collate_skipping_bad, default_num_workers
+from ..data.decode_cache import transform_size
+from ..errors import DataError
+from ..model.clip import ClipModel
 
 log = logging.getLogger(__name__)
 
