@@ -1,19 +1,19 @@
-"""Readers that turn a Dataloop subset download or a local table into `CaptionPair`s.
+"""The reader of a Dataloop subset download (`items/` + `json/`, what `dataset.download` and a model's
+`train_model` give): plain image items captioned by their description, and prompt items captioned by
+free-text annotations.
 
-Platform-free on purpose (no dtlpy): the Dataloop adapter downloads, these functions only read files.
-Layouts: the shared docs DATALOOP_PLATFORM.md, sections "Downloaded subset layout" and "Prompt items".
-Items that cannot be used are skipped and counted in a `DataReport`, never raised for one at a time.
+Platform-free on purpose (no dtlpy): the Dataloop adapter downloads, these functions only read files; the
+layouts are described in docs/dataloop.md. Items that cannot be used are skipped and counted in a
+`DataReport`, never raised for one at a time.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,6 @@ ImageResolver = Callable[[list[str]], dict[str, str]]
 """Given image references missing from the download (item ids, or external URLs), return {ref: local path}
 for those it could fetch, in one bulk call. Refs it could not fetch are simply absent."""
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
-IMAGE_COLUMNS = ("filepath", "image", "image_path", "path", "file", "filename", "img")
-CAPTION_COLUMNS = ("caption", "text", "title", "description", "label")
 
 _STREAM_URL = re.compile(r"/items/([0-9a-fA-F]{24})/stream\b")
 
@@ -274,158 +271,3 @@ def _resolve_refs(
     wanted = set(missing)
     found.update({ref: str(p) for ref, p in fetched.items() if ref in wanted and p and Path(p).is_file()})
     return found
-
-
-# --- local tables ---------------------------------------------------------------------------------------
-
-
-def read_table(path: str | Path, report: DataReport | None = None) -> list[CaptionPair]:
-    """Pairs of a .csv (delimiter sniffed), .tsv or .jsonl table with an image column and a caption column.
-
-    Relative image paths resolve against the table's folder; rows with an empty caption or a missing
-    image file are skipped and counted. A missing column is a DataError.
-    """
-    path = Path(path)
-    report = report if report is not None else DataReport()
-    suffix = path.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DataError(f"table {str(path)!r} has suffix {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")
-    if not path.is_file():
-        raise DataError(f"table {str(path)!r} does not exist; check the path")
-    rows, columns = _read_jsonl(path, report) if suffix == ".jsonl" else _read_delimited(path)
-    image_col = _pick_column(columns, IMAGE_COLUMNS, "image", path)
-    caption_col = _pick_column(columns, CAPTION_COLUMNS, "caption", path)
-    id_col = next((c for c in columns if c.strip().lower() == "id"), None)
-    pairs = []
-    for n, row in rows:
-        item_id = str(row.get(id_col) or "").strip() if id_col else ""
-        pair = _table_pair(row, image_col, caption_col, path.parent, item_id or f"row {n}", report)
-        if pair is not None:
-            pairs.append(pair)
-    report.used = len(pairs)
-    return pairs
-
-
-def _read_delimited(path: Path) -> tuple[Iterable[tuple[int, dict[str, Any]]], list[str]]:
-    text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: Excel writes a BOM before the header
-    if path.suffix.lower() == ".tsv":
-        dialect: Any = csv.excel_tab
-    else:
-        try:
-            dialect = csv.Sniffer().sniff(text[:8192], delimiters=",;\t|")
-        except csv.Error:  # a single column, or too little text to tell: the default is a comma
-            dialect = csv.excel
-    reader = csv.DictReader(io.StringIO(text, newline=""), dialect=dialect)  # keeps quoted newlines
-    columns = list(reader.fieldnames or [])
-    return enumerate(reader, start=1), columns
-
-
-def _read_jsonl(path: Path, report: DataReport) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
-    rows, columns = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            obj = None
-        if not isinstance(obj, dict):
-            report.skip("unreadable json line", f"line {n}")
-            continue
-        rows.append((n, obj))
-        columns.update(dict.fromkeys(obj))
-    return rows, list(columns)
-
-
-def _pick_column(columns: list[str], accepted: tuple[str, ...], what: str, path: Path) -> str:
-    by_name = {c.strip().lower(): c for c in columns if c is not None}
-    for name in accepted:
-        if name in by_name:
-            return by_name[name]
-    raise DataError(
-        f"table {str(path)!r} has no {what} column: found columns {columns}; name one of them "
-        f"{' / '.join(accepted)} (case-insensitive), and make the first line a header"
-    )
-
-
-def _table_pair(
-    row: dict[str, Any], image_col: str, caption_col: str, base: Path, item_id: str, report: DataReport
-) -> CaptionPair | None:
-    caption = _cell(row.get(caption_col))
-    image = _cell(row.get(image_col))
-    if not caption:
-        report.skip("no caption", item_id)
-        return None
-    if not image:
-        report.skip("no image path", item_id)
-        return None
-    file = Path(image).expanduser()
-    file = Path(os.path.normpath(file if file.is_absolute() else base / file))
-    if not file.is_file():
-        report.skip("image file missing", item_id)
-        return None
-    return CaptionPair(str(file), caption, item_id)
-
-
-def _cell(value: Any) -> str:
-    return "" if value is None else str(value).strip()
-
-
-# --- dispatch -------------------------------------------------------------------------------------------
-
-
-def load_dataset(
-    path: str | Path, resolver: ImageResolver | None = None
-) -> tuple[dict[str, list[CaptionPair]], dict[str, DataReport]]:
-    """Read a table, one subset download, or a folder of subset downloads into {split: pairs}.
-
-    Returns the pairs and a DataReport per split (also logged).
-    """
-    path = Path(path)
-    if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
-        readers = {"train": lambda r: read_table(path, r)}
-    elif path.is_dir() and _is_subset(path):
-        readers = {"train": lambda r: read_subset(path, resolver, r)}
-    elif path.is_dir() and (subsets := sorted(d for d in path.iterdir() if d.is_dir() and _is_subset(d))):
-        readers = {d.name: _subset_reader(d, resolver) for d in subsets}
-    else:
-        raise DataError(_layout_message(path))
-    splits, reports = {}, {}
-    for name, read in readers.items():
-        reports[name] = DataReport()
-        splits[name] = read(reports[name])
-        level = logging.WARNING if reports[name].total_skipped else logging.INFO
-        logger.log(level, "%s: %s", name, reports[name].summary())
-    return splits, reports
-
-
-def require_pairs(name: str, pairs: list[CaptionPair], report: DataReport) -> None:
-    """DataError naming the subset and why nothing in it is usable, when it has no pair."""
-    if not pairs:
-        raise DataError(
-            f"{name}: no usable image-caption pairs ({report.summary()}); give each image a caption (its "
-            "description, or a free-text annotation on each prompt), or point to other data"
-        )
-
-
-def _subset_reader(folder: Path, resolver: ImageResolver | None) -> Callable[[DataReport], list[CaptionPair]]:
-    return lambda report: read_subset(folder, resolver, report)
-
-
-def _is_subset(folder: Path) -> bool:
-    return (folder / "items").is_dir() or (folder / "json").is_dir()
-
-
-def _layout_message(path: Path) -> str:
-    if not path.exists():
-        found = "it does not exist"
-    elif path.is_file():
-        found = f"it is a {path.suffix or 'suffix-less'} file"
-    else:
-        names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())[:10]
-        found = f"it holds {names}" if names else "it is empty"
-    return (
-        f"data path {str(path)!r} is not a dataset ({found}); give one of: a .csv/.tsv/.jsonl table with "
-        "image and caption columns; a Dataloop subset download (a folder with items/ and json/); or a "
-        "folder of such subsets (train/, validation/, ...)"
-    )

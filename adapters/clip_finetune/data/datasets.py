@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -11,8 +12,9 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import DataError
-from .decode_cache import DecodedCache, cpu_cores, thread_map
-from .images import load_image
+from ..machine import cpu_cores, thread_map
+from .decode_cache import DecodedCache
+from .images import load_image, to_rgb
 from .pairs import CaptionPair
 
 log = logging.getLogger(__name__)
@@ -78,30 +80,43 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[t
     return [[(epoch, i) for i in order[b * batch_size : (b + 1) * batch_size]] for b in range(n // batch_size)]
 
 
+ImageSource = str | Path | bytes | Image.Image  # an image file, its bytes, or an image already decoded
+
+
+def model_input(source: ImageSource, transform: Callable, draft: int | None = None, name: str | None = None
+                ) -> torch.Tensor:
+    """An image as the model takes it: decoded (load_image; a PIL image gets the same orientation and RGB
+    conversion) and transformed. `draft`: JPEGs are decoded at reduced scale, never below `draft` pixels a
+    side (the transform's size), so the transform still only shrinks."""
+    image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source, name, draft=draft)
+    return transform(image)
+
+
 class ImageDataset(Dataset):
-    """(image tensor, index) per image path; a BadSample where the image cannot be decoded.
+    """(image tensor, index) per image (path, bytes or PIL image); a BadSample where it cannot be decoded."""
 
-    `draft`: JPEGs are decoded at reduced scale, never below `draft` pixels a side (the transform's size).
-    """
-
-    def __init__(self, paths: Sequence[str], transform: Callable, draft: int | None = None) -> None:
-        self.paths = list(paths)
+    def __init__(self, sources: Sequence[ImageSource], transform: Callable, draft: int | None = None) -> None:
+        self.sources = list(sources)
         self.transform = transform
         self.draft = draft
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.sources)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | BadSample:
         try:
-            return self.transform(load_image(self.paths[i], draft=self.draft)), i
+            return model_input(self.sources[i], self.transform, self.draft), i
         except DataError as e:
-            log.warning("skipping image %s: %s", self.paths[i], e)
+            log.warning("skipping image %s: %s", _label(self.sources[i], i), e)
             return BadSample(i, "undecodable image")
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int] | BadSample]:
         """A batch, decoded and transformed on threads (the eval transform is deterministic)."""
         return thread_map(self.__getitem__, indices)
+
+
+def _label(source: ImageSource, i: int) -> str:
+    return str(source) if isinstance(source, str | Path) else f"#{i}"
 
 
 def collate_skipping_bad(batch: list[Any]) -> tuple[Any, list[BadSample]]:

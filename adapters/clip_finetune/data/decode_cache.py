@@ -1,6 +1,5 @@
-"""Faster image input, measured in docs/performance.md: JPEG draft decoding at reduced scale, a
-decode-once uint8 cache of training images with a memory budget (over it, images are decoded each epoch),
-and decoding a batch's images on threads (Pillow releases the GIL while decoding and resizing).
+"""Faster image input, measured in docs/performance.md: JPEG draft decoding at reduced scale, and a
+decode-once uint8 cache of training images with a memory budget (over it, images are decoded each epoch).
 
 Each keeps the result of the straightforward path, exactly or within tolerance (tests/test_fast_paths.py):
 draft mode decodes a JPEG at 1/2, 1/4 or 1/8 scale in the DCT domain, never below the size the model's transform
@@ -11,12 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -24,7 +19,6 @@ from PIL import Image
 from .images import load_image
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # open_clip's training crop, RandomResizedCrop(scale=(0.9, 1), ratio=(3/4, 4/3)), keeps at least ~0.8 of the
 # short side: an image stored with its short side at 1.25x the model's input is still only shrunk by it.
@@ -97,31 +91,3 @@ def train_cache(transform: Callable, budget_mb: float, num_workers: int) -> Deco
     if budget_mb <= 0 or num_workers > 0:
         return DecodedCache(math.ceil(size * TRAIN_SIDE_FACTOR), 0)  # same pixels, nothing kept
     return DecodedCache(math.ceil(size * TRAIN_SIDE_FACTOR), budget_mb)
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on (its affinity mask where the OS has one, else the CPU count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def decode_threads() -> int:
-    """Threads for decoding one batch: every core in the main process (the model is idle meanwhile: with
-    workers=0 loading and computing alternate), one inside a DataLoader worker process (already parallel)."""
-    from torch.utils.data import get_worker_info
-
-    if get_worker_info() is not None:
-        return 1
-    return cpu_cores()
-
-
-@lru_cache(maxsize=4)
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="decode")
-
-
-def thread_map(fn: Callable[[Any], T], items: Sequence[Any], threads: int | None = None) -> list[T]:
-    """[fn(x) for x in items], in order, on `threads` threads (default: decode_threads())."""
-    threads = decode_threads() if threads is None else threads
-    if threads <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    return list(_pool(threads).map(fn, items))

@@ -11,23 +11,16 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import DataError
+from ..machine import PILLOW_MAX_IMAGE_PIXELS, set_max_image_pixels
 
 logger = logging.getLogger(__name__)
 
-PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default (about 89 megapixels)
+__all__ = ["PILLOW_MAX_IMAGE_PIXELS", "ImageDecodeError", "load_image", "set_max_image_pixels", "to_rgb"]
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class ImageDecodeError(DataError):
     """An image file cannot be decoded: missing, empty, truncated, not an image, or too large."""
-
-
-def set_max_image_pixels(n: int | None = PILLOW_MAX_IMAGE_PIXELS) -> None:
-    """Set the decompression-bomb limit (pixels per image) for every Pillow decode in this process.
-
-    None turns the protection off: only do that for trusted data.
-    """
-    Image.MAX_IMAGE_PIXELS = n
 
 
 def load_image(source: str | Path | bytes, name: str | None = None, draft: int | None = None) -> Image.Image:
@@ -54,8 +47,7 @@ def load_image(source: str | Path | bytes, name: str | None = None, draft: int |
                 if draft and im.format == "JPEG":
                     im.draft(None, (draft, draft))
                 im.load()
-                upright = _upright(im)  # always a copy, detached from the file: an RGB one needs no second
-                return upright if upright.mode == "RGB" else _to_rgb(upright)
+                return to_rgb(im)
     except _Refused as e:
         raise ImageDecodeError(f"cannot decode image {label!r}: {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -66,6 +58,13 @@ def load_image(source: str | Path | bytes, name: str | None = None, draft: int |
         raise ImageDecodeError(
             f"cannot decode image {label!r}: {type(e).__name__}: {e}; re-export the file or remove it"
         ) from e
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """What load_image does once a file is decoded, for an image already in memory (a PIL image and its file
+    give the same pixels): EXIF orientation applied, then RGB. Always a copy, detached from any file."""
+    upright = _upright(image)  # a copy: an RGB one needs no second
+    return upright if upright.mode == "RGB" else _to_rgb(upright)
 
 
 class _Refused(Exception):
@@ -81,7 +80,7 @@ def _check_size(im: Image.Image) -> None:
 
 def _bomb_message(detail: object) -> str:
     return (f"possible decompression bomb ({detail}); if the image is trusted, raise the limit with "
-            "images.set_max_image_pixels(n)")
+            "set_max_image_pixels(n) (or the max_image_pixels setting)")
 
 
 def _upright(im: Image.Image) -> Image.Image:

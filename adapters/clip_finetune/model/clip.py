@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import secrets
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from safetensors.torch import save_file
 
 from ..config import FinetuneConfig, architecture_config
 from ..errors import ModelError
+from ..files import atomic_write
+from .weights import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) -> ClipModel:
     """Build the model that `cfg` describes: a saved artifact folder, a name + pretrained tag, or a
-    config (JSON path or name) with random init when `pretrained` is null."""
+    config (JSON path or name) with random init under `cfg.seed` when `pretrained` is null."""
     device = pick_device(str(device) if device else cfg.device)
     if is_artifact_dir(cfg.pretrained):
         return load_artifact(cfg.pretrained, device)
@@ -100,9 +101,13 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
                 f"(known: {', '.join(tags) or 'none'}), a weights file, nor a saved model folder"
             )
     try:
-        model, pp_train, pp_val = open_clip.create_model_and_transforms(
-            name, pretrained=cfg.pretrained, device=device, **kwargs
-        )
+        # random init (all of it with pretrained null, parts of it otherwise) is drawn under the config's seed,
+        # on a forked generator: the same config builds the same weights whatever ran before in the process
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model, pp_train, pp_val = open_clip.create_model_and_transforms(
+                name, pretrained=cfg.pretrained, device=device, **kwargs
+            )
         tokenizer = open_clip.get_tokenizer(name)
     # open_clip raises RuntimeError for failed downloads / bad files; transformers OSError for a missing
     # folder, file or unreachable hub
@@ -190,17 +195,6 @@ def load_artifact(path: str | Path, device: torch.device | str | None = None) ->
     return ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, str(folder), extra)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under DistributedDataParallel / torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of the bare model's weights on the CPU (unchanged by later training or loading)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
-
-
 def save_artifact(
     clip: ClipModel,
     out_dir: str | Path,
@@ -256,33 +250,3 @@ def _save_hf_text_files(clip: ClipModel, model: torch.nn.Module, out: Path) -> d
                     os.fsync(fh.fileno())
                 os.replace(f, out / f.name)
     return {**clip.model_cfg, "text_cfg": text_cfg}
-
-
-def atomic_write(target: Path, write: Callable[[Path], Any]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over `target`.
-
-    The temporary file is created with the umask's permissions (mkstemp's 0600 would leave a shared output
-    folder unreadable to others)."""
-    tmp_path = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    os.close(os.open(tmp_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        write(tmp_path)
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_path, target)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def wise_ft(
-    base: dict[str, torch.Tensor], fine_tuned: dict[str, torch.Tensor], alpha: float
-) -> dict[str, torch.Tensor]:
-    """WiSE-FT (Wortsman et al. 2022): alpha * fine-tuned + (1 - alpha) * base, tensor by tensor.
-
-    torch.lerp returns `base` exactly at alpha 0 and `fine_tuned` exactly at alpha 1; tensors that are not
-    floating point (token ids, masks) are taken from the fine-tuned model.
-    """
-    if base.keys() != fine_tuned.keys():
-        raise ModelError("WiSE-FT: the base and fine-tuned models have different architectures")
-    return {k: torch.lerp(base[k].to(v.dtype), v, alpha) if v.is_floating_point() else v
-            for k, v in fine_tuned.items()}

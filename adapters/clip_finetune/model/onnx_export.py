@@ -32,7 +32,8 @@ import torch
 from open_clip.transform import PreprocessCfg
 
 from ..errors import ModelError
-from .clip import ClipModel, load_artifact, unwrap
+from .clip import ClipModel, load_artifact
+from .weights import unwrap
 
 log = logging.getLogger(__name__)
 
