@@ -12,7 +12,8 @@ import numpy as np
 from ..config import EVAL_KS, build_config
 from ..data.pairs import CaptionPair
 from ..errors import DataError, ModelError
-from ..model.clip import ClipModel, cpu_state, load_artifact, load_model, save_artifact, wise_ft
+from ..model.clip import ClipModel, load_artifact, load_model, save_artifact
+from ..model.weights import cpu_state, wise_ft
 from .embed import encode_images, encode_texts
 from .metrics import retrieval_metrics
 
@@ -85,8 +86,6 @@ def wise_ft_sweep(
 
 def base_model_of(fine_tuned: ClipModel, base_dir: str | None = None, device: str | None = None) -> ClipModel:
     """The model a fine-tuned model started from: `base_dir`, else the base its finetune_config.json names."""
-    from ..training.loop import seed_everything  # train imports this module
-
     if base_dir:
         return load_artifact(base_dir, device)
     saved = fine_tuned.extra.get("finetune_config")
@@ -95,9 +94,7 @@ def base_model_of(fine_tuned: ClipModel, base_dir: str | None = None, device: st
     if saved.get("wise_ft_alpha", 1.0) < 1:
         log.warning("this model was saved as a WiSE-FT mix (alpha %s); the sweep mixes that with the base",
                     saved["wise_ft_alpha"])
-    base_cfg = build_config(saved, {"device": device})
-    seed_everything(base_cfg.seed)  # a random-init base is rebuilt exactly as fit() built it
-    return load_model(base_cfg)
+    return load_model(build_config(saved, {"device": device}))  # a random-init base: the same seed, the same weights
 
 
 def save_wise_ft_mix(

@@ -14,8 +14,8 @@ Conventions shared by every metric:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,24 +24,6 @@ from ..config import AT_K_METRICS, DIRECTIONS, EVAL_KS, RANK_METRICS
 # First-relevant-rank statistics; lower is better (every other metric: higher is better).
 LOWER_IS_BETTER = ("median_rank", "mean_rank")
 SUMMARY_METRICS = (*RANK_METRICS, *LOWER_IS_BETTER)
-
-# Rows format_table shows when not told otherwise, for each direction. hit@k is what CLIP papers call
-# image->text "R@k" (any caption in the top k); our recall@k divides by the true number of captions.
-DEFAULT_TABLE_METRICS = (
-    "recall@1",
-    "recall@5",
-    "recall@10",
-    "hit@1",
-    "hit@5",
-    "precision@5",
-    "f1@5",
-    "ndcg@10",
-    "mrr",
-    "map",
-    "r_precision",
-    "median_rank",
-    "mean_rank",
-)
 
 # Bound on the elements of one block of queries x candidates, so peak memory stays at a few hundred MB.
 _BLOCK_ELEMENTS = 1 << 22
@@ -189,12 +171,25 @@ def ranking_metrics(
             f"{empty} of {n_queries} queries have no relevant candidate; every query needs at least one"
         )
 
-    hits = np.zeros((len(ks), n_queries))
-    dcg = np.zeros((len(ks), n_queries))
-    ap_sum = np.zeros(n_queries)
-    hits_at_r = np.zeros(n_queries)
-    first_rank = np.zeros(n_queries)
+    return _summarise(_per_query_counts(scores, relevance, n_relevant, ks), n_relevant, ks)
 
+
+class _Counts(NamedTuple):
+    """Per-query counts under the pessimistic tie rule, from which every metric follows."""
+
+    hits: np.ndarray  # [len(ks), n_queries] relevant candidates ranked 1..k
+    dcg: np.ndarray  # [len(ks), n_queries] DCG@k
+    ap_sum: np.ndarray  # [n_queries] sum of precision at each relevant candidate's rank
+    hits_at_r: np.ndarray  # [n_queries] relevant candidates ranked 1..R
+    first_rank: np.ndarray  # [n_queries] rank of the best-ranked relevant candidate
+
+
+def _per_query_counts(scores: np.ndarray, relevance: np.ndarray, n_relevant: np.ndarray, ks: tuple[int, ...]
+                      ) -> _Counts:
+    """The counts of every query, computed in blocks of queries so memory stays bounded."""
+    n_queries, n_candidates = scores.shape
+    c = _Counts(np.zeros((len(ks), n_queries)), np.zeros((len(ks), n_queries)), np.zeros(n_queries),
+                np.zeros(n_queries), np.zeros(n_queries))
     max_relevant = int(n_relevant.max())
     compare = max_relevant <= _COMPARE_MAX_RELEVANT
     relevant_ranks = _relevant_ranks_compare if compare else _relevant_ranks_sort
@@ -209,35 +204,38 @@ def ranking_metrics(
         top_row, top_rank = row[top], rank[top]
         discount = 1.0 / np.log2(top_rank + 1.0)
         for i, k in enumerate(ks):
-            hits[i, start:stop] = np.bincount(row, weights=rank <= k, minlength=q)
-            dcg[i, start:stop] = np.bincount(top_row, weights=(top_rank <= k) * discount, minlength=q)
+            c.hits[i, start:stop] = np.bincount(row, weights=rank <= k, minlength=q)
+            c.dcg[i, start:stop] = np.bincount(top_row, weights=(top_rank <= k) * discount, minlength=q)
         # precision at a relevant candidate's own rank = (relevant ranked at or above it) / rank
-        ap_sum[start:stop] = np.bincount(row, weights=nth / rank, minlength=q)
-        hits_at_r[start:stop] = np.bincount(row, weights=rank <= r_of_row, minlength=q)
+        c.ap_sum[start:stop] = np.bincount(row, weights=nth / rank, minlength=q)
+        c.hits_at_r[start:stop] = np.bincount(row, weights=rank <= r_of_row, minlength=q)
         # exactly one relevant candidate per row has nth == 1 (its best-ranked), and rows come in order
-        first_rank[start:stop] = rank[nth == 1]
+        c.first_rank[start:stop] = rank[nth == 1]
+    return c
 
+
+def _summarise(c: _Counts, n_relevant: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """Each metric per query from the counts, averaged over queries (median for median_rank)."""
+    n_queries = len(n_relevant)
     r = n_relevant.astype(np.float64)
     # ideal DCG: the min(R, k) relevant candidates at ranks 1..min(R, k)
     ideal = np.concatenate(([0.0], np.cumsum(1.0 / np.log2(np.arange(2, max(ks) + 2)))))
-
     per_k: dict[str, dict[int, np.ndarray]] = {m: {} for m in AT_K_METRICS}
     for i, k in enumerate(ks):
-        precision = hits[i] / k
-        recall = hits[i] / r
+        precision = c.hits[i] / k
+        recall = c.hits[i] / r
         denom = precision + recall
         per_k["recall"][k] = recall
         per_k["precision"][k] = precision
-        per_k["hit"][k] = (hits[i] > 0).astype(np.float64)
+        per_k["hit"][k] = (c.hits[i] > 0).astype(np.float64)
         per_k["f1"][k] = np.divide(2 * precision * recall, denom, out=np.zeros(n_queries), where=denom > 0)
-        per_k["ndcg"][k] = dcg[i] / ideal[np.minimum(n_relevant, k)]
-
+        per_k["ndcg"][k] = c.dcg[i] / ideal[np.minimum(n_relevant, k)]
     out = {f"{m}@{k}": float(per_k[m][k].mean()) for m in AT_K_METRICS for k in ks}
-    out["mrr"] = float((1.0 / first_rank).mean())
-    out["map"] = float((ap_sum / r).mean())
-    out["r_precision"] = float((hits_at_r / r).mean())
-    out["median_rank"] = float(np.median(first_rank))
-    out["mean_rank"] = float(first_rank.mean())
+    out["mrr"] = float((1.0 / c.first_rank).mean())
+    out["map"] = float((c.ap_sum / r).mean())
+    out["r_precision"] = float((c.hits_at_r / r).mean())
+    out["median_rank"] = float(np.median(c.first_rank))
+    out["mean_rank"] = float(c.first_rank.mean())
     return {key: out[key] for key in metric_keys(ks)}
 
 
@@ -292,98 +290,3 @@ def retrieval_metrics(
     i2t = ranking_metrics(sim.T[captioned], relevance.T[captioned], ks)
     out.update({f"{DIRECTIONS[1]}/{key}": v for key, v in i2t.items()})
     return out
-
-
-def _is_rank(name: str) -> bool:
-    return name.rsplit("/", 1)[-1] in LOWER_IS_BETTER
-
-
-def _cell(value: float | None, rank: bool, signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
-    return f"{value:{'+' if signed else ''}.{1 if rank else 3}f}"
-
-
-def format_table(
-    before: Mapping[str, float] | None,
-    after: Mapping[str, float] | None = None,
-    metrics: Sequence[str] | None = None,
-) -> str:
-    """A plain-text table: one row per metric, grouped by direction; columns before / after / change.
-
-    Only the given columns are shown ("change" = after - before, when both are given). Values have 3
-    decimals, ranks 1. `metrics` entries are full keys ("text_to_image/mrr") or bare names ("mrr", shown
-    for each direction); a requested metric found in neither dict is a ValueError. By default the rows
-    are DEFAULT_TABLE_METRICS for each direction, keeping those present in a dict; bare keys (the output
-    of ranking_metrics) are supported too.
-    """
-    columns = [(name, d) for name, d in (("before", before), ("after", after)) if d is not None]
-    if not columns:
-        raise ValueError("format_table needs `before`, `after` or both")
-    return _table(columns, metrics, change=len(columns) == 2)
-
-
-def format_sweep(results: Mapping[float, Mapping[str, float]], metrics: Sequence[str] | None = None) -> str:
-    """format_table with one column per WiSE-FT alpha (`results`: alpha -> metrics)."""
-    return _table([(f"alpha={alpha:g}", d) for alpha, d in results.items()], metrics, change=False)
-
-
-def _table(columns: list[tuple[str, Mapping[str, float]]], metrics: Sequence[str] | None, change: bool) -> str:
-    present = set().union(*(d.keys() for _, d in columns))
-
-    # rows: (group, label, key); a None group means bare keys, shown without a direction heading
-    rows: list[tuple[str | None, str, str]] = []
-    if metrics is None:
-        for d in DIRECTIONS:
-            rows += [(d, m, f"{d}/{m}") for m in DEFAULT_TABLE_METRICS if f"{d}/{m}" in present]
-        if not rows:
-            rows = [(None, m, m) for m in DEFAULT_TABLE_METRICS if m in present]
-        if not rows:
-            raise ValueError("none of the default table metrics is in the given results")
-    else:
-        missing = []
-        for m in metrics:
-            if "/" in m:
-                group, _, label = m.rpartition("/")
-                found = [(group, label, m)] if m in present else []
-            elif m in present:
-                found = [(None, m, m)]
-            else:
-                found = [(d, m, f"{d}/{m}") for d in DIRECTIONS if f"{d}/{m}" in present]
-            rows += found
-            if not found:
-                missing.append(m)
-        if missing:
-            raise ValueError(f"metrics not in the results: {', '.join(missing)}")
-        # keep rows of one direction together, in the order first asked for
-        group_order = list(dict.fromkeys(g for g, _, _ in rows))
-        rows.sort(key=lambda row: group_order.index(row[0]))
-
-    headers = [name for name, _ in columns] + (["change"] if change else [])
-    body: list[tuple[str | None, str, list[str]]] = []
-    for group, label, key in rows:
-        rank = _is_rank(key)
-        values = [d.get(key) for _, d in columns]
-        cells = [_cell(v, rank) for v in values]
-        if change:
-            b, a = values
-            cells.append(_cell(None if a is None or b is None else a - b, rank, signed=True))
-        body.append((group, label, cells))
-
-    indent = "  "
-    label_w = max([len(indent + label) for _, label, _ in body] + [len(g or "") for g, _, _ in body] + [6])
-    col_w = max([len(h) for h in headers] + [len(c) for *_, cells in body for c in cells])
-    lines = [f"{'metric':<{label_w}}" + "".join(f"  {h:>{col_w}}" for h in headers)]
-    lines.append("-" * len(lines[0]))
-    current: str | None = None
-    for group, label, cells in body:
-        if group is not None and group != current:
-            lines.append(group)
-            current = group
-        name = indent + label if group is not None else label
-        lines.append(f"{name:<{label_w}}" + "".join(f"  {c:>{col_w}}" for c in cells))
-    if any(_is_rank(key) for _, _, key in rows):
-        lines.append(f"({', '.join(LOWER_IS_BETTER)}: lower is better; all others: higher is better)")
-    return "\n".join(lines)

@@ -20,8 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +29,14 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..model.clip import ClipModel, atomic_write, unwrap
+from ..files import atomic_write
+from ..model.clip import ClipModel
+from ..model.weights import unwrap
 from .embed import encode_items
+from .store import FORMAT, INDEX_NAME, LISTED, PART_RE, part_name, read_part_meta
 
 log = logging.getLogger(__name__)
 
-FORMAT = "clip-finetune sharded embeddings v1"
-INDEX_NAME = "index.json"
-PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.npz$")
-_LISTED = 10  # missing shards / skipped images named in messages
 
 
 @dataclass(frozen=True)
@@ -85,10 +82,6 @@ def shard_range(n: int, index: int, count: int) -> tuple[int, int]:
     return n * index // count, n * (index + 1) // count
 
 
-def part_name(index: int, count: int) -> str:
-    return f"part-{index:05d}-of-{count:05d}.npz"
-
-
 def inputs_sha256(kind: str, items: Sequence[str]) -> str:
     """Hash of the ordered input list (image paths or texts)."""
     h = hashlib.sha256(kind.encode())
@@ -117,25 +110,6 @@ def describe_job(clip: ClipModel, kind: str, items: Sequence[str], num_shards: i
     job["fingerprint"] = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:32]
     job["model"] = clip.source  # for people; not fingerprinted: the same weights may live at other paths
     return job
-
-
-def read_part(path: Path, arrays: bool = True) -> tuple[dict[str, Any], list[str], np.ndarray]:
-    """A part's (meta, ids, vectors); with arrays=False only meta is read (ids and vectors come back empty)."""
-    try:
-        if not zipfile.is_zipfile(path):
-            raise ValueError("not an .npz (zip) file")
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(data["meta"].item())
-            if not arrays:
-                return meta, [], np.zeros((0, 0), np.float32)
-            return meta, data["ids"].tolist(), data["vectors"].astype(np.float32)
-    except Exception as e:  # a zip/npz/JSON error: a file this module did not write, or a damaged one
-        raise DataError(f"{str(path)!r} is not a readable embeddings part ({type(e).__name__}: {e}); "
-                        "delete it and run its shard again") from None
-
-
-def read_part_meta(path: Path) -> dict[str, Any]:
-    return read_part(path, arrays=False)[0]
 
 
 def _differences(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str:
@@ -233,7 +207,7 @@ def embed_shard(clip: ClipModel, kind: str, items: Sequence[str], out: str | Pat
                  stop, len(items))
         ids, vectors, skipped = encode_items(clip, kind, items[start:stop], batch_size, num_workers, progress)
         meta = {**job, "shard": spec.index, "start": start, "stop": stop, "count": len(ids),
-                "skipped": len(skipped), "skipped_examples": skipped[:_LISTED], "dim": int(vectors.shape[1])}
+                "skipped": len(skipped), "skipped_examples": skipped[:LISTED], "dim": int(vectors.shape[1])}
         _write_part(part, ids, vectors, meta)
         done_before = False
     return ShardResult(part, meta, done_before, write_index_if_complete(folder, job))
@@ -281,61 +255,3 @@ def build_index(metas: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "parts": [{"file": part_name(m["shard"], m["num_shards"]), "shard": m["shard"], "start": m["start"],
                    "stop": m["stop"], "count": m["count"], "skipped": m["skipped"]} for m in metas],
     }
-
-
-def _missing_error(folder: Path, missing: Sequence[int], n: int) -> DataError:
-    names = ", ".join(f"shard {i} ({part_name(i, n)})" for i in missing[:_LISTED])
-    more = f" and {len(missing) - _LISTED} more" if len(missing) > _LISTED else ""
-    return DataError(
-        f"sharded embeddings {str(folder)!r} are incomplete: {len(missing)} of {n} parts missing: {names}{more}; "
-        f"run `clip-finetune embed ... --out {folder} --num-shards {n} --shard-index I` for each missing I, "
-        "with the same inputs and model"
-    )
-
-
-def load_sharded(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """(ids, vectors) of a sharded embeddings folder (or its index.json), joined in input order.
-
-    Without index.json (its writer failed, or a shard is still running) the part files found are joined
-    when they are all there; a missing part is an error naming its shard.
-    """
-    path = Path(path)
-    folder = path.parent if path.name == INDEX_NAME else path
-    index_path = folder / INDEX_NAME
-    index = None
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            n, fingerprint = int(index["num_shards"]), index["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{str(index_path)!r} is not a sharded-embeddings index ({e})") from None
-    elif not folder.is_dir():
-        raise DataError(f"{str(path)!r} does not exist; create it with `clip-finetune embed --num-shards N ...`")
-    else:
-        counts = sorted({int(m.group(2)) for p in folder.iterdir() if (m := PART_RE.match(p.name))})
-        if not counts:
-            raise DataError(f"{str(folder)!r} holds neither {INDEX_NAME} nor part-*-of-*.npz files: not sharded "
-                            "embeddings (write them with `clip-finetune embed --num-shards N --shard-index I`)")
-        if len(counts) > 1:
-            raise DataError(f"{str(folder)!r} mixes parts of jobs with {counts} shards; delete the stale ones")
-        n, fingerprint = counts[0], None
-    missing = [i for i in range(n) if not (folder / part_name(i, n)).is_file()]
-    if missing:
-        raise _missing_error(folder, missing, n)
-    ids: list[str] = []
-    vectors = []
-    dim = 0
-    for i in range(n):
-        part = folder / part_name(i, n)
-        meta, part_ids, part_vectors = read_part(part)
-        fingerprint = fingerprint or meta.get("fingerprint")
-        if meta.get("fingerprint") != fingerprint or len(part_ids) != meta.get("count"):
-            raise DataError(f"{str(part)!r} does not belong with the other parts of {str(folder)!r} (another "
-                            f"job's part); delete it and run shard {i} again")
-        ids += part_ids
-        vectors.append(part_vectors)
-        dim = int(meta["dim"])
-    if index is not None and len(ids) != index.get("total"):
-        raise DataError(f"{str(folder)!r}: the parts hold {len(ids)} vectors, {INDEX_NAME} says {index.get('total')}; "
-                        f"delete {INDEX_NAME} (re-running any shard rewrites it)")
-    return ids, (np.concatenate(vectors) if ids else np.zeros((0, dim), np.float32))
