@@ -1,0 +1,78 @@
+"""THE entry to training, for every face (CLI, Python API worker, Dataloop adapter): `finetune`.
+
+It runs the loop in this process, as a rank under torchrun, or starts the other ranks itself (launch.py)
+when the configuration asks for several processes; and it writes what the data readers reported (and the
+images training could not decode) to data_report.json beside the saved model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from ..config import FinetuneConfig
+from ..data.load import Splits
+from ..files import write_json
+from ..machine import apply_config
+from ..model.clip import ClipModel, load_model
+from .distributed import DistContext
+from .launch import launch, resolve_num_processes
+from .loop import EpochCallback, Hooks, train_rank
+from .optim import check_sizes
+from .state import CheckpointCallback, TrainResult
+
+log = logging.getLogger(__name__)
+
+DATA_REPORT_NAME = "data_report.json"
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    splits: Splits,
+    out_dir: str | Path | None = None,
+    *,
+    on_epoch_end: EpochCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    clip: ClipModel | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> TrainResult:
+    """Fine-tune a CLIP model on `splits.train`; pick the best epoch on `splits.validation`.
+
+    The best epoch's weights (by `cfg.early_stopping_metric` on validation) end up in `clip.model` and,
+    when `out_dir` is given, in an open_clip local-dir artifact there with finetune_config.json, metrics.json
+    and data_report.json; the artifact is rewritten at each new best, so a crash keeps the best so far.
+    Without validation pairs the last epoch counts as the best and nothing stops early. With
+    `cfg.wise_ft_alpha` below 1 the saved weights are that mix of the best epoch's and the starting weights.
+
+    With `out_dir`, out_dir/checkpoint.pt holds the whole training state, written atomically at every epoch end
+    and every `cfg.checkpoint_every_steps` steps (`on_checkpoint(path)` is called after each write);
+    `resume=True` continues from it exactly (on CPU the weights equal an uninterrupted run's). A run that
+    completes deletes its checkpoint. Images that cannot be decoded are skipped and counted in
+    `splits.reports['train']`.
+
+    Distributed: under torchrun every rank calls finetune(); rank 0 evaluates, writes and calls the callbacks,
+    and its result is the run's. Outside torchrun, `cfg.num_processes` > 1 (or null with several GPUs) makes
+    this call start the other ranks and train as rank 0.
+    """
+    if cfg.export_onnx:  # missing packages fail now, not after the training
+        from ..model.onnx_export import require_exporter
+
+        require_exporter()
+    hooks = Hooks(on_epoch_end, on_checkpoint, progress)
+    ctx = DistContext.from_env()
+    if ctx is not None:  # a torchrun rank
+        result = train_rank(cfg, splits, out_dir, clip, hooks, resume, ctx)
+    else:
+        # a launcher's single process (torchrun --nproc_per_node 1) sets RANK: it asked for one process
+        nprocs = 1 if "RANK" in os.environ else resolve_num_processes(cfg.num_processes, cfg.device)
+        if nprocs > 1:
+            check_sizes(cfg, len(splits.train), nprocs)
+            apply_config(cfg)
+            result = launch(nprocs, cfg, splits, clip or load_model(cfg, "cpu"), out_dir, hooks, resume)
+        else:
+            result = train_rank(cfg, splits, out_dir, clip, hooks, resume)
+    if out_dir is not None and (ctx is None or ctx.is_main):
+        write_json(Path(out_dir) / DATA_REPORT_NAME, splits.report_dict())
+    return result

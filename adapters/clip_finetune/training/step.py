@@ -1,0 +1,117 @@
+"""One optimisation step: forward under autocast, open_clip's contrastive loss, backward, clip, AdamW.
+
+A non-finite loss or gradient norm skips the update and is counted (Progress.skip_step); the run stops after
+`max_bad_steps` in a row (loop.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from ..model.precision import autocast_for
+from ..model.weights import unwrap
+from .distributed import all_reduce_min, mean_over_ranks
+from .state import RunState
+
+MAX_LOGIT_SCALE = math.log(100)  # as in CLIP: the temperature may not go below 1/100
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train_step(run: RunState, loss_fn: LossFn, batch: Any) -> float | None:
+    """One step on `batch` ((images, tokens, indices) or None when none of it decoded); the loss, or None
+    when the step was skipped.
+
+    In a distributed run, all ranks take the same decisions: the batch is trimmed to the smallest rank's
+    (after undecodable images), the loss is the mean over ranks.
+    """
+    device, ctx = run.clip.device, run.ctx
+    images, tokens = (batch[0], batch[1]) if batch is not None else (None, None)
+    n = len(images) if images is not None else 0
+    if ctx is not None:  # every rank must feed the same number of pairs to the gathered loss
+        n = all_reduce_min(n, device)
+    k = min(run.cfg.accum_freq, n)
+    if n * run.world_size < 2 or k < 1:
+        return None  # a contrastive step needs two pairs
+    images = images[:n].to(device, non_blocking=True)
+    tokens = tokens[:n].to(device, non_blocking=True)
+    run.optimizer.zero_grad(set_to_none=True)
+    backward = _whole_batch if k == 1 else _micro_batches
+    value = backward(run, loss_fn, images, tokens, k)
+    if value is None:
+        return None
+    return value if _apply(run) else None
+
+
+def _whole_batch(run: RunState, loss_fn: LossFn, images: torch.Tensor, tokens: torch.Tensor, k: int) -> float | None:
+    with autocast_for(run.clip.device, run.precision):
+        image_features, text_features, logit_scale = run.train_model(images, tokens)[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+    value = _global_loss(run, loss.detach())
+    if not math.isfinite(value):
+        run.progress.skip_step()
+        return None
+    run.scaler.scale(loss).backward()
+    return value
+
+
+def _micro_batches(run: RunState, loss_fn: LossFn, images: torch.Tensor, tokens: torch.Tensor, k: int
+                   ) -> float | None:
+    """`accum_freq` k > 1: the batch runs as k micro-batches with open_clip's feature caching.
+
+    A no-grad pass computes every micro-batch's features, then each micro-batch is recomputed with gradients
+    and its features put in place of the cached ones, so each backward is of the loss over the whole batch; the
+    summed gradients are the whole batch's (the logit scale, which does not go through the features, takes its
+    gradient from one of the k passes only).
+    """
+    model, device = run.train_model, run.clip.device
+    image_chunks, token_chunks = images.chunk(k), tokens.chunk(k)
+    k = len(image_chunks)  # chunk() makes fewer pieces when k does not divide a trimmed batch
+    with torch.no_grad(), autocast_for(device, run.precision):
+        cached = [model(i, t)[:2] for i, t in zip(image_chunks, token_chunks, strict=True)]
+        cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
+        loss = loss_fn(torch.cat(cached_images), torch.cat(cached_texts), unwrap(model).logit_scale.exp())
+    value = _global_loss(run, loss)
+    if not math.isfinite(value):
+        run.progress.skip_step()
+        return None
+    for j in range(k):
+        last = j == k - 1
+        # DDP all-reduces gradients at the last micro-batch only
+        sync = model.no_sync() if run.ctx is not None and not last else nullcontext()
+        with sync:
+            with autocast_for(device, run.precision):
+                image_j, text_j, logit_scale = model(image_chunks[j], token_chunks[j])[:3]
+                all_images = torch.cat([*cached_images[:j], image_j, *cached_images[j + 1 :]])
+                all_texts = torch.cat([*cached_texts[:j], text_j, *cached_texts[j + 1 :]])
+                micro_loss = loss_fn(all_images, all_texts, logit_scale if last else logit_scale.detach())
+            run.scaler.scale(micro_loss).backward()
+    return value
+
+
+def _apply(run: RunState) -> bool:
+    """Clip the gradients and step; False (and nothing applied) when their norm is not finite."""
+    model = run.train_model
+    run.scaler.unscale_(run.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip_norm or math.inf)
+    # with fp16 the GradScaler itself skips steps whose gradients overflowed (and lowers its scale)
+    if not torch.isfinite(norm) and not run.scaler.is_enabled():
+        run.optimizer.zero_grad(set_to_none=True)
+        run.progress.skip_step()
+        return False
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    with torch.no_grad():
+        unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    run.progress.bad_in_a_row = 0
+    return True
+
+
+def _global_loss(run: RunState, loss: torch.Tensor) -> float:
+    """The step's loss as a number: the mean over ranks (non-finite if any rank's is, so all skip together)."""
+    return loss.item() if run.ctx is None else mean_over_ranks(loss, run.ctx.world_size)
