@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 
 from ..config import FinetuneConfig, build_config
-from ..data.dataloop import load_dataset
+from ..data.load import Splits, load_dataset
 from ..data.pairs import CaptionPair
 from ..data.synthetic import write_dataloop_download
 from ..model.clip import load_model
 from ..retrieval.evaluate import PairEmbeddings, embed_pairs
-from ..retrieval.metrics import format_table
-from ..training.loop import TrainResult, fit, seed_everything
+from ..retrieval.formatting import format_table
+from ..training import TrainResult, finetune
 from .plots import plot_training_curves, search_sheet
 
 log = logging.getLogger(__name__)
@@ -64,15 +64,14 @@ def run_demo(
     data_root = out / "data"
     if not (data_root / "train").is_dir():
         write_dataloop_download(data_root, n_train, n_validation, seed=seed)
-    subsets, _ = load_dataset(data_root)
+    subsets, reports = load_dataset(data_root)
     train, val = subsets["train"], subsets["validation"]
     cfg = build_config(DEMO_CONFIG, {"seed": seed}, overrides)
 
-    seed_everything(cfg.seed)  # the random init of the tiny model, so a demo run is reproducible
-    clip = load_model(cfg)
+    clip = load_model(cfg)  # random init under the seed: a demo run is reproducible
     queries = _sheet_queries(val, n=4)
     before = embed_pairs(clip, val, cfg.batch_size, cfg.num_workers)
-    result = fit(cfg, train, val, out_dir=out / "model", clip=clip, progress=progress)
+    result = finetune(cfg, Splits(train, val, reports), out / "model", clip=clip, progress=progress)
     after = embed_pairs(clip, val, cfg.batch_size, cfg.num_workers)
 
     files = {

@@ -28,7 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clip-finetune", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_embed(sub)
+    _add_search(sub)
+    _add_export_onnx(sub)
+    _add_config(sub)
+    add_runs_parser(sub)
+    return parser
 
+
+def _add_demo(sub: Any) -> None:
     p = sub.add_parser("demo", help="offline demo: synthetic data, fine-tune a tiny CLIP, before/after table")
     p.add_argument("--out", default="demo_output", help="output folder (default: ./demo_output)")
     p.add_argument("--train", type=int, default=1500, help="synthetic training images")
@@ -36,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", default=[])
 
+
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="fine-tune on a Dataloop download, a train/validation folder or a table")
     p.add_argument("--data", required=True, help="Dataloop subset download, folder of subsets, or CSV/TSV/JSONL")
     p.add_argument("--validation", help="validation data (default: the 'validation' subset of --data)")
@@ -43,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (after a crash)")
     _config_args(p)
 
+
+def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="retrieval metrics of a model on captioned data")
     p.add_argument("--model", help="saved model folder (default: the base model of --config/--set)")
     p.add_argument("--data", required=True)
@@ -55,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-mix", metavar="DIR", help="with --wise-ft and one alpha: also save that mix as a model")
     _config_args(p)
 
+
+def _add_embed(sub: Any) -> None:
     p = sub.add_parser("embed", help="embed images or texts into an .npz/.parquet file")
     p.add_argument("--model", help="saved model folder (default: the base model of --config/--set)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -66,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-index", type=int, metavar="I", help="the slice to embed, 0..N-1 (torchrun: RANK)")
     _config_args(p)
 
+
+def _add_search(sub: Any) -> None:
     p = sub.add_parser("search", help="text-to-image search over an embeddings file")
     p.add_argument("--model", help="saved model folder (default: the base model of --config/--set)")
     p.add_argument("--index", required=True, help="embeddings file written by `embed --images`")
@@ -73,28 +92,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("queries", nargs="+", help="text queries")
     _config_args(p)
 
+
+def _add_export_onnx(sub: Any) -> None:
     p = sub.add_parser("export-onnx", help="export a saved model's image and text towers to ONNX")
     p.add_argument("--model", required=True, help="saved model folder")
     p.add_argument("--out", required=True, help="output folder (new, or an earlier export to replace)")
     p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
 
+
+def _add_config(sub: Any) -> None:
     p = sub.add_parser("config", help="print the default configuration (or the merged one) as JSON")
     _config_args(p)
     p.add_argument("--schema", action="store_true", help="print the JSON schema instead")
     p.add_argument("--markdown", action="store_true", help="print the configuration reference table")
 
-    add_runs_parser(sub)
-    return parser
-
 
 def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None):
     from ..config import build_config, load_config_file, parse_set_options
-    from ..data.images import set_max_image_pixels
+    from ..machine import apply_config
 
     file_cfg = load_config_file(args.config) if getattr(args, "config", None) else None
     # CLI --set > --config file > defaults
     cfg = build_config(extra, file_cfg, parse_set_options(args.sets))
-    set_max_image_pixels(cfg.max_image_pixels)  # every decode of this command honours the configured limit
+    apply_config(cfg)  # every decode of this command honours the configured pixel limit; seeded
     return cfg
 
 
@@ -118,38 +138,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..data.dataloop import load_dataset, require_pairs
-    from ..retrieval.metrics import format_table
-    from ..training.loop import fit
+    from ..data.load import load_splits
+    from ..retrieval.formatting import format_table
+    from ..training import finetune
 
     cfg = _load_cfg(args)  # validated before any data is read
-    subsets, reports = load_dataset(args.data)
-    for name, pairs in subsets.items():
-        require_pairs(name, pairs, reports[name])
-    train = subsets.get("train") or (next(iter(subsets.values())) if len(subsets) == 1 else None)
-    if not train:
-        raise DataError(f"--data {args.data!r}: no 'train' subset among {sorted(subsets)}")
-    val = subsets.get("validation")
-    if args.validation:
-        vsets, _ = load_dataset(args.validation)
-        val = vsets.get("validation") or next(iter(vsets.values()))
-    report = reports.get("train") or next(iter(reports.values()))
-    result = fit(cfg, train, val, out_dir=args.out, resume=args.resume, report=report)
+    splits = load_splits(args.data, args.validation, what="--data")
+    result = finetune(cfg, splits, args.out, resume=args.resume)  # also writes data_report.json
     if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 writes and prints for the run
         return 0
-    # what each subset used and skipped (with example ids) is kept with the model
-    saved = {name: r.to_dict() for name, r in reports.items()}
-    (Path(args.out) / "data_report.json").write_text(json.dumps(saved, indent=2))
-    if val:
+    if splits.validation:
         print(format_table(result.before, result.after))
     print(f"\nbest epoch {result.best_epoch} ({cfg.early_stopping_metric}); model saved to {result.out_dir}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..data.dataloop import load_dataset
+    from ..data.load import load_dataset
     from ..retrieval.evaluate import evaluate
-    from ..retrieval.metrics import format_table
+    from ..retrieval.formatting import format_table
 
     alphas = _parse_alphas(args.wise_ft) if args.wise_ft else None
     if alphas is not None and not args.model:
@@ -166,7 +173,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
         return 0
     from ..retrieval.evaluate import base_model_of, save_wise_ft_mix, wise_ft_sweep
-    from ..retrieval.metrics import format_sweep
+    from ..retrieval.formatting import format_sweep
 
     base = base_model_of(clip, args.base, cfg.device)
     results = wise_ft_sweep(clip, base, alphas, subsets[name], cfg.batch_size, cfg.num_workers)
@@ -192,7 +199,7 @@ def _list_images(source: str) -> list[str]:
     path = Path(source)
     if path.is_dir():
         return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    from ..data.dataloop import read_table
+    from ..data.tables import read_table
 
     return list(dict.fromkeys(p.image for p in read_table(path)))
 
@@ -200,7 +207,7 @@ def _list_images(source: str) -> list[str]:
 def _list_texts(source: str) -> list[str]:
     path = Path(source)
     if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
-        from ..data.dataloop import read_table
+        from ..data.tables import read_table
 
         return [p.caption for p in read_table(path)]
     if not path.is_file():
@@ -209,8 +216,9 @@ def _list_texts(source: str) -> list[str]:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from ..retrieval.embed import encode_items, save_embeddings
+    from ..retrieval.embed import encode_items
     from ..retrieval.shards import embed_shard, pin_local_gpu, shard_spec
+    from ..retrieval.store import save_embeddings
 
     spec = shard_spec(args.shard_index, args.num_shards)  # None: one process writes the one --out file
     if spec is not None:
@@ -233,8 +241,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from ..retrieval.embed import load_embeddings
     from ..retrieval.search import search_texts
+    from ..retrieval.store import load_embeddings
 
     clip, _ = _load_clip(args)
     ids, vectors = load_embeddings(args.index)
