@@ -1,0 +1,66 @@
+"""A Dataloop model's configuration as this package's FinetuneConfig, and the two keys dtlpy itself reads.
+
+dtlpy's `adapter.configuration` writes through: `configuration.get(key, default)` with a missing key writes
+the default into the model on the platform. So the raw dict is read once, here, and validated as a whole.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import dtlpy as dl
+
+from adapters.clip_finetune.config import FinetuneConfig, build_config
+from adapters.clip_finetune.errors import ConfigError
+from adapters.clip_finetune.model.clip import ClipModel
+
+logger = logging.getLogger(__name__)
+
+# Keys dtlpy keeps in a model's configuration for itself: AdapterDefaults' fields, and the keys its wrappers
+# read with configuration.get(key, default), which writes the default through to the platform. They are not
+# hyperparameters, so they are dropped before validation (anything else unknown is a typo and rejected).
+# batch_size and embeddings_size are read by dtlpy AND are ours: they are validated, and kept in agreement.
+DTLPY_CONFIG_KEYS = frozenset({
+    "include_background", "include_model_annotations", "column",  # prepare_data / prepare_item_func
+    "upload_annotations", "clean_annotations", "overwrite_annotations",  # predict / evaluate
+    "upload_features", "predict_embed_subset_limit", "predict_embed_timeout",  # embed
+    "root_path", "data_path", "output_path",  # train_model's working folders
+    "id_to_label_map", "label_to_id_map",  # dl.Model label maps (classification models)
+})
+
+
+def hyperparameters(configuration: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A model configuration without dtlpy's bookkeeping keys."""
+    return {k: v for k, v in (configuration or {}).items() if k not in DTLPY_CONFIG_KEYS}
+
+
+def config_from_model(model: dl.Model) -> FinetuneConfig:
+    """Validate a model's configuration, read once as a plain dict. Model configuration > FinetuneConfig defaults.
+    A trained model (one with artifacts) loads its architecture from them, so a model_name config JSON of the
+    machine it was trained on need not exist here."""
+    try:
+        return build_config(hyperparameters(dict(model.configuration or {})), saved_model=bool(model.model_artifacts))
+    except ConfigError as e:
+        raise ConfigError(f"model {model.name!r} ({model.id}): {e}") from None
+
+
+def sync_embedding_keys(model: dl.Model, clip: ClipModel, cfg: FinetuneConfig) -> None:
+    """Make the two keys dtlpy's embed wrappers read agree with the loaded model, in one explicit update.
+
+    dtlpy creates the feature set with configuration['embeddings_size'] (default 256) and silently drops
+    vectors of any other length; it embeds configuration['batch_size'] items at a time (default 4).
+    """
+    config = model.configuration  # the raw dict: dict.get here writes nothing back
+    size = clip.embed_dim
+    if config.get("embeddings_size") not in (None, size):
+        raise ConfigError(
+            f"invalid configuration:\n  embeddings_size: {config['embeddings_size']} contradicts the loaded "
+            f"model ({clip.source}), whose embeddings have {size} dimensions; remove the key or set it to {size}"
+        )
+    changes = {k: v for k, v in {"embeddings_size": size, "batch_size": cfg.batch_size}.items() if config.get(k) != v}
+    if changes:
+        logger.info("model %r: setting %s in its configuration for dtlpy's embedding", model.name, changes)
+        config.update(changes)
+        model.update(reload_services=False)
