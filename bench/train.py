@@ -60,14 +60,15 @@ def _held_out_score(spec: dict, state_dict: dict | None = None, artifact: str | 
 
 
 def child_ours(spec: dict) -> dict:
+    from adapters.clip_finetune.data.load import Splits
     from adapters.clip_finetune.data.pairs import CaptionPair
-    from adapters.clip_finetune.training.loop import fit
+    from adapters.clip_finetune.training import finetune
 
     system = spec["system"]
     if system in ("ours-nothreads", "ours-plain"):
-        import adapters.clip_finetune.data.decode_cache as fastpath
+        import adapters.clip_finetune.machine as machine
 
-        fastpath.decode_threads = lambda: 1
+        machine.decode_threads = lambda: 1
     if system in ("ours-nodraft", "ours-plain"):
         import adapters.clip_finetune.training.loop as train_module
 
@@ -76,12 +77,12 @@ def child_ours(spec: dict) -> dict:
         import torch
 
         adamw = torch.optim.AdamW
-        # fit() passes fused=True itself: override the keyword (functools.partial's default would lose to it)
+        # finetune() passes fused=True itself: override the keyword (functools.partial's default would lose to it)
         torch.optim.AdamW = lambda *args, **kwargs: adamw(*args, **{**kwargs, "fused": False})
     cache_mb = 0 if system == "ours-nocache" else spec["cache_mb"]
     cfg = _config(spec, spec["init"], cache_mb)
     out = Path(spec["out"])
-    result = fit(cfg, [CaptionPair(p, c) for p, c in spec["train"]], None, out, progress=False)
+    result = finetune(cfg, Splits([CaptionPair(p, c) for p, c in spec["train"]]), out, progress=False)
     train_s = sum(r["seconds"] for r in result.history)
     rss = _rss()
     return {"train_s": train_s, "peak_rss_mb": rss, **_held_out_score(spec, artifact=str(out))}

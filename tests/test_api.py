@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapters.clip_finetune.api.run import encode, fit, get_model, get_run, list_runs
+from adapters.clip_finetune.api import encode, fit, get_model, get_run, list_runs
 from adapters.clip_finetune.api.run_folder import RUNS_DIR_ENV, WORKER_DIED
 from adapters.clip_finetune.cli.main import main as cli_main
 from adapters.clip_finetune.cli.runs import add_runs_parser, cmd_runs
-from adapters.clip_finetune.data.dataloop import load_dataset
+from adapters.clip_finetune.data.load import load_dataset
 from adapters.clip_finetune.data.synthetic import write_dataloop_download
 from adapters.clip_finetune.errors import ConfigError, DataError
 from adapters.clip_finetune.model.clip import load_artifact
-from adapters.clip_finetune.retrieval.embed import load_embeddings
+from adapters.clip_finetune.retrieval.store import load_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 # From-scratch training of the tiny model: a learning rate far above the fine-tuning default.

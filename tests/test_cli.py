@@ -13,7 +13,7 @@ from adapters.clip_finetune.cli.demo import run_demo
 from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.data.images import PILLOW_MAX_IMAGE_PIXELS, set_max_image_pixels
 from adapters.clip_finetune.data.synthetic import write_csv, write_dataloop_download
-from adapters.clip_finetune.retrieval.embed import load_embeddings
+from adapters.clip_finetune.retrieval.store import load_embeddings
 
 
 @pytest.fixture(scope="module")

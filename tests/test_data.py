@@ -17,20 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adapters.clip_finetune.data.dataloop import (
-    CAPTION_COLUMNS,
-    IMAGE_COLUMNS,
-    load_dataset,
-    read_subset,
-    read_table,
-)
+from adapters.clip_finetune.data.dataloop import read_subset
 from adapters.clip_finetune.data.images import (
     PILLOW_MAX_IMAGE_PIXELS,
     ImageDecodeError,
     load_image,
     set_max_image_pixels,
 )
+from adapters.clip_finetune.data.load import load_dataset
 from adapters.clip_finetune.data.pairs import DataReport
+from adapters.clip_finetune.data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS, read_table
 from adapters.clip_finetune.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Each kept optimisation (fastpath.py, docs/performance.md) gives what the straightforward path gives:
+"""Each kept optimisation (data/decode_cache.py, docs/performance.md) gives what the straightforward path gives:
 draft-decoded embeddings within cosine 0.999, cached and streamed training images pixel-identical,
 threaded batches identical to serial ones, fused AdamW equal to the per-tensor loop."""
 
@@ -19,13 +19,13 @@ from adapters.clip_finetune.data.decode_cache import (
     TRAIN_SIDE_FACTOR,
     DecodedCache,
     load_reduced,
-    thread_map,
     train_cache,
     transform_size,
 )
 from adapters.clip_finetune.data.images import load_image
 from adapters.clip_finetune.data.pairs import CaptionPair
 from adapters.clip_finetune.data.synthetic import render, sample_specs
+from adapters.clip_finetune.machine import thread_map
 from adapters.clip_finetune.model.clip import load_model
 from adapters.clip_finetune.retrieval.embed import encode_images
 
@@ -144,7 +144,7 @@ def test_threaded_embedding_batches_equal_serial(photos, tiny_model_config):
 
 def test_fused_adamw_on_cpu_matches_the_per_tensor_loop(tiny_model_config):
     """The same gradients give the same updates (to float rounding) with the fused kernel fit uses on CPU."""
-    from adapters.clip_finetune.training.loop import param_groups
+    from adapters.clip_finetune.training.optim import param_groups
 
     clip = load_model(FinetuneConfig(model_name=str(tiny_model_config), pretrained=None, device="cpu"))
     torch.manual_seed(1)

@@ -1,14 +1,14 @@
-"""Hybrid score fusion (fusion.py): z-scores, weighted sums, and why z-scoring is needed."""
+"""Hybrid score fusion (retrieval/search.py): z-scores, weighted sums, and why z-scoring is needed."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from adapters.clip_finetune.retrieval.fusion import (
+from adapters.clip_finetune.retrieval.search import (
     fuse,
     hybrid_top_k,
-    top_k_scores,
+    top_k,
     weighted_sum,
     zscore,
     zscore_fusion,
@@ -72,10 +72,10 @@ def test_fuse_dispatches_and_rejects_unknown_methods() -> None:
         fuse(TEXT, IMAGE, "rrf")  # type: ignore[arg-type]
 
 
-def test_top_k_scores_orders_best_first_and_keeps_item_order_on_ties() -> None:
-    idx, scores = top_k_scores(np.array([[0.1, 0.9, 0.5, 0.9, 0.2]]), 3)
+def test_top_k_orders_best_first_and_keeps_item_order_on_ties() -> None:
+    idx, scores = top_k(np.array([[0.1, 0.9, 0.5, 0.9, 0.2]]), 3)
     assert idx.tolist() == [[1, 3, 2]] and scores.tolist() == [[0.9, 0.9, 0.5]]
-    assert top_k_scores(np.array([[0.3, 0.1]]), 10)[0].tolist() == [[0, 1]]  # k beyond the items
+    assert top_k(np.array([[0.3, 0.1]]), 10)[0].tolist() == [[0, 1]]  # k beyond the items
 
 
 def test_hybrid_top_k_fuses_per_query_rows() -> None:

@@ -16,7 +16,8 @@ import pytest
 
 from adapters.clip_finetune.config import metric_names
 from adapters.clip_finetune.retrieval import metrics as metrics_module
-from adapters.clip_finetune.retrieval.metrics import format_table, metric_keys, ranking_metrics, retrieval_metrics
+from adapters.clip_finetune.retrieval.formatting import DEFAULT_TABLE_METRICS, format_table
+from adapters.clip_finetune.retrieval.metrics import metric_keys, ranking_metrics, retrieval_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -412,8 +413,8 @@ def test_format_table_default_rows_of_full_results() -> None:
     result = retrieval_metrics(images, unit(rng.normal(size=(20, 8)).tolist()), owner)
     table = format_table(result, result)
     rows = [line.split()[0] for line in table.splitlines()[2:] if line.startswith("  ")]
-    n_default = len(metrics_module.DEFAULT_TABLE_METRICS)
-    assert rows == list(metrics_module.DEFAULT_TABLE_METRICS) * 2  # a curated set, not every key
+    n_default = len(DEFAULT_TABLE_METRICS)
+    assert rows == list(DEFAULT_TABLE_METRICS) * 2  # a curated set, not every key
     assert n_default < len(metric_names()) // 2
     assert "+0.000" in table
     assert max(len(line) for line in table.splitlines()) <= 80  # fits a terminal

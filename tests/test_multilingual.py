@@ -24,12 +24,16 @@ from open_clip.tokenizer import HFTokenizer  # noqa: E402
 
 from adapters.clip_finetune.cli.main import main  # noqa: E402
 from adapters.clip_finetune.config import build_config  # noqa: E402
+from adapters.clip_finetune.data.load import Splits  # noqa: E402
 from adapters.clip_finetune.errors import ModelError  # noqa: E402
+from adapters.clip_finetune.machine import seed_everything  # noqa: E402
 from adapters.clip_finetune.model import clip as model_module  # noqa: E402
 from adapters.clip_finetune.model.clip import load_artifact, load_model, save_artifact  # noqa: E402
-from adapters.clip_finetune.retrieval.embed import encode_images, encode_texts, load_embeddings  # noqa: E402
+from adapters.clip_finetune.retrieval.embed import encode_images, encode_texts  # noqa: E402
 from adapters.clip_finetune.retrieval.evaluate import evaluate  # noqa: E402
-from adapters.clip_finetune.training.loop import fit, param_groups, seed_everything  # noqa: E402
+from adapters.clip_finetune.retrieval.store import load_embeddings  # noqa: E402
+from adapters.clip_finetune.training import finetune  # noqa: E402
+from adapters.clip_finetune.training.optim import param_groups  # noqa: E402
 
 R10, MRR, MEDIAN = "text_to_image/recall@10", "text_to_image/mrr", "text_to_image/median_rank"
 CONTEXT = 32
@@ -66,7 +70,7 @@ def trained(cfg, data, tmp_path_factory, one_torch_thread):
     before = {lang: evaluate(clip, in_language(test, lang), 128, 0) for lang in ("en", "de")}
     before["translation"] = translation_ranks(clip, test)
     out = tmp_path_factory.mktemp("model")
-    result = fit(cfg, mixed(train), mixed(val), out_dir=out, clip=clip, progress=False)
+    result = finetune(cfg, Splits(mixed(train), mixed(val)), out_dir=out, clip=clip, progress=False)
     return before, clip, result, out
 
 

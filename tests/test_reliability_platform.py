@@ -36,7 +36,9 @@ from test_adapter import QUICK_CONFIG, TINY, add_model, png, seed_shapes
 
 from adapters.clip_finetune.data.pairs import DataReport
 from adapters.clip_finetune.data.synthetic import render, sample_specs
-from adapters.clip_finetune.dataloop.adapter import ClipAdapter, Unusable, VectorsNotStoredError
+from adapters.clip_finetune.dataloop.adapter import ClipAdapter
+from adapters.clip_finetune.dataloop.embed_job import VectorsNotStoredError
+from adapters.clip_finetune.dataloop.items import Unusable
 from adapters.clip_finetune.errors import ModelError
 
 EMBED_CONFIG: dict[str, Any] = {"model_name": str(TINY), "pretrained": None, "batch_size": 4, "num_workers": 0}

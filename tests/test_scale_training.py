@@ -16,14 +16,18 @@ from safetensors.torch import load_file
 
 from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.config import build_config
-from adapters.clip_finetune.data.dataloop import read_table
 from adapters.clip_finetune.data.images import load_image
+from adapters.clip_finetune.data.load import Splits
 from adapters.clip_finetune.data.synthetic import write_csv
+from adapters.clip_finetune.data.tables import read_table
 from adapters.clip_finetune.errors import ClipFinetuneError
-from adapters.clip_finetune.model import clip as model_module
+from adapters.clip_finetune.machine import seed_everything
 from adapters.clip_finetune.model.clip import load_artifact, load_model
+from adapters.clip_finetune.model.weights import wise_ft
 from adapters.clip_finetune.retrieval.evaluate import evaluate
-from adapters.clip_finetune.training.loop import CHECKPOINT_NAME, apply_locks, fit, seed_everything, wise_ft
+from adapters.clip_finetune.training import CHECKPOINT_NAME, finetune
+from adapters.clip_finetune.training import launch as launch_module
+from adapters.clip_finetune.training.optim import apply_locks
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "open_clip_model.safetensors"
@@ -61,7 +65,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def single(tiny_model_config, data, tmp_path_factory):
     train, val, _, _ = data
     out = tmp_path_factory.mktemp("single")
-    return fit(_cfg(tiny_model_config), train, val, out_dir=out, progress=False), out
+    return finetune(_cfg(tiny_model_config), Splits(train, val), out_dir=out, progress=False), out
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def two_processes(tiny_model_config, data, tmp_path_factory):
     train, val, _, _ = data
     out = tmp_path_factory.mktemp("ddp")
     epochs: list[int] = []
-    result = fit(_cfg(tiny_model_config, num_processes=2), train, val, out_dir=out, progress=False,
+    result = finetune(_cfg(tiny_model_config, num_processes=2), Splits(train, val), out_dir=out, progress=False,
                  on_epoch_end=lambda e, _: epochs.append(e))
     return result, out, epochs
 
@@ -95,9 +99,9 @@ def test_a_distributed_run_resumes_from_its_checkpoint(tiny_model_config, data, 
         raise RuntimeError("preempted")
 
     with pytest.raises(RuntimeError, match="preempted"):
-        fit(cfg, train, val, out_dir=tmp_path, progress=False, on_epoch_end=crash)
+        finetune(cfg, Splits(train, val), out_dir=tmp_path, progress=False, on_epoch_end=crash)
     assert (tmp_path / CHECKPOINT_NAME).is_file()  # written by rank 0 at the end of epoch 1
-    resumed = fit(cfg, train, val, out_dir=tmp_path, progress=False, resume=True)
+    resumed = finetune(cfg, Splits(train, val), out_dir=tmp_path, progress=False, resume=True)
     uninterrupted, out, _ = two_processes
     assert [h["train_loss"] for h in resumed.history] == pytest.approx(
         [h["train_loss"] for h in uninterrupted.history], rel=1e-5)
@@ -111,9 +115,9 @@ def test_a_rank_that_dies_at_start_fails_the_run_at_once(tiny_model_config, data
         Path(folder).mkdir(parents=True)
         (Path(folder) / "open_clip_config.json").write_text("{}")
 
-    monkeypatch.setattr(model_module, "save_artifact", broken_copy)
+    monkeypatch.setattr(launch_module, "save_artifact", broken_copy)
     with pytest.raises(ClipFinetuneError, match="rank 1 exited with code 1 before training started"):
-        fit(_cfg(tiny_model_config, num_processes=2), train, None, out_dir=tmp_path, progress=False)
+        finetune(_cfg(tiny_model_config, num_processes=2), Splits(train), out_dir=tmp_path, progress=False)
 
 
 def test_torchrun_trains_through_the_command_line(tiny_model_config, data, single, tmp_path) -> None:
@@ -134,7 +138,7 @@ def test_torchrun_trains_through_the_command_line(tiny_model_config, data, singl
 def test_gradient_accumulation_with_feature_caching_equals_the_large_batch(tiny_model_config, data, single,
                                                                           tmp_path) -> None:
     train, val, _, _ = data
-    result = fit(_cfg(tiny_model_config, accum_freq=4), train, val, out_dir=tmp_path, progress=False)
+    result = finetune(_cfg(tiny_model_config, accum_freq=4), Splits(train, val), out_dir=tmp_path, progress=False)
     one, one_dir = single
     assert [h["train_loss"] for h in result.history] == pytest.approx([h["train_loss"] for h in one.history], rel=1e-4)
     assert _max_diff(_weights(tmp_path), _weights(one_dir)) < 1e-4
@@ -147,7 +151,7 @@ def test_locked_towers_do_not_change(tiny_model_config, data) -> None:
     before = {k: v.clone() for k, v in load_model(cfg).model.state_dict().items()}
     seed_everything(cfg.seed)
     clip = load_model(cfg)
-    fit(cfg, train, None, clip=clip, progress=False)
+    finetune(cfg, Splits(train), clip=clip, progress=False)
     after = clip.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "nothing trained"
@@ -192,7 +196,7 @@ def test_wise_ft_alpha_zero_saves_the_base_and_reports_both(tiny_model_config, d
     train, val, _, _ = data
     cfg = _cfg(tiny_model_config, wise_ft_alpha=0.0)
     base = _base_state(cfg)
-    result = fit(cfg, train, val, out_dir=tmp_path, progress=False)
+    result = finetune(cfg, Splits(train, val), out_dir=tmp_path, progress=False)
     saved = _weights(tmp_path)
     assert all(torch.equal(saved[k], base[k]) for k in base)  # alpha 0: exactly the base
     one, _ = single
@@ -204,7 +208,7 @@ def test_wise_ft_mixes_base_and_fine_tuned_weights(tiny_model_config, data, sing
     train, val, _, _ = data
     cfg = _cfg(tiny_model_config, wise_ft_alpha=0.25)
     base = _base_state(cfg)
-    result = fit(cfg, train, val, out_dir=tmp_path, progress=False)
+    result = finetune(cfg, Splits(train, val), out_dir=tmp_path, progress=False)
     one, one_dir = single
     assert result.best_epoch == one.best_epoch >= 1
     fine_tuned = _weights(one_dir)  # the same run, unmixed

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.errors import DataError
 from adapters.clip_finetune.model.clip import load_model, save_artifact
-from adapters.clip_finetune.retrieval.embed import load_embeddings
 from adapters.clip_finetune.retrieval.shards import ShardSpec, shard_range, shard_spec
+from adapters.clip_finetune.retrieval.store import load_embeddings
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ["part-00000-of-00002.npz", "part-00001-of-00002.npz"]
@@ -29,10 +28,8 @@ CORRUPT = (5, 20)  # one undecodable image in each half of the 26
 
 
 def _save_model(tiny_model_config: Path, out: Path, seed: int) -> Path:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        clip = load_model(build_config({"model_name": str(tiny_model_config), "pretrained": None, "device": "cpu"}))
-    return save_artifact(clip, out)
+    cfg = {"model_name": str(tiny_model_config), "pretrained": None, "device": "cpu", "seed": seed}
+    return save_artifact(load_model(build_config(cfg)), out)  # random init under the seed
 
 
 @pytest.fixture(scope="module")

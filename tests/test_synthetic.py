@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from adapters.clip_finetune.data import synthetic
-from adapters.clip_finetune.data.dataloop import load_dataset, read_subset, read_table
+from adapters.clip_finetune.data.dataloop import read_subset
 from adapters.clip_finetune.data.images import load_image
+from adapters.clip_finetune.data.load import load_dataset
 from adapters.clip_finetune.data.pairs import DataReport
 from adapters.clip_finetune.data.synthetic import (
     ATTRIBUTES,
@@ -24,6 +25,7 @@ from adapters.clip_finetune.data.synthetic import (
     write_csv,
     write_dataloop_download,
 )
+from adapters.clip_finetune.data.tables import read_table
 
 
 def _files(root: Path) -> dict[str, bytes]:

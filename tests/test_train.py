@@ -12,13 +12,14 @@ import torch
 from conftest import stock_open_clip_embeddings
 
 from adapters.clip_finetune.config import build_config
-from adapters.clip_finetune.data.dataloop import load_dataset
+from adapters.clip_finetune.data.load import Splits, load_dataset
 from adapters.clip_finetune.data.synthetic import write_dataloop_download
 from adapters.clip_finetune.errors import ConfigError
+from adapters.clip_finetune.machine import seed_everything
 from adapters.clip_finetune.model.clip import load_artifact, load_model
 from adapters.clip_finetune.retrieval.embed import encode_images, encode_texts
 from adapters.clip_finetune.retrieval.evaluate import evaluate
-from adapters.clip_finetune.training.loop import fit, seed_everything
+from adapters.clip_finetune.training import finetune
 
 R1, R10, MEDIAN = "text_to_image/recall@1", "text_to_image/recall@10", "text_to_image/median_rank"
 
@@ -47,7 +48,7 @@ def trained(tiny_cfg, splits, tmp_path_factory):
     train, val, _ = splits
     out = tmp_path_factory.mktemp("model")
     epochs: list[dict] = []
-    result = fit(tiny_cfg, train, val, out_dir=out, on_epoch_end=lambda e, rec: epochs.append(rec), progress=False)
+    result = finetune(tiny_cfg, Splits(train, val), out, on_epoch_end=lambda e, rec: epochs.append(rec), progress=False)
     return result, out, epochs
 
 
@@ -109,7 +110,8 @@ def test_best_epoch_weights_are_saved_not_the_last_and_early_stopping_stops(tiny
                 for p in clip.model.parameters():
                     p.add_(torch.randn_like(p) * 5)
 
-    result = fit(cfg, train[:256], val, out_dir=tmp_path, on_epoch_end=wreck_after_epoch_2, clip=clip, progress=False)
+    result = finetune(cfg, Splits(train[:256], val), tmp_path, on_epoch_end=wreck_after_epoch_2, clip=clip,
+                      progress=False)
     assert len(result.history) == 3  # stopped one epoch after the last improvement
     assert result.best_epoch == 2
     best, last = result.history[1]["text_to_image/mrr"], result.history[2]["text_to_image/mrr"]
@@ -125,7 +127,7 @@ def test_same_seed_same_weights_on_cpu(tiny_cfg, splits) -> None:
     for _ in range(2):
         seed_everything(cfg.seed)
         clip = load_model(cfg)
-        fit(cfg, train[:128], None, clip=clip, progress=False)
+        finetune(cfg, Splits(train[:128]), clip=clip, progress=False)
         states.append({k: v.clone() for k, v in clip.model.state_dict().items()})
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
@@ -133,4 +135,4 @@ def test_same_seed_same_weights_on_cpu(tiny_cfg, splits) -> None:
 
 def test_batch_larger_than_the_training_set_is_rejected_before_work(tiny_cfg, splits) -> None:
     with pytest.raises(ConfigError, match=r"train_batch_size: 32 is larger than the training set \(10 pairs\)"):
-        fit(tiny_cfg, splits[0][:10], None)
+        finetune(tiny_cfg, Splits(splits[0][:10]))

@@ -16,13 +16,15 @@ import torch
 from safetensors.torch import load_file
 
 from adapters.clip_finetune.config import build_config
-from adapters.clip_finetune.data.dataloop import read_table
+from adapters.clip_finetune.data.load import Splits
 from adapters.clip_finetune.data.pairs import DataReport
 from adapters.clip_finetune.data.synthetic import write_csv
+from adapters.clip_finetune.data.tables import read_table
 from adapters.clip_finetune.errors import ModelError
-from adapters.clip_finetune.model.clip import atomic_write, load_artifact, load_model
+from adapters.clip_finetune.files import atomic_write
+from adapters.clip_finetune.model.clip import load_artifact, load_model
+from adapters.clip_finetune.training import CHECKPOINT_NAME, TrainingDiverged, finetune
 from adapters.clip_finetune.training import loop as train_module
-from adapters.clip_finetune.training.loop import CHECKPOINT_NAME, TrainingDiverged, fit
 
 WEIGHTS = "open_clip_model.safetensors"
 CLIP_LOSS = open_clip.ClipLoss  # the real one, before tests patch the name
@@ -96,7 +98,7 @@ def small(tiny_model_config, tables):
 def test_non_finite_steps_are_skipped_and_counted(small, monkeypatch, tmp_path) -> None:
     cfg, train, val = small
     monkeypatch.setattr(train_module.open_clip, "ClipLoss", lambda **_: _NanOn({1, 2, 3, 7}))
-    result = fit(cfg, train, val, out_dir=tmp_path, progress=False)
+    result = finetune(cfg, Splits(train, val), out_dir=tmp_path, progress=False)
     assert result.skipped_steps == 4
     assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / WEIGHTS)).values())
 
@@ -108,7 +110,7 @@ def test_a_run_of_non_finite_steps_stops_with_the_cause_and_keeps_the_last_good_
     cfg = build_config(cfg.model_dump(), {"checkpoint_every_steps": 1})
     monkeypatch.setattr(train_module.open_clip, "ClipLoss", lambda **_: _NanOn(set(range(3, 100))))
     with pytest.raises(TrainingDiverged) as err:
-        fit(cfg, train, val, out_dir=tmp_path, progress=False)
+        finetune(cfg, Splits(train, val), out_dir=tmp_path, progress=False)
     message = str(err.value)
     assert "4 consecutive steps had a non-finite loss" in message
     assert "learning_rate 0.001 too high" in message and "precision" in message
@@ -126,7 +128,7 @@ def test_undecodable_training_images_are_skipped_and_reported_once(small, tmp_pa
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     train = [*train, type(train[0])(str(broken), "a red circle", "row-broken")]
     report = DataReport(used=len(train))
-    result = fit(cfg, train, val, progress=False, report=report)
+    result = finetune(cfg, Splits(train, val, {"train": report}), progress=False)
     assert result.skipped_images == 1
     assert report.skipped == {"undecodable image": 1} and report.examples["undecodable image"] == ["row-broken"]
     assert report.used == len(train) - 1
@@ -158,7 +160,7 @@ def test_malicious_pickles_are_refused_without_running_them(tiny_model_config, s
     out.mkdir()
     _malicious_pickle(out / CHECKPOINT_NAME, marker)
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
-        fit(cfg, train, val, out_dir=out, resume=True, progress=False)
+        finetune(cfg, Splits(train, val), out_dir=out, resume=True, progress=False)
     assert not marker.exists()
 
 
