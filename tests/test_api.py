@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY_TRAINING
+from helpers import REPO, TINY_TRAINING
 from PIL import Image
 
 from adapters.clip_finetune.api.run import encode, fit, get_model, get_run, list_runs
@@ -32,7 +32,6 @@ from adapters.clip_finetune.errors import ConfigError, DataError
 from adapters.clip_finetune.model.clip import load_artifact
 from adapters.clip_finetune.retrieval.embed import load_embeddings
 
-REPO = Path(__file__).resolve().parents[1]
 # From-scratch training of the tiny model: a learning rate far above the fine-tuning default.
 TINY = {**TINY_TRAINING, "learning_rate": 2e-3, "num_epochs": 3, "early_stopping": False}
 DIRECTIONS = ("text_to_image", "image_to_text")

@@ -12,7 +12,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import add_item, add_prompt_item, free_text, image_prompt, noise_jpeg_bytes, oid, png_declaring, stream
+from helpers import (
+    REPO,
+    add_item,
+    add_prompt_item,
+    free_text,
+    image_prompt,
+    noise_jpeg_bytes,
+    oid,
+    png_declaring,
+    stream,
+)
 from PIL import Image
 
 from adapters.clip_finetune.data.dataloop import (
@@ -30,9 +40,6 @@ from adapters.clip_finetune.data.images import (
 )
 from adapters.clip_finetune.data.pairs import DataReport
 from adapters.clip_finetune.errors import DataError
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 # --- helpers: resolvers --------------------------------------------------------------------------------------
 

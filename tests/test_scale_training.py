@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_TRAINING, set_args
+from helpers import REPO, TINY_TRAINING, set_args
 from safetensors.torch import load_file
 
 from adapters.clip_finetune.cli.main import main
@@ -26,7 +26,6 @@ from adapters.clip_finetune.model.clip import load_artifact, load_model
 from adapters.clip_finetune.retrieval.evaluate import evaluate
 from adapters.clip_finetune.training.loop import CHECKPOINT_NAME, apply_locks, fit, seed_everything, wise_ft
 
-ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "open_clip_model.safetensors"
 TINY = {**TINY_TRAINING, "batch_size": 64, "num_epochs": 3, "warmup": 0.1, "early_stopping": False, "image_cache_mb": 0,
         "grad_clip_norm": None}
@@ -125,7 +124,7 @@ def test_torchrun_trains_through_the_command_line(tiny_model_config, data, singl
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "adapters.clip_finetune", "train", "--data", str(train_csv), "--validation", str(val_csv),
          "--out", str(tmp_path / "model"), *sets, "--set", f"model_name={tiny_model_config}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("best epoch") == 1  # printed by rank 0 only
     one, one_dir = single
