@@ -73,11 +73,16 @@ def test_fit_returns_at_once_with_the_run_created_or_started(background) -> None
     assert len(list((run.path / "data" / "eval").glob("*.png"))) == 32
 
 
-def test_a_typo_hyperparameter_fails_before_any_run_folder_exists(tmp_path, data, tiny_model_config) -> None:
-    with pytest.raises(ConfigError, match=r"num_epoch: unknown key; did you mean 'num_epochs'\?"):
-        fit(model=tiny_model_config, train_data=data, runs_dir=tmp_path / "runs", num_epoch=3, **TINY)
-    with pytest.raises(ConfigError, match=r"learning_rate: .*greater than 0"):
-        fit(model=tiny_model_config, train_data=data, runs_dir=tmp_path / "runs", **{**TINY, "learning_rate": -1})
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [({"num_epoch": 3}, r"num_epoch: unknown key; did you mean 'num_epochs'\?"),
+     ({"learning_rate": -1}, r"learning_rate: .*greater than 0")],
+    ids=["typo", "out-of-range"],
+)
+def test_a_bad_hyperparameter_fails_before_any_run_folder_exists(tmp_path, data, tiny_model_config, bad,
+                                                                 message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        fit(model=tiny_model_config, train_data=data, runs_dir=tmp_path / "runs", **{**TINY, **bad})
     assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
 
 
