@@ -1,4 +1,5 @@
-"""The core never imports dtlpy (DESIGN.md, rule 1): every module outside dataloop/ imports with dtlpy blocked."""
+"""The core never imports dtlpy (the project's dependency rule): every module outside dataloop/ imports with dtlpy
+blocked."""
 
 from __future__ import annotations
 

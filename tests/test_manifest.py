@@ -24,7 +24,7 @@ MODULES = COMPONENTS["modules"]
 FUNCTIONS = [(module["name"], fn) for module in MODULES for fn in module["functions"]]
 COMPUTE_CONFIGS = {cfg["name"]: cfg for cfg in COMPONENTS["computeConfigs"]}
 
-# Function IO types the platform accepts (../shared/docs/DATALOOP_PLATFORM.md, "Model entity and manifest").
+# Function IO types the platform accepts: the types of dtlpy 1.126's PackageInputType, each also as a list `T[]`.
 _BASE_TYPES = (
     "Dataset",
     "Item",

@@ -1,6 +1,6 @@
 """The pipeline template (pipeline_templates/clip-finetune-and-embed) checked as a graph and against the app.
 
-The reference template's flaws (../shared/docs/DATALOOP_PLATFORM.md) each have a test here: embedding must
+The flaws of Dataloop's own "CLIP Fine-tuning" pipeline template each have a test here: embedding must
 start by itself after training, the install-time defaults must bind to variables spelled exactly, an
 evaluation runs before the newest-model variable is overwritten, and search data is its own variable.
 """
