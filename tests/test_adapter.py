@@ -6,7 +6,6 @@ One model is trained once per module (`trained`) on synthetic shapes and shared 
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
@@ -22,8 +21,8 @@ import open_clip
 import pytest
 import safetensors.torch
 import torch
+from helpers import QUICK_CONFIG, Shapes, add_model, image_bytes, published, rig_validation, seed_shapes
 from loopback_platform import LoopbackPlatform, dtlpy_pointed_at, tag_subset_filter
-from PIL import Image
 
 from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.data.dataloop import read_subset
@@ -33,22 +32,10 @@ from adapters.clip_finetune.dataloop.configuration import DTLPY_CONFIG_KEYS
 from adapters.clip_finetune.errors import ConfigError, DataError, ModelError
 from adapters.clip_finetune.model.clip import ClipModel
 from adapters.clip_finetune.retrieval.evaluate import evaluate
-from adapters.clip_finetune.training import loop as train_module
 
-TINY = Path(__file__).resolve().parents[1] / "adapters" / "clip_finetune" / "model_configs" / "clip-tiny.json"
 EMBED_DIM = 64  # clip-tiny.json's embed_dim; dtlpy's default embeddings_size is 256
 # From-scratch training of the tiny model (measured: held-out text->image MRR ~0.05 -> ~0.2 in ~25 s on 1 thread).
-TRAIN_CONFIG: dict[str, Any] = {
-    "model_name": str(TINY),
-    "pretrained": None,
-    "learning_rate": 2e-3,
-    "num_epochs": 8,
-    "train_batch_size": 32,
-    "early_stopping_epochs": 3,
-    "num_workers": 0,  # no worker processes: the machine is small and dtlpy/loopback threads are alive
-    "seed": 0,  # the random init (load_model draws it under this seed): the base and the trained model share it
-}
-QUICK_CONFIG = {**TRAIN_CONFIG, "num_epochs": 1, "train_batch_size": 8}
+TRAIN_CONFIG: dict[str, Any] = {**QUICK_CONFIG, "num_epochs": 8, "train_batch_size": 32}
 SIZES = {"train": 256, "validation": 64, "test": 100}
 ARTIFACTS = {"open_clip_model.safetensors", "open_clip_config.json", "finetune_config.json", "metrics.json"}
 
@@ -56,47 +43,7 @@ ARTIFACTS = {"open_clip_model.safetensors", "open_clip_config.json", "finetune_c
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-# ---------------------------------------------------------------------------------------------- seeding
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@dataclass
-class Shapes:
-    """A project with a dataset of synthetic captioned shapes and the model entities made on it."""
-
-    project: dict[str, Any]
-    dataset: dict[str, Any]
-    items: dict[str, list[dict[str, Any]]]
-
-
-def seed_shapes(platform: LoopbackPlatform, sizes: dict[str, int], seed: int = 0) -> Shapes:
-    """Image items captioned by `description`, tagged with their split, under /<split>/."""
-    project = platform.add_project()
-    dataset = platform.add_dataset(project["id"], "shapes")
-    specs = sample_specs(sum(sizes.values()), seed)
-    items: dict[str, list[dict[str, Any]]] = {}
-    for split, n in sizes.items():
-        chunk, specs = specs[:n], specs[n:]
-        items[split] = [
-            platform.add_item(dataset["id"], png(render(spec)), f"/{split}/{i:04d}.png", description=spec.caption,
-                              tags=[split])
-            for i, spec in enumerate(chunk)
-        ]
-    return Shapes(project, dataset, items)
-
-
-def add_model(platform: LoopbackPlatform, shapes: Shapes, configuration: dict[str, Any]) -> dl.Model:
-    """A pre-trained model entity on the train/validation tags; unique name (dtlpy keys artifacts by name)."""
-    model = platform.add_model(
-        shapes.project["id"], f"clip-{uuid.uuid4().hex[:8]}", configuration, shapes.dataset["id"],
-        subsets={"train": tag_subset_filter("train"), "validation": tag_subset_filter("validation")},
-    )
-    return dl.models.get(model_id=model["id"])
-
-
+# ---------------------------------------------------------------------------------------- shared runs
 class Progress:
     """Stands in for dl.Progress: records what train_model reports."""
 
@@ -150,15 +97,6 @@ def stock_open_clip(folder: Path) -> ClipModel:
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
     cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
     return ClipModel(model, preprocess, preprocess, open_clip.get_tokenizer(f"local-dir:{folder}"), cfg, str(folder))
-
-
-def published(platform: LoopbackPlatform, model_id: str, figure: str) -> dict[str, dict[Any, float]]:
-    """{legend: {x: y}} of one figure of the model's published metrics."""
-    out: dict[str, dict[Any, float]] = {}
-    for s in platform.metrics(model_id):
-        if s["figure"] == figure:
-            out.setdefault(s["legend"], {})[s["data"]["x"]] = s["data"]["y"]
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -259,7 +197,8 @@ def test_embed_dataset_uploads_one_unit_vector_of_the_model_size_per_image(share
 def test_undecodable_items_are_skipped_and_counted_the_rest_embedded(shared: Trained) -> None:
     platform, shapes = shared.platform, shared.shapes
     dataset_id = platform.add_dataset(shapes.project["id"], f"mixed-{uuid.uuid4().hex[:6]}")["id"]
-    images = [platform.add_item(dataset_id, png(render(s)), f"/ok/{i}.png") for i, s in enumerate(sample_specs(3, 9))]
+    images = [platform.add_item(dataset_id, image_bytes(render(s)), f"/ok/{i}.png")
+              for i, s in enumerate(sample_specs(3, 9))]
     broken = platform.add_item(dataset_id, b"this is text, not a JPEG", "/bad/photo.jpg")
     text = platform.add_item(dataset_id, b"a small red circle on the left", "/texts/query.txt")
     prompt = platform.add_prompt_item(dataset_id, "/prompts/p.json", [{"image": platform.stream_url(images[0]["id"])}])
@@ -296,19 +235,6 @@ def test_the_uploaded_weights_are_the_best_epochs_not_the_last(
     assert not all(torch.equal(uploaded[k], v) for k, v in states[3].items())  # the last epoch's differ
 
 
-def rig_validation(monkeypatch: pytest.MonkeyPatch, best_call: int) -> list[dict[str, torch.Tensor]]:
-    """Make fit's `best_call`-th validation the best by far; return the weights at every validation."""
-    real, states = train_module.evaluate, []
-
-    def rigged(clip: ClipModel, pairs: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
-        scores = real(clip, pairs, *args, **kwargs)
-        states.append({k: v.detach().clone() for k, v in clip.model.state_dict().items()})
-        return {k: v + 10.0 for k, v in scores.items()} if len(states) - 1 == best_call else scores
-
-    monkeypatch.setattr(train_module, "evaluate", rigged)
-    return states
-
-
 # ----------------------------------------------------------------------------------- prompt-item training
 def test_prompt_items_train_with_their_images_fetched_by_id_in_parallel(
     platform: LoopbackPlatform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -318,7 +244,7 @@ def test_prompt_items_train_with_their_images_fetched_by_id_in_parallel(
     dataset = platform.add_dataset(project["id"], "prompts")
     image_ids = []
     for i, spec in enumerate(sample_specs(48, seed=3)):
-        image = platform.add_item(dataset["id"], png(render(spec)), f"/images/{i:03d}.png")  # untagged
+        image = platform.add_item(dataset["id"], image_bytes(render(spec)), f"/images/{i:03d}.png")  # untagged
         image_ids.append(image["id"])
         prompt = {"image": platform.stream_url(image["id"]), "caption": spec.caption}
         split = "train" if i < 36 else "validation"
@@ -394,7 +320,7 @@ def test_a_subset_without_captions_fails_before_training_naming_it_and_the_count
     monkeypatch.chdir(tmp_path)
     shapes = seed_shapes(platform, {"train": 8})
     for i, spec in enumerate(sample_specs(5, seed=1)):
-        platform.add_item(shapes.dataset["id"], png(render(spec)), f"/validation/{i}.png", tags=["validation"])
+        platform.add_item(shapes.dataset["id"], image_bytes(render(spec)), f"/validation/{i}.png", tags=["validation"])
     model = add_model(platform, shapes, QUICK_CONFIG)
 
     with pytest.raises(DataError, match=r"validation: 5 items, 0 pairs used, 5 skipped: 5 no caption"):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from helpers import QUICK_CONFIG, add_model, published, rig_validation, seed_shapes
 from loopback_platform import LoopbackPlatform
-from test_adapter import QUICK_CONFIG, add_model, published, rig_validation, seed_shapes
 
 from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.dataloop.adapter import ClipAdapter

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, TINY_TRAINING
 from PIL import Image
 
 from adapters.clip_finetune.api import encode, fit, get_model, get_run, list_runs
@@ -31,10 +32,8 @@ from adapters.clip_finetune.errors import ConfigError, DataError
 from adapters.clip_finetune.model.clip import load_artifact
 from adapters.clip_finetune.retrieval.store import load_embeddings
 
-REPO = Path(__file__).resolve().parents[1]
 # From-scratch training of the tiny model: a learning rate far above the fine-tuning default.
-TINY = {"pretrained": None, "learning_rate": 2e-3, "train_batch_size": 16, "num_epochs": 3, "num_workers": 0,
-        "early_stopping": False}
+TINY = {**TINY_TRAINING, "learning_rate": 2e-3, "num_epochs": 3, "early_stopping": False}
 DIRECTIONS = ("text_to_image", "image_to_text")
 
 
@@ -74,11 +73,16 @@ def test_fit_returns_at_once_with_the_run_created_or_started(background) -> None
     assert len(list((run.path / "data" / "eval").glob("*.png"))) == 32
 
 
-def test_a_typo_hyperparameter_fails_before_any_run_folder_exists(tmp_path, data, tiny_model_config) -> None:
-    with pytest.raises(ConfigError, match=r"num_epoch: unknown key; did you mean 'num_epochs'\?"):
-        fit(model=tiny_model_config, train_data=data, runs_dir=tmp_path / "runs", num_epoch=3, **TINY)
-    with pytest.raises(ConfigError, match=r"learning_rate: .*greater than 0"):
-        fit(model=tiny_model_config, train_data=data, runs_dir=tmp_path / "runs", **{**TINY, "learning_rate": -1})
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [({"num_epoch": 3}, r"num_epoch: unknown key; did you mean 'num_epochs'\?"),
+     ({"learning_rate": -1}, r"learning_rate: .*greater than 0")],
+    ids=["typo", "out-of-range"],
+)
+def test_a_bad_hyperparameter_fails_before_any_run_folder_exists(tmp_path, data, tiny_model_config, bad,
+                                                                 message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        fit(model=tiny_model_config, train_data=data, runs_dir=tmp_path / "runs", **{**TINY, **bad})
     assert not (tmp_path / "runs").exists() or list((tmp_path / "runs").iterdir()) == []
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_TRAINING, set_args
 from PIL import Image
 
 from adapters.clip_finetune.cli.demo import run_demo
@@ -18,8 +19,7 @@ from adapters.clip_finetune.retrieval.store import load_embeddings
 
 @pytest.fixture(scope="module")
 def tiny_sets(tiny_model_config: Path) -> list[str]:
-    return ["--set", f"model_name={tiny_model_config}", "--set", "pretrained=none", "--set", "num_workers=0",
-            "--set", "learning_rate=1e-3", "--set", "train_batch_size=16"]
+    return set_args({**TINY_TRAINING, "model_name": tiny_model_config})
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ def test_defaults_follow_the_fine_tuning_recipes() -> None:
     cfg = FinetuneConfig()
     assert cfg.model_name == "ViT-B-32" and cfg.pretrained == "openai"
     assert cfg.embeddings_size == 512  # derived from the architecture, not hard-coded
-    assert 1e-7 <= cfg.learning_rate <= 5e-6  # ANCHORS.md: higher rates collapse CLIP
+    assert 1e-7 <= cfg.learning_rate <= 5e-6  # published CLIP fine-tuning recipes; higher rates collapse CLIP
     assert 1 <= cfg.num_epochs <= 5
     assert 0 < cfg.warmup < 1  # proportional to the run, not a fixed 10,000 steps
     assert cfg.weight_decay == pytest.approx(0.1)

@@ -1,4 +1,5 @@
-"""The core never imports dtlpy (DESIGN.md, rule 1): every module outside dataloop/ imports with dtlpy blocked."""
+"""The core never imports dtlpy (the project's dependency rule): every module outside dataloop/ imports with dtlpy
+blocked."""
 
 from __future__ import annotations
 
@@ -6,11 +7,11 @@ import json
 import pkgutil
 import subprocess
 import sys
-from pathlib import Path
+
+from helpers import REPO
 
 import adapters.clip_finetune as package
 
-REPO = Path(__file__).resolve().parents[1]
 PLATFORM = f"{package.__name__}.dataloop"  # the one folder allowed to import dtlpy
 ENTRY_POINTS = {f"{package.__name__}.__main__"}  # runs the CLI on import; cli is imported (and checked) on its own
 

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-import io
 import json
-import struct
 import subprocess
 import sys
 import time
 import warnings
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import (
+    REPO,
+    add_item,
+    add_prompt_item,
+    free_text,
+    image_prompt,
+    noise_jpeg_bytes,
+    oid,
+    png_declaring,
+    stream,
+)
 from PIL import Image
 
 from adapters.clip_finetune.data.dataloop import read_subset
@@ -29,50 +37,7 @@ from adapters.clip_finetune.data.pairs import DataReport
 from adapters.clip_finetune.data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS, read_table
 from adapters.clip_finetune.errors import DataError
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-# --- helpers: a hand-made subset download -----------------------------------------------------------------
-
-
-def oid(n: int) -> str:
-    return f"{n:024x}"
-
-
-def add_item(subset: Path, item_id: str, filename: str, content: bytes | None = b"\x89PNG fake", **record: Any) -> Path:
-    """Write items/<filename> (unless content is None) and json/<dir>/<stem>.json, as dtlpy downloads them."""
-    rel = filename.lstrip("/")
-    if content is not None:
-        (subset / "items" / rel).parent.mkdir(parents=True, exist_ok=True)
-        (subset / "items" / rel).write_bytes(content)
-    meta = record.pop("metadata", {"system": {"mimetype": "image/png"}})
-    data = {"id": item_id, "filename": filename, "type": "file", "metadata": meta, "annotations": [], **record}
-    json_path = subset / "json" / Path(rel).parent / (Path(rel).stem + ".json")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(data))
-    return subset / "items" / rel
-
-
-def add_prompt_item(subset: Path, item_id: str, prompts: dict[str, list[dict]], annotations: list[dict],
-                    shebang: bool = True) -> None:
-    content = json.dumps({"shebang": "dataloop", "metadata": {"dltype": "prompt"}, "prompts": prompts}).encode()
-    system: dict[str, Any] = {"mimetype": "application/json"}
-    if shebang:
-        system["shebang"] = {"dltype": "prompt"}
-    add_item(subset, item_id, f"/prompts/{item_id}.json", content, metadata={"system": system},
-             annotations=annotations)
-
-
-def image_prompt(value: str) -> list[dict]:
-    return [{"mimetype": "image/*", "value": value}, {"mimetype": "metadata", "value": {"role": "user"}}]
-
-
-def free_text(prompt_id: str, text: str) -> dict:
-    return {"type": "text", "label": "free-text", "coordinates": text, "metadata": {"system": {"promptId": prompt_id}}}
-
-
-def stream(item_id: str) -> str:
-    return f"https://gate.dataloop.ai/api/v1/items/{item_id}/stream"
+# --- helpers: resolvers --------------------------------------------------------------------------------------
 
 
 class RecordingResolver:
@@ -450,16 +415,10 @@ def test_animated_gif_gives_its_first_frame(tmp_path: Path) -> None:
     assert out.mode == "RGB" and out.getpixel((4, 4)) == (255, 0, 0)
 
 
-def _jpeg_bytes() -> bytes:
-    buf = io.BytesIO()
-    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, format="JPEG")
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize(
     ("name", "content", "reason"),
     [
-        ("truncated.jpg", _jpeg_bytes()[:600], "truncated"),
+        ("truncated.jpg", noise_jpeg_bytes()[:600], "truncated"),
         ("empty.jpg", b"", "empty file"),
         ("text.jpg", b"this is not an image\n", "UnidentifiedImageError"),
         ("missing.png", None, "not found"),
@@ -472,17 +431,6 @@ def test_undecodable_files_raise_with_the_path(tmp_path: Path, name: str, conten
     with pytest.raises(ImageDecodeError, match=reason) as e:
         load_image(path)
     assert str(path) in str(e.value) and isinstance(e.value, DataError)
-
-
-def _png_declaring(width: int, height: int) -> bytes:
-    """A small valid PNG whose IHDR is patched to declare width x height (CRC fixed up)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
-    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
-    return bytes(data)
 
 
 @pytest.fixture
@@ -508,7 +456,7 @@ def test_decompression_bombs_are_refused_quickly(
         path = _save(Image.new("RGB", declared), tmp_path / "small.png")
     else:
         path = tmp_path / "bomb.png"
-        path.write_bytes(_png_declaring(*declared))
+        path.write_bytes(png_declaring(*declared))
     filters_before = list(warnings.filters)
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:

@@ -10,6 +10,7 @@ from pathlib import Path
 import dtlpy as dl
 import numpy as np
 import pytest
+from helpers import QUICK_CONFIG, set_args
 from loopback_platform import LoopbackPlatform, dtlpy_pointed_at, tag_subset_filter
 from PIL import Image
 
@@ -21,9 +22,7 @@ from adapters.clip_finetune.dataloop.adapter import ClipAdapter
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _config(tiny_model_config: Path) -> dict:
-    return {"model_name": str(tiny_model_config), "pretrained": None, "learning_rate": 2e-3, "num_epochs": 1,
-            "train_batch_size": 8, "num_workers": 0, "batch_size": 4}
+CONFIG = {**QUICK_CONFIG, "batch_size": 4}  # embedding batches of 4: the platform and the CLI batch differently
 
 
 def _images(folder: Path) -> dict[str, tuple[Path, str, str]]:
@@ -49,8 +48,7 @@ def _images(folder: Path) -> dict[str, tuple[Path, str, str]]:
     return out
 
 
-def test_the_adapter_the_cli_and_the_api_give_equal_vectors_and_data_reports(tmp_path, tiny_model_config,
-                                                                            monkeypatch) -> None:
+def test_the_adapter_the_cli_and_the_api_give_equal_vectors_and_data_reports(tmp_path, monkeypatch) -> None:
     images = _images(tmp_path / "images")
     work = tmp_path / "work"
     work.mkdir()
@@ -60,7 +58,7 @@ def test_the_adapter_the_cli_and_the_api_give_equal_vectors_and_data_reports(tmp
         dataset = platform.add_dataset(project["id"], "photos")
         items = {name: platform.add_item(dataset["id"], path, f"/photos/{name}", description=caption, tags=[subset])
                  for name, (path, caption, subset) in images.items()}
-        model_json = platform.add_model(project["id"], "tiny", _config(tiny_model_config), dataset["id"],
+        model_json = platform.add_model(project["id"], "tiny", CONFIG, dataset["id"],
                                         subsets={s: tag_subset_filter(s) for s in ("train", "validation")})
 
         # the platform: train, then embed every item with the trained model
@@ -97,8 +95,7 @@ def test_the_adapter_the_cli_and_the_api_give_equal_vectors_and_data_reports(tmp
                                atol=1e-6, rtol=0)
 
     # the data report: the platform's (uploaded with the model) and the CLI's, training on the same download
-    sets = [a for k, v in _config(tiny_model_config).items() for a in ("--set", f"{k}={json.dumps(v)}")]
-    assert main(["train", "--data", str(download), "--out", str(tmp_path / "cli-model"), *sets]) == 0
+    assert main(["train", "--data", str(download), "--out", str(tmp_path / "cli-model"), *set_args(CONFIG)]) == 0
     platform_report = json.loads(artifacts["data_report.json"])
     cli_report = json.loads((tmp_path / "cli-model" / "data_report.json").read_text())
     assert platform_report == cli_report

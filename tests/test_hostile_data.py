@@ -3,56 +3,62 @@ every good pair, skips each bad one for a named reason, and saves the data repor
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
+from helpers import (
+    TINY_TRAINING,
+    add_item,
+    add_prompt_item,
+    free_text,
+    image_bytes,
+    image_prompt,
+    noise_jpeg_bytes,
+    oid,
+    png_bytes,
+    png_declaring,
+    set_args,
+    stream,
+)
 from PIL import Image
-from test_data import _jpeg_bytes, _png_declaring, add_item, add_prompt_item, free_text, image_prompt, oid, stream
 
 from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.data.synthetic import write_dataloop_download
 
 
-def _image(fmt: str, image: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
 def _exif_rotated() -> bytes:
     exif = Image.Exif()
     exif[0x0112] = 6
-    return _image("JPEG", Image.new("RGB", (40, 20), (200, 0, 0)), exif=exif.tobytes())
+    return image_bytes(Image.new("RGB", (40, 20), (200, 0, 0)), "JPEG", exif=exif.tobytes())
 
 
 def _palette_with_transparency() -> bytes:
     im = Image.new("P", (8, 8), 0)
     im.putpalette([0, 0, 0, 0, 255, 0])
     im.info["transparency"] = 1
-    return _image("PNG", im)
+    return image_bytes(im)
 
 
 def _animated_gif() -> bytes:
     frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
-    return _image("GIF", frames[0], save_all=True, append_images=frames[1:])
+    return image_bytes(frames[0], "GIF", save_all=True, append_images=frames[1:])
 
 
 GOOD_IMAGES = {  # name: file content; each decodes to an upright RGB image
-    "alpha.png": lambda: _image("PNG", Image.new("RGBA", (16, 16), (255, 0, 0, 128))),
+    "alpha.png": lambda: image_bytes(Image.new("RGBA", (16, 16), (255, 0, 0, 128))),
     "palette.png": _palette_with_transparency,
-    "cmyk.jpg": lambda: _image("JPEG", Image.new("CMYK", (16, 16), (0, 255, 255, 0))),
-    "gray16.png": lambda: _image("PNG", Image.new("I;16", (16, 16), 30000)),
+    "cmyk.jpg": lambda: image_bytes(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"),
+    "gray16.png": lambda: image_bytes(Image.new("I;16", (16, 16), 30000)),
     "animated.gif": _animated_gif,
     "rotated.jpg": _exif_rotated,
-    "one-pixel.png": lambda: _image("PNG", Image.new("RGB", (1, 1), (0, 255, 0))),
+    "one-pixel.png": lambda: png_bytes((0, 255, 0), size=(1, 1)),
 }
 BAD_IMAGES = {  # name: file content; each fails to decode and is skipped while training
-    "truncated.jpg": lambda: _jpeg_bytes()[:600],
+    "truncated.jpg": lambda: noise_jpeg_bytes()[:600],
     "zero-byte.jpg": lambda: b"",
     "text-named.jpg": lambda: b"this is a text file, not a JPEG\n",
-    "bomb.png": lambda: _png_declaring(100_000, 100_000),
+    "bomb.png": lambda: png_declaring(100_000, 100_000),
 }
 ODD_CAPTIONS = ["x " * 5000, "красный круг слева", "赤い丸", "🔴 a red circle 🎯"]  # all usable
 NO_CAPTIONS = {"empty": "", "blank": "   \n\t", "missing": None}
@@ -68,7 +74,7 @@ def build_corpus(subset: Path) -> tuple[int, dict[str, int]]:
     for name, content in BAD_IMAGES.items():
         add_item(subset, oid(n := n + 1), f"/hostile/{name}", content(), description=f"image {name}")
         good += 1  # readers only check the file is there; the decode failure shows while training
-    ok_png = _image("PNG", Image.new("RGB", (8, 8), (0, 0, 255)))
+    ok_png = png_bytes((0, 0, 255), size=(8, 8))
     for i, caption in enumerate(ODD_CAPTIONS):
         add_item(subset, oid(n := n + 1), f"/captions/odd-{i}.png", ok_png, description=caption)
         good += 1
@@ -102,10 +108,8 @@ def trained_on_hostile(tmp_path_factory, tiny_model_config):
     data = write_dataloop_download(root / "data", 48, 16, seed=8)
     n_good, expected = build_corpus(data / "train")
     out = root / "model"
-    sets = {"model_name": tiny_model_config, "pretrained": "none", "train_batch_size": 16, "num_epochs": 1,
-            "learning_rate": 1e-3, "num_workers": 0}
-    rc = main(["train", "--data", str(data), "--out", str(out), *[a for k, v in sets.items()
-                                                                  for a in ("--set", f"{k}={v}")]])
+    sets = {**TINY_TRAINING, "model_name": tiny_model_config, "num_epochs": 1}
+    rc = main(["train", "--data", str(data), "--out", str(out), *set_args(sets)])
     return rc, out, 48 + n_good, expected
 
 

@@ -17,7 +17,6 @@ from loopback_platform import (
     SeededProject,
     dql_match,
     dql_page,
-    platform_fixture,  # noqa: F401 - provides the `platform` fixture
     png_bytes,
     seed_captioned_images,
 )

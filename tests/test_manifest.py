@@ -14,17 +14,17 @@ from typing import Any
 import dtlpy as dl
 import open_clip
 import pytest
+from helpers import REPO
 
 from adapters.clip_finetune.config import FinetuneConfig, build_config
 
-ROOT = Path(__file__).resolve().parents[1]
-MANIFEST: dict[str, Any] = json.loads((ROOT / "dataloop.json").read_text())
+MANIFEST: dict[str, Any] = json.loads((REPO / "dataloop.json").read_text())
 COMPONENTS = MANIFEST["components"]
 MODULES = COMPONENTS["modules"]
 FUNCTIONS = [(module["name"], fn) for module in MODULES for fn in module["functions"]]
 COMPUTE_CONFIGS = {cfg["name"]: cfg for cfg in COMPONENTS["computeConfigs"]}
 
-# Function IO types the platform accepts (../shared/docs/DATALOOP_PLATFORM.md, "Model entity and manifest").
+# Function IO types the platform accepts: the types of dtlpy 1.126's PackageInputType, each also as a list `T[]`.
 _BASE_TYPES = (
     "Dataset",
     "Item",
@@ -64,7 +64,7 @@ ALL_IO = [pytest.param(io, id=ident) for _, fn in FUNCTIONS for ident, io in _io
 
 
 def _entry_point(module: dict[str, Any]) -> Path:
-    return ROOT / module["entryPoint"]
+    return REPO / module["entryPoint"]
 
 
 def _load_class(module: dict[str, Any]) -> type:

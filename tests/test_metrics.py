@@ -9,17 +9,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
 
 from adapters.clip_finetune.config import metric_names
 from adapters.clip_finetune.retrieval import metrics as metrics_module
 from adapters.clip_finetune.retrieval.formatting import DEFAULT_TABLE_METRICS, format_table
 from adapters.clip_finetune.retrieval.metrics import metric_keys, ranking_metrics, retrieval_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=["sort", "compare"])
@@ -459,4 +457,4 @@ def test_large_matrices_are_fast(density: float) -> None:
 def test_metrics_imports_no_torch() -> None:
     code = ("import sys, adapters.clip_finetune.retrieval.metrics; "
             "sys.exit(any(m in sys.modules for m in ('torch', 'dtlpy')))")
-    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("transformers", reason="multilingual models need the [multilingual] extra")
 
-from conftest import stock_open_clip_embeddings  # noqa: E402
+from helpers import TINY_TRAINING, set_args, stock_open_clip_embeddings  # noqa: E402
 from hf_tiny import bilingual_pairs, build_tiny_xlmr, in_language, mixed  # noqa: E402
 from open_clip.hf_model import HFTextEncoder  # noqa: E402
 from open_clip.tokenizer import HFTokenizer  # noqa: E402
@@ -38,8 +38,8 @@ from adapters.clip_finetune.training.optim import param_groups  # noqa: E402
 R10, MRR, MEDIAN = "text_to_image/recall@10", "text_to_image/mrr", "text_to_image/median_rank"
 CONTEXT = 32
 # From-scratch training of a tiny model needs a learning rate far above the fine-tuning default.
-TRAINING = {"pretrained": None, "learning_rate": 2e-3, "train_batch_size": 32, "batch_size": 128, "num_epochs": 6,
-            "warmup": 0.1, "early_stopping": False, "num_workers": 0}
+TRAINING = {**TINY_TRAINING, "learning_rate": 2e-3, "train_batch_size": 32, "batch_size": 128, "num_epochs": 6,
+            "warmup": 0.1, "early_stopping": False}
 
 
 @pytest.fixture(scope="module")
@@ -225,9 +225,8 @@ def test_cli_trains_and_embeds_a_multilingual_model(xlmr_json, data, tmp_path, c
     table = tmp_path / "pairs.jsonl"
     table.write_text("".join(json.dumps({"image": p.image, "caption": p.caption}) + "\n" for p in mixed(data[0][:64])))
     out = tmp_path / "model"
-    sets = [f"model_name={xlmr_json}", "pretrained=none", "num_workers=0", "learning_rate=1e-3",
-            "train_batch_size=32", "num_epochs=1"]
-    assert main(["train", "--data", str(table), "--out", str(out), *(a for s in sets for a in ("--set", s))]) == 0
+    sets = {**TINY_TRAINING, "model_name": xlmr_json, "train_batch_size": 32, "num_epochs": 1}
+    assert main(["train", "--data", str(table), "--out", str(out), *set_args(sets)]) == 0
     texts = tmp_path / "queries.txt"
     texts.write_text("ein großer grüner Kreis links\na large green circle on the left\n", encoding="utf-8")
     assert main(["embed", "--model", str(out), "--texts", str(texts), "--out", str(tmp_path / "q.npz")]) == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 
 ort = pytest.importorskip("onnxruntime")
@@ -25,7 +26,7 @@ from adapters.clip_finetune.model.clip import load_artifact, load_model, save_ar
 from adapters.clip_finetune.model.onnx_export import export_onnx  # noqa: E402
 from adapters.clip_finetune.retrieval.embed import encode_images, encode_texts  # noqa: E402
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "onnx.md"
+DOCS = REPO / "docs" / "onnx.md"
 TEXTS = ["a red circle", "Two BLUE squares,   side by side!", "a very long caption " * 20]
 
 

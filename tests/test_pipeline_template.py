@@ -1,6 +1,6 @@
 """The pipeline template (pipeline_templates/clip-finetune-and-embed) checked as a graph and against the app.
 
-The reference template's flaws (../shared/docs/DATALOOP_PLATFORM.md) each have a test here: embedding must
+The flaws of Dataloop's own "CLIP Fine-tuning" pipeline template each have a test here: embedding must
 start by itself after training, the install-time defaults must bind to variables spelled exactly, an
 evaluation runs before the newest-model variable is overwritten, and search data is its own variable.
 """
@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import dtlpy as dl
 import pytest
+from helpers import REPO
 
 from adapters.clip_finetune.config import FIELDS, FinetuneConfig, build_config
 
-ROOT = Path(__file__).resolve().parents[1]
-TEMPLATE_DIR = ROOT / "pipeline_templates" / "clip-finetune-and-embed"
+TEMPLATE_DIR = REPO / "pipeline_templates" / "clip-finetune-and-embed"
 DPK: dict[str, Any] = json.loads((TEMPLATE_DIR / "dataloop.json").read_text())
-APP: dict[str, Any] = json.loads((ROOT / "dataloop.json").read_text())
+APP: dict[str, Any] = json.loads((REPO / "dataloop.json").read_text())
 (TEMPLATE,) = DPK["components"]["pipelineTemplates"]
 NODES: dict[str, dict[str, Any]] = {n["id"]: n for n in TEMPLATE["nodes"]}
 VARIABLES: dict[str, dict[str, Any]] = {v["name"]: v for v in TEMPLATE["variables"]}

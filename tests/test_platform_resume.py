@@ -11,14 +11,14 @@ import dtlpy as dl
 import pytest
 import safetensors.torch
 import torch
+from helpers import TINY_MODEL, TINY_TRAINING, add_model, published, seed_shapes
 from loopback_platform import LoopbackPlatform, dtlpy_pointed_at
-from test_adapter import TINY, add_model, published, seed_shapes
 
 from adapters.clip_finetune.dataloop import adapter as adapter_module
 from adapters.clip_finetune.dataloop.adapter import ClipAdapter
 
-CONFIG = {"model_name": str(TINY), "pretrained": None, "learning_rate": 2e-3, "num_epochs": 3,
-          "train_batch_size": 16, "early_stopping": False, "num_workers": 0}
+CONFIG = {"model_name": str(TINY_MODEL), **TINY_TRAINING, "learning_rate": 2e-3, "num_epochs": 3,
+          "early_stopping": False}
 WEIGHTS = "open_clip_model.safetensors"
 
 

@@ -13,14 +13,11 @@ The rules asserted here:
 
 from __future__ import annotations
 
-import io
 import logging
 import re
-import struct
 import threading
 import time
 import uuid
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -30,9 +27,9 @@ import numpy as np
 import pytest
 import requests
 import torch
+from helpers import QUICK_CONFIG, TINY_MODEL, add_model, image_bytes, png_bytes, png_declaring, seed_shapes
 from loopback_platform import LoopbackPlatform
 from PIL import Image
-from test_adapter import QUICK_CONFIG, TINY, add_model, png, seed_shapes
 
 from adapters.clip_finetune.data.pairs import DataReport
 from adapters.clip_finetune.data.synthetic import render, sample_specs
@@ -41,7 +38,7 @@ from adapters.clip_finetune.dataloop.embed_job import VectorsNotStoredError
 from adapters.clip_finetune.dataloop.items import Unusable
 from adapters.clip_finetune.errors import ModelError
 
-EMBED_CONFIG: dict[str, Any] = {"model_name": str(TINY), "pretrained": None, "batch_size": 4, "num_workers": 0}
+EMBED_CONFIG: dict[str, Any] = {"model_name": str(TINY_MODEL), "pretrained": None, "batch_size": 4, "num_workers": 0}
 VECTORS = r"^/features/vectors$"
 
 
@@ -61,7 +58,7 @@ class Embedding:
         self.model_id = model["id"]
 
     def add_images(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
-        return [self.platform.add_item(self.dataset["id"], png(render(s)), f"/images/{seed}-{i}.png")
+        return [self.platform.add_item(self.dataset["id"], image_bytes(render(s)), f"/images/{seed}-{i}.png")
                 for i, s in enumerate(sample_specs(n, seed))]
 
     def adapter(self) -> ClipAdapter:
@@ -121,21 +118,8 @@ def settle(platform: LoopbackPlatform, timeout: float = 10.0) -> None:
 
 
 def truncated_jpeg() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (10, 200, 30)).save(buffer, format="JPEG")
-    data = buffer.getvalue()
+    data = image_bytes(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG")
     return data[: len(data) // 2]
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A small valid PNG whose IHDR declares width x height (a decompression bomb; as in test_data)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
-    data = bytearray(buffer.getvalue())
-    ihdr = 8 + 8
-    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
-    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
-    return bytes(data)
 
 
 def add_bomb(platform: LoopbackPlatform, dataset_id: str, remote_path: str) -> str:
@@ -292,7 +276,7 @@ def test_bad_items_get_no_vector_are_listed_with_reasons_and_do_not_fail_the_job
 ) -> None:
     platform, dataset_id = embedding.platform, embedding.dataset["id"]
     good = [i["id"] for i in embedding.add_images(3)]
-    good.append(platform.add_item(dataset_id, png(Image.new("RGB", (1, 1), (255, 0, 0))), "/images/1x1.png")["id"])
+    good.append(platform.add_item(dataset_id, png_bytes((255, 0, 0), size=(1, 1)), "/images/1x1.png")["id"])
     bad = {
         platform.add_item(dataset_id, truncated_jpeg(), "/bad/truncated.jpg")["id"]: "truncated",
         platform.add_item(dataset_id, b"", "/bad/empty.jpg", mimetype="image/jpeg")["id"]: "empty file",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, TINY_TRAINING, set_args
 from safetensors.torch import load_file
 
 from adapters.clip_finetune.cli.main import main
@@ -29,10 +30,9 @@ from adapters.clip_finetune.training import CHECKPOINT_NAME, finetune
 from adapters.clip_finetune.training import launch as launch_module
 from adapters.clip_finetune.training.optim import apply_locks
 
-ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "open_clip_model.safetensors"
-TINY = {"pretrained": None, "learning_rate": 1e-3, "train_batch_size": 16, "batch_size": 64, "num_epochs": 3,
-        "warmup": 0.1, "early_stopping": False, "num_workers": 0, "image_cache_mb": 0, "grad_clip_norm": None}
+TINY = {**TINY_TRAINING, "batch_size": 64, "num_epochs": 3, "warmup": 0.1, "early_stopping": False, "image_cache_mb": 0,
+        "grad_clip_norm": None}
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +122,13 @@ def test_a_rank_that_dies_at_start_fails_the_run_at_once(tiny_model_config, data
 
 def test_torchrun_trains_through_the_command_line(tiny_model_config, data, single, tmp_path) -> None:
     _, _, train_csv, val_csv = data
-    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={'null' if v is None else v}")]
+    sets = set_args(TINY)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "adapters.clip_finetune", "train", "--data", str(train_csv), "--validation", str(val_csv),
          "--out", str(tmp_path / "model"), *sets, "--set", f"model_name={tiny_model_config}"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("best epoch") == 1  # printed by rank 0 only
     one, one_dir = single

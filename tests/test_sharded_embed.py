@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO
 from PIL import Image
 
 from adapters.clip_finetune.cli.main import main
@@ -22,7 +23,6 @@ from adapters.clip_finetune.model.clip import load_model, save_artifact
 from adapters.clip_finetune.retrieval.shards import ShardSpec, shard_range, shard_spec
 from adapters.clip_finetune.retrieval.store import load_embeddings
 
-ROOT = Path(__file__).resolve().parents[1]
 PARTS = ["part-00000-of-00002.npz", "part-00001-of-00002.npz"]
 CORRUPT = (5, 20)  # one undecodable image in each half of the 26
 
@@ -78,7 +78,7 @@ def sharded(root: Path, model_dir: Path, images: Path) -> tuple[Path, str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "adapters.clip_finetune", "embed", "--model", str(model_dir), "--images", str(images),
            "--out", str(out), "--set", "num_workers=0"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out, proc.stdout + proc.stderr
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from helpers import TINY_TRAINING, set_args
 from safetensors.torch import load_file
 
 from adapters.clip_finetune.config import build_config
@@ -37,11 +38,9 @@ def tables(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _train_cmd(tiny: Path, tables: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
-    sets = {"model_name": tiny, "pretrained": "none", "learning_rate": 1e-3, "train_batch_size": 16,
-            "num_epochs": 3, "num_workers": 0, "checkpoint_every_steps": 2, "early_stopping": "false"}
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    sets = {**TINY_TRAINING, "model_name": tiny, "num_epochs": 3, "checkpoint_every_steps": 2, "early_stopping": False}
     return [sys.executable, "-m", "adapters.clip_finetune", "train", "--data", str(tables[0]),
-            "--validation", str(tables[1]), "--out", str(out), *args, *extra]
+            "--validation", str(tables[1]), "--out", str(out), *set_args(sets), *extra]
 
 
 def _env() -> dict[str, str]:
@@ -90,8 +89,7 @@ class _NanOn:
 
 @pytest.fixture(scope="module")
 def small(tiny_model_config, tables):
-    cfg = build_config({"model_name": str(tiny_model_config), "pretrained": None, "learning_rate": 1e-3,
-                        "train_batch_size": 16, "num_epochs": 2, "num_workers": 0, "max_bad_steps": 4})
+    cfg = build_config({**TINY_TRAINING, "model_name": str(tiny_model_config), "num_epochs": 2, "max_bad_steps": 4})
     return cfg, read_table(tables[0]), read_table(tables[1])
 
 

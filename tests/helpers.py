@@ -1,0 +1,209 @@
+"""What the tests share instead of retyping: the tiny architecture and its training settings, image bytes
+(plain, and deliberately broken), a dtlpy subset download written by hand, and synthetic captioned shapes
+seeded on the loopback platform.
+
+Test modules import from here, never from each other; conftest.py holds the fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loopback_platform import LoopbackPlatform, image_bytes, png_bytes, tag_subset_filter
+from PIL import Image
+
+from adapters.clip_finetune.data.synthetic import render, sample_specs
+
+if TYPE_CHECKING:
+    import dtlpy as dl
+    import numpy as np
+    import pytest
+    import torch
+
+    from adapters.clip_finetune.model.clip import ClipModel
+
+# image_bytes and png_bytes are the one image writer: the stand-in's, which seeds its items with them.
+__all__ = [
+    "QUICK_CONFIG",
+    "REPO",
+    "TINY_MODEL",
+    "TINY_TRAINING",
+    "Shapes",
+    "add_item",
+    "add_model",
+    "add_prompt_item",
+    "free_text",
+    "image_bytes",
+    "image_prompt",
+    "noise_jpeg_bytes",
+    "oid",
+    "png_bytes",
+    "png_declaring",
+    "published",
+    "rig_validation",
+    "seed_shapes",
+    "set_args",
+    "stock_open_clip_embeddings",
+    "stream",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ----------------------------------------------------------------------------------------- the tiny model
+# The tiny open_clip architecture (random init, embed_dim 64) that tests train in seconds on a CPU.
+TINY_MODEL = REPO / "adapters" / "clip_finetune" / "model_configs" / "clip-tiny.json"
+
+# From-scratch training of the tiny model: random init, a learning rate far above the fine-tuning default,
+# and no DataLoader worker processes (the machine is small; dtlpy and loopback threads are alive).
+# A test that needs other values says so: {**TINY_TRAINING, "num_epochs": 5}.
+TINY_TRAINING: dict[str, Any] = {"pretrained": None, "learning_rate": 1e-3, "train_batch_size": 16, "num_workers": 0}
+
+# A model entity's configuration on the loopback platform: the tiny model, one quick epoch.
+# seed 0: the random init (load_model draws it under the configured seed) the held-out thresholds were measured on
+QUICK_CONFIG: dict[str, Any] = {"model_name": str(TINY_MODEL), **TINY_TRAINING, "learning_rate": 2e-3,
+                                "num_epochs": 1, "train_batch_size": 8, "early_stopping_epochs": 3, "seed": 0}
+
+
+def set_args(config: dict[str, Any]) -> list[str]:
+    """`config` as `clip-finetune` options: ["--set", "key=value", ...], each value as JSON (None: null)."""
+    return [a for k, v in config.items()
+            for a in ("--set", f"{k}={v if isinstance(v, str | Path) else json.dumps(v)}")]
+
+
+def stock_open_clip_embeddings(folder: Path, images: list[str], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Unit-norm image and text embeddings of a saved model as stock open_clip computes them (`local-dir:`)."""
+    import open_clip
+    import torch
+
+    from adapters.clip_finetune.data.images import load_image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    model.eval()
+    with torch.no_grad():
+        image = model.encode_image(torch.stack([preprocess(load_image(p)) for p in images]), normalize=True)
+        text = model.encode_text(tokenizer(texts), normalize=True)
+    return image.numpy(), text.numpy()
+
+
+def rig_validation(monkeypatch: pytest.MonkeyPatch, best_call: int) -> list[dict[str, torch.Tensor]]:
+    """Make fit's `best_call`-th validation the best by far; return the weights at every validation."""
+    from adapters.clip_finetune.training import loop as train_module
+
+    real, states = train_module.evaluate, []
+
+    def rigged(clip: ClipModel, pairs: Any, *args: Any, **kwargs: Any) -> dict[str, float]:
+        scores = real(clip, pairs, *args, **kwargs)
+        states.append({k: v.detach().clone() for k, v in clip.model.state_dict().items()})
+        return {k: v + 10.0 for k, v in scores.items()} if len(states) - 1 == best_call else scores
+
+    monkeypatch.setattr(train_module, "evaluate", rigged)
+    return states
+
+
+# -------------------------------------------------------------------------------- deliberately bad images
+def noise_jpeg_bytes() -> bytes:
+    """A 64x64 JPEG of noise: big enough that its first 600 bytes are a truncated image, not an empty one."""
+    return image_bytes(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG")
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A small valid PNG whose IHDR is patched to declare width x height (CRC fixed up): a decompression bomb."""
+    data = bytearray(image_bytes(Image.new("RGB", (4, 4))))
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+# ----------------------------------------------------------------- a subset download, written by hand
+def oid(n: int) -> str:
+    return f"{n:024x}"
+
+
+def add_item(subset: Path, item_id: str, filename: str, content: bytes | None = b"\x89PNG fake", **record: Any) -> Path:
+    """Write items/<filename> (unless content is None) and json/<dir>/<stem>.json, as dtlpy downloads them."""
+    rel = filename.lstrip("/")
+    if content is not None:
+        (subset / "items" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (subset / "items" / rel).write_bytes(content)
+    meta = record.pop("metadata", {"system": {"mimetype": "image/png"}})
+    data = {"id": item_id, "filename": filename, "type": "file", "metadata": meta, "annotations": [], **record}
+    json_path = subset / "json" / Path(rel).parent / (Path(rel).stem + ".json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(data))
+    return subset / "items" / rel
+
+
+def add_prompt_item(subset: Path, item_id: str, prompts: dict[str, list[dict]], annotations: list[dict],
+                    shebang: bool = True) -> None:
+    content = json.dumps({"shebang": "dataloop", "metadata": {"dltype": "prompt"}, "prompts": prompts}).encode()
+    system: dict[str, Any] = {"mimetype": "application/json"}
+    if shebang:
+        system["shebang"] = {"dltype": "prompt"}
+    add_item(subset, item_id, f"/prompts/{item_id}.json", content, metadata={"system": system},
+             annotations=annotations)
+
+
+def image_prompt(value: str) -> list[dict]:
+    return [{"mimetype": "image/*", "value": value}, {"mimetype": "metadata", "value": {"role": "user"}}]
+
+
+def free_text(prompt_id: str, text: str) -> dict:
+    return {"type": "text", "label": "free-text", "coordinates": text, "metadata": {"system": {"promptId": prompt_id}}}
+
+
+def stream(item_id: str) -> str:
+    return f"https://gate.dataloop.ai/api/v1/items/{item_id}/stream"
+
+
+# ---------------------------------------------------------------------- shapes on the loopback platform
+@dataclass
+class Shapes:
+    """A project with a dataset of synthetic captioned shapes and the model entities made on it."""
+
+    project: dict[str, Any]
+    dataset: dict[str, Any]
+    items: dict[str, list[dict[str, Any]]]
+
+
+def seed_shapes(platform: LoopbackPlatform, sizes: dict[str, int], seed: int = 0) -> Shapes:
+    """Image items captioned by `description`, tagged with their split, under /<split>/."""
+    project = platform.add_project()
+    dataset = platform.add_dataset(project["id"], "shapes")
+    specs = sample_specs(sum(sizes.values()), seed)
+    items: dict[str, list[dict[str, Any]]] = {}
+    for split, n in sizes.items():
+        chunk, specs = specs[:n], specs[n:]
+        items[split] = [
+            platform.add_item(dataset["id"], image_bytes(render(spec)), f"/{split}/{i:04d}.png",
+                              description=spec.caption, tags=[split])
+            for i, spec in enumerate(chunk)
+        ]
+    return Shapes(project, dataset, items)
+
+
+def add_model(platform: LoopbackPlatform, shapes: Shapes, configuration: dict[str, Any]) -> dl.Model:
+    """A pre-trained model entity on the train/validation tags; unique name (dtlpy keys artifacts by name)."""
+    import dtlpy as dl
+
+    model = platform.add_model(
+        shapes.project["id"], f"clip-{uuid.uuid4().hex[:8]}", configuration, shapes.dataset["id"],
+        subsets={"train": tag_subset_filter("train"), "validation": tag_subset_filter("validation")},
+    )
+    return dl.models.get(model_id=model["id"])
+
+
+def published(platform: LoopbackPlatform, model_id: str, figure: str) -> dict[str, dict[Any, float]]:
+    """{legend: {x: y}} of one figure of the model's published metrics."""
+    out: dict[str, dict[Any, float]] = {}
+    for s in platform.metrics(model_id):
+        if s["figure"] == figure:
+            out.setdefault(s["legend"], {})[s["data"]["x"]] = s["data"]["y"]
+    return out
