@@ -1,4 +1,5 @@
-"""Readers (data.py) and image decoding (images.py), on small files generated here."""
+"""Readers (data/dataloop.py, data/tables.py, data/load.py) and image decoding (data/images.py), on small files
+generated here."""
 
 from __future__ import annotations
 

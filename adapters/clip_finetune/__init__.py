@@ -1,6 +1,6 @@
 """Fine-tune CLIP (open_clip) for text-to-image search: `clip-finetune` CLI, Python API, Dataloop adapter.
 
-The Python API (api.py) is importable from here; it is loaded on first use, so `import adapters.clip_finetune`
+The Python API (api/) is importable from here; it is loaded on first use, so `import adapters.clip_finetune`
 stays light (no torch, no open_clip).
 """
 

@@ -106,7 +106,7 @@ class FinetuneConfig(BaseModel):
         None, gt=0, description="vector length; derived from the architecture, an explicit mismatch is an error"
     )
 
-    # --- optimisation (recipes: ../shared/docs/ANCHORS.md) --------------------------------------
+    # --- optimisation (published recipes: docs/configuration.md, "Where the defaults come from") ---
     train_batch_size: int = Field(64, ge=2, le=65536, description="image-caption pairs per training step")
     num_epochs: int = Field(5, ge=1, le=1000, description="passes over the training subset")
     learning_rate: float = Field(1e-6, gt=0, le=1.0, description="peak AdamW learning rate")

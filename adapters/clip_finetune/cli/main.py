@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import ClipFinetuneError, ConfigError, DataError
 from .runs import add_runs_parser, cmd_runs
 
-log = logging.getLogger("clip_finetune")
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
