@@ -75,6 +75,9 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     out = Path(out_dir) if out_dir is not None else None
     best_state = _start(run, splits, out, resume, hooks.progress)
     p = run.progress
+    if not splits.validation and run.is_main:
+        log.warning("no validation data: nothing picks the best epoch or stops early; the last epoch's weights are "
+                    "saved (give a validation subset, or --validation, to keep the best)")
     log.info("training %d pairs, %d steps/epoch, %d epochs, %s on %s%s", len(splits.train),
              len(splits.train) // cfg.train_batch_size, cfg.num_epochs, run.precision, run.clip.device,
              f", {run.world_size} processes" if ctx is not None else "")
@@ -200,8 +203,8 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
     if best_state is not None:
         unwrap(model).load_state_dict(best_state)
     result = result_of(run)
-    if p.best_epoch == 0:
-        log.warning("no epoch beat the base model on %s; keeping the base weights", cfg.early_stopping_metric)
+    if not result.improved:
+        log.warning("%s", result.note)
     if p.skipped_steps:
         log.warning("%d steps had a non-finite loss or gradients and were skipped", p.skipped_steps)
     if run.base_state is not None and run.is_main:
