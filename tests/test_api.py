@@ -146,6 +146,7 @@ def test_a_fresh_process_reconnects_streams_the_logs_and_reads_the_metrics(backg
         for d in DIRECTIONS:
             assert 0 <= metrics[when][f"{d}/recall@1"] <= 1 and metrics[when][f"{d}/mrr"] > 0
     assert metrics["best_epoch"] >= 1 and len(metrics["history"]) == 3
+    assert out["status"]["improved"] is True and metrics["note"] == ""  # an epoch beat the base: nothing to say
     assert list(run.path.rglob("*.tmp")) == []
 
 

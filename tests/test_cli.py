@@ -107,3 +107,21 @@ def test_the_configured_pixel_limit_applies_to_embedding(trained_model, tmp_path
     finally:
         set_max_image_pixels(PILLOW_MAX_IMAGE_PIXELS)
     assert rc == 0 and "wrote 0 vectors" in capsys.readouterr().out
+
+
+def test_evaluate_titles_its_one_column_by_what_it_evaluated(trained_model, capsys) -> None:
+    out, table = trained_model
+    assert main(["evaluate", "--model", str(out), "--data", str(table)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["metric", "model"]
+
+
+def test_a_run_no_epoch_of_which_beats_the_base_says_so_last(tmp_path, tiny_sets, capsys) -> None:
+    data = write_dataloop_download(tmp_path / "data", 32, 16, seed=4)
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(data), "--out", str(out), *tiny_sets, "--set", "num_epochs=1",
+                 "--set", "learning_rate=1e-12"]) == 0  # a step this small changes no ranking
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("warning: no epoch beat the base model on text_to_image/mrr")
+    assert "the saved weights are the base model's" in last and "raise learning_rate (now 1e-12" in last
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 0 and metrics["note"] == last.removeprefix("warning: ")

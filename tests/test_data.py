@@ -21,6 +21,7 @@ from helpers import (
     image_prompt,
     noise_jpeg_bytes,
     oid,
+    png_bytes,
     png_declaring,
     stream,
 )
@@ -33,7 +34,7 @@ from adapters.clip_finetune.data.images import (
     load_image,
     set_max_image_pixels,
 )
-from adapters.clip_finetune.data.load import load_dataset
+from adapters.clip_finetune.data.load import load_dataset, load_splits
 from adapters.clip_finetune.data.pairs import DataReport
 from adapters.clip_finetune.data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS, read_table
 from adapters.clip_finetune.errors import DataError
@@ -160,7 +161,17 @@ def test_prompts_are_matched_to_their_free_text_by_prompt_id(tmp_path: Path) -> 
     assert {(p.image, p.caption, p.item_id) for p in pairs} == {
         (str(cat), "a cat", oid(10)), (str(cat), "a small cat", oid(10)), (str(dog), "a dog", oid(10))}
     assert report.used == 3
-    assert dict(report.skipped) == {"no caption": 2}  # the two uncaptioned image items themselves
+    # the two uncaptioned image items are the prompts' images: used through them, not "skipped: no caption"
+    assert dict(report.skipped) == {}
+
+
+def test_an_uncaptioned_image_no_prompt_shows_is_still_skipped(tmp_path: Path) -> None:
+    add_item(tmp_path, oid(1), "/img/cat.png")
+    add_item(tmp_path, oid(2), "/img/stray.png")
+    add_prompt_item(tmp_path, oid(10), {"1": image_prompt(oid(1))}, [free_text("1", "a cat")])
+    report = DataReport()
+    assert [p.caption for p in read_subset(tmp_path, report=report)] == ["a cat"]
+    assert dict(report.skipped) == {"no caption": 1} and report.examples["no caption"] == [oid(2)]
 
 
 def test_prompt_item_recognised_by_content_without_shebang(tmp_path: Path) -> None:
@@ -477,3 +488,36 @@ def test_pixel_limit_can_be_lifted_for_trusted_images(tmp_path: Path, restore_pi
         load_image(path)
     set_max_image_pixels(None)
     assert load_image(path).getpixel((0, 0)) == (1, 2, 3)
+
+
+@pytest.mark.parametrize(("train", "validation"), [("train", "validation"), ("training", "val"),
+                                                    ("Train", "valid"), ("train", "dev")])
+def test_common_subset_spellings_are_the_train_and_validation_splits(tmp_path: Path, train: str,
+                                                                     validation: str) -> None:
+    for folder, caption in ((train, "a red circle"), (validation, "a blue square")):
+        add_item(tmp_path / folder, oid(len(caption)), "/a.png", description=caption)
+    splits = load_splits(tmp_path)
+    assert [p.caption for p in splits.train] == ["a red circle"]
+    assert [p.caption for p in splits.validation] == ["a blue square"]
+    assert sorted(splits.reports) == ["train", "validation"]
+
+
+def test_two_spellings_of_one_split_are_refused(tmp_path: Path) -> None:
+    for folder in ("train", "training"):
+        add_item(tmp_path / folder, oid(1), "/a.png", description="a red circle")
+    with pytest.raises(DataError, match=r"two subsets for the 'train' split: train/ and training/"):
+        load_splits(tmp_path)
+
+
+def test_a_separate_validation_table_is_reported_as_validation(tmp_path: Path) -> None:
+    train = tmp_path / "train"
+    add_item(train, oid(1), "/a.png", description="a red circle")
+    add_item(train, oid(2), "/b.png", description="a blue square")
+    table = tmp_path / "val.csv"
+    image = tmp_path / "c.png"
+    image.write_bytes(png_bytes())
+    table.write_text(f"image,caption\n{image},a green ring\nmissing.png,a lost one\n")
+    splits = load_splits(train, table)
+    assert [p.caption for p in splits.validation] == ["a green ring"]
+    assert splits.report_dict()["validation"]["skipped"] == {"image file missing": 1}
+    assert splits.report_dict()["train"]["used"] == 2

@@ -206,7 +206,7 @@ def test_without_transformers_the_error_names_the_extra(cfg, trained, monkeypatc
     real = model_module.importlib.util.find_spec
     monkeypatch.setattr(model_module.importlib.util, "find_spec",
                         lambda name, *a: None if name == "transformers" else real(name, *a))
-    extra = r"needs the transformers package: pip install 'clip-finetune\[multilingual\]'"
+    extra = r'needs the transformers package: pip install -e "\.\[multilingual\]" in this checkout'
     with pytest.raises(ModelError, match=extra):
         load_model(cfg)
     with pytest.raises(ModelError, match="needs the transformers package"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import mimetypes
 import re
 
@@ -125,6 +126,10 @@ class Store:
         }
         if mimetype.startswith("image/"):
             system.update(_image_size(data))
+        if mimetype == "application/json" and _is_prompt_json(data):
+            # the platform recognises an uploaded prompt item by its content (dtlpy's PromptUploadElement sends
+            # only the JSON) and marks it; assumed, as listed in docs/dataloop.md
+            system["shebang"] = {"dltype": "prompt"}
         iid = item_id or new_id()
         old = self.items.get(iid, {})
         self.items[iid] = {
@@ -226,3 +231,12 @@ def _image_size(data: bytes) -> JSON:
             return {"width": img.width, "height": img.height}
     except (OSError, Image.DecompressionBombError):  # hostile test files: the platform stores them anyway
         return {}
+
+
+def _is_prompt_json(data: bytes) -> bool:
+    try:
+        content = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(content, dict) and content.get("shebang") == "dataloop" and \
+        (content.get("metadata") or {}).get("dltype") == "prompt"

@@ -163,7 +163,8 @@ def get_run(name: str, runs_dir: str | os.PathLike | None = None) -> Run:
     if not (run_dir / STATE_NAME).is_file():
         known = [r.name for r in list_runs(root)]
         hint = f"runs there: {', '.join(known[-10:])}" if known else "it holds no runs"
-        raise RunError(f"no run named {name!r} in {str(root)!r}; {hint} (set runs_dir or ${RUNS_DIR_ENV})")
+        raise RunError(f"no run named {name!r} in {str(root)!r}; {hint} (another runs folder: --runs-dir DIR on "
+                       f"the command line, runs_dir=DIR in Python, or ${RUNS_DIR_ENV})")
     return Run(run_dir)
 
 

@@ -100,7 +100,7 @@ def _train(run_dir: Path) -> dict[str, Any]:
     summary = _summary(result)
     # logged before the state says finished: a log reader that sees 'finished' has every line
     log.info("run %s finished, %s", run_dir.name, summary)
-    update_state(run_dir, status="finished", details=summary, finished_at=now(),
+    update_state(run_dir, status="finished", details=summary, finished_at=now(), improved=result["best_epoch"] > 0,
                  progress={"epoch": len(result["history"]), "num_epochs": cfg.num_epochs})
     return result
 
@@ -120,6 +120,8 @@ def _summary(result: dict[str, Any]) -> str:
     summary = f"best epoch {result['best_epoch']}"
     if metric in result["before"]:
         summary += f": {metric} {result['before'][metric]:.4f} -> {result['after'][metric]:.4f}"
+    if result.get("note"):
+        summary += f"; {result['note']}"
     return summary
 
 

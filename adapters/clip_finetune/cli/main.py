@@ -1,4 +1,4 @@
-"""`clip-finetune`: demo, train, evaluate, embed, search, config. Thin: parsing and printing only."""
+"""`clip-finetune`: each command reads its arguments (parser.py), calls the package and prints the result."""
 
 from __future__ import annotations
 
@@ -11,100 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ClipFinetuneError, ConfigError, DataError
-from .runs import add_runs_parser, cmd_runs
+from .parser import build_parser
+from .runs import cmd_runs
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="JSON_FILE", help="JSON file of hyperparameters")
-    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", default=[],
-                   help="override one hyperparameter (repeatable); VALUE is read as JSON when it parses")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clip-finetune", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_demo(sub)
-    _add_train(sub)
-    _add_evaluate(sub)
-    _add_embed(sub)
-    _add_search(sub)
-    _add_export_onnx(sub)
-    _add_config(sub)
-    add_runs_parser(sub)
-    return parser
-
-
-def _add_demo(sub: Any) -> None:
-    p = sub.add_parser("demo", help="offline demo: synthetic data, fine-tune a tiny CLIP, before/after table")
-    p.add_argument("--out", default="demo_output", help="output folder (default: ./demo_output)")
-    p.add_argument("--train", type=int, default=1500, help="synthetic training images")
-    p.add_argument("--validation", type=int, default=300, help="synthetic validation images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", default=[])
-
-
-def _add_train(sub: Any) -> None:
-    p = sub.add_parser("train", help="fine-tune on a Dataloop download, a train/validation folder or a table")
-    p.add_argument("--data", required=True, help="Dataloop subset download, folder of subsets, or CSV/TSV/JSONL")
-    p.add_argument("--validation", help="validation data (default: the 'validation' subset of --data)")
-    p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (after a crash)")
-    _config_args(p)
-
-
-def _add_evaluate(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="retrieval metrics of a model on captioned data")
-    p.add_argument("--model", help="saved model folder (default: the base model of --config/--set)")
-    p.add_argument("--data", required=True)
-    p.add_argument("--subset", help="subset of --data to use (default: validation if present, else train)")
-    p.add_argument("--json", action="store_true", help="print metrics as JSON")
-    p.add_argument("--wise-ft", metavar="ALPHAS", help="WiSE-FT sweep: comma-separated alphas, e.g. 0,0.25,0.5,0.75,1; "
-                   "each mixes alpha x --model + (1 - alpha) x its base model")
-    p.add_argument("--base", help="with --wise-ft: the base model folder (default: the base named in --model's "
-                   "finetune_config.json)")
-    p.add_argument("--save-mix", metavar="DIR", help="with --wise-ft and one alpha: also save that mix as a model")
-    _config_args(p)
-
-
-def _add_embed(sub: Any) -> None:
-    p = sub.add_parser("embed", help="embed images or texts into an .npz/.parquet file")
-    p.add_argument("--model", help="saved model folder (default: the base model of --config/--set)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", help="folder of images, or CSV/TSV/JSONL with an image column")
-    src.add_argument("--texts", help="text file (one text per line) or CSV/TSV/JSONL with a caption column")
-    p.add_argument("--out", required=True, help="output file: .npz (numpy) or .parquet (pandas); a folder when sharded")
-    p.add_argument("--num-shards", type=int, metavar="N",
-                   help="embed one of N slices into the --out folder (torchrun: WORLD_SIZE); see docs/scale.md")
-    p.add_argument("--shard-index", type=int, metavar="I", help="the slice to embed, 0..N-1 (torchrun: RANK)")
-    _config_args(p)
-
-
-def _add_search(sub: Any) -> None:
-    p = sub.add_parser("search", help="text-to-image search over an embeddings file")
-    p.add_argument("--model", help="saved model folder (default: the base model of --config/--set)")
-    p.add_argument("--index", required=True, help="embeddings file written by `embed --images`")
-    p.add_argument("-k", type=int, default=5, help="results per query")
-    p.add_argument("queries", nargs="+", help="text queries")
-    _config_args(p)
-
-
-def _add_export_onnx(sub: Any) -> None:
-    p = sub.add_parser("export-onnx", help="export a saved model's image and text towers to ONNX")
-    p.add_argument("--model", required=True, help="saved model folder")
-    p.add_argument("--out", required=True, help="output folder (new, or an earlier export to replace)")
-    p.add_argument("--opset", type=int, help="ONNX opset version (default: the exporter's)")
-
-
-def _add_config(sub: Any) -> None:
-    p = sub.add_parser("config", help="print the default configuration (or the merged one) as JSON")
-    _config_args(p)
-    p.add_argument("--schema", action="store_true", help="print the JSON schema instead")
-    p.add_argument("--markdown", action="store_true", help="print the configuration reference table")
 
 
 def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None):
@@ -150,13 +62,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if splits.validation:
         print(format_table(result.before, result.after))
     print(f"\nbest epoch {result.best_epoch} ({cfg.early_stopping_metric}); model saved to {result.out_dir}")
+    if not result.improved:
+        print(f"warning: {result.note}")  # the last line: a short run may have changed nothing
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..data.load import load_dataset
     from ..retrieval.evaluate import evaluate
-    from ..retrieval.formatting import format_table
+    from ..retrieval.formatting import format_scores
 
     alphas = _parse_alphas(args.wise_ft) if args.wise_ft else None
     if alphas is not None and not args.model:
@@ -169,8 +83,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if name not in subsets:
         raise DataError(f"--subset {name!r} not found in {args.data!r}; subsets: {sorted(subsets)}")
     if alphas is None:
-        metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers)
-        print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+        metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers, progress=not args.json)
+        print(json.dumps(metrics, indent=2) if args.json else format_scores(metrics, "model" if args.model else "base"))
         return 0
     from ..retrieval.evaluate import base_model_of, save_wise_ft_mix, wise_ft_sweep
     from ..retrieval.formatting import format_sweep
@@ -279,9 +193,26 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    checks = run_doctor(_load_cfg(args), args.out)
+    print(checks.render())
+    print(f"\n{checks.problems} problem(s)" if checks.problems else "\nno problems found")
+    return 1 if checks.problems else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.source, args.out, args.runs_dir)
+    print(f"wrote {path}")
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed,
             "search": cmd_search, "config": cmd_config, "runs": cmd_runs,
-            "export-onnx": cmd_export_onnx}
+            "export-onnx": cmd_export_onnx, "doctor": cmd_doctor, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,16 +9,28 @@ from typing import Any
 
 def add_runs_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add the `runs` subcommand to the CLI's subparsers."""
-    p = subparsers.add_parser("runs", help="list the runs started with the Python API; a run's status or logs")
-    p.add_argument("--runs-dir", help="runs folder (default: $CLIP_FINETUNE_RUNS_DIR, else ./runs)")
-    sub = p.add_subparsers(dest="runs_command", required=True)
-    sub.add_parser("list", help="every run: name, status, progress, creation time, details")
+    p = subparsers.add_parser("runs", help="list the runs started with the Python API; a run's status or logs",
+                              description="The runs that fit() of the Python API started (docs/python-api.md).")
+    p.add_argument("--runs-dir", help=RUNS_DIR_HELP)
+    sub = p.add_subparsers(dest="runs_command", required=True, metavar="{list,status,logs}")
+    s = sub.add_parser("list", help="every run: name, status, progress, creation time, details")
+    _runs_dir_here_too(s)
     s = sub.add_parser("status", help="a run's status as JSON")
-    s.add_argument("name")
+    s.add_argument("name", help="the run's name (`clip-finetune runs list` shows them)")
+    _runs_dir_here_too(s)
     s = sub.add_parser("logs", help="a run's log")
-    s.add_argument("name")
+    s.add_argument("name", help="the run's name (`clip-finetune runs list` shows them)")
     s.add_argument("-f", "--follow", action="store_true", help="keep printing until the run has ended")
+    _runs_dir_here_too(s)
     return p
+
+
+RUNS_DIR_HELP = "runs folder (default: $CLIP_FINETUNE_RUNS_DIR, else ./runs)"
+
+
+def _runs_dir_here_too(p: argparse.ArgumentParser) -> None:
+    """`runs list --runs-dir X` as well as `runs --runs-dir X list` (SUPPRESS: absent here, the other one counts)."""
+    p.add_argument("--runs-dir", default=argparse.SUPPRESS, help=RUNS_DIR_HELP)
 
 
 def _progress(state: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..progress import progress as show_progress
 from .pairs import CaptionPair, DataReport
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ ImageResolver = Callable[[list[str]], dict[str, str]]
 for those it could fetch, in one bulk call. Refs it could not fetch are simply absent."""
 
 
+PROGRESS_FROM = 2000  # items in a subset download from which reading it shows progress
 _STREAM_URL = re.compile(r"/items/([0-9a-fA-F]{24})/stream\b")
 
 
@@ -102,9 +104,12 @@ def read_subset(
     records = _read_records(folder, report)
     local_images = {r.item_id: r.file for r in records if r.prompt is None}
     entries: list[CaptionPair | _PromptRequest] = []
+    uncaptioned: list[str] = []  # image items without a description: skipped unless a prompt shows them
     for r in records:
-        entries += _prompt_requests(r, report) if r.prompt is not None else _plain_pair(r, report)
-    found = _resolve_refs([e for e in entries if isinstance(e, _PromptRequest)], local_images, resolver)
+        entries += _prompt_requests(r, report) if r.prompt is not None else _plain_pair(r, uncaptioned)
+    requests = [e for e in entries if isinstance(e, _PromptRequest)]
+    _skip_unused_images(uncaptioned, {q.ref for q in requests}, report)
+    found = _resolve_refs(requests, local_images, resolver)
     pairs: list[CaptionPair] = []
     for e in entries:
         if isinstance(e, CaptionPair):
@@ -128,7 +133,8 @@ def _read_records(folder: Path, report: DataReport) -> list[_Record]:
         logger.warning("subset folder %s has no json/ folder: treating it as empty", folder)
         return []
     records: dict[str, _Record] = {}
-    for json_path in sorted(json_root.rglob("*.json")):
+    paths = sorted(json_root.rglob("*.json"))
+    for json_path in show_progress(paths, f"read {folder.name}", unit="item", enabled=len(paths) >= PROGRESS_FROM):
         rel = json_path.relative_to(json_root)
         data = _read_json(json_path)
         if not isinstance(data, dict):
@@ -198,12 +204,25 @@ def _by_stem(items_root: Path, json_rel: Path) -> Path | None:
     return matches[0] if matches else None
 
 
-def _plain_pair(r: _Record, report: DataReport) -> list[CaptionPair]:
+def _plain_pair(r: _Record, uncaptioned: list[str]) -> list[CaptionPair]:
     caption = item_caption(r.data)
     if caption is None:
-        report.skip("no caption", r.item_id)
+        uncaptioned.append(r.item_id)
         return []
     return [CaptionPair(str(r.file), caption, r.item_id)]
+
+
+def _skip_unused_images(uncaptioned: list[str], prompt_refs: set[str], report: DataReport) -> None:
+    """Count image items without a description as skipped, unless they are the images of prompt items (a
+    prompt-item dataset keeps its images beside the prompts: they are used, through the prompts' captions)."""
+    shown = 0
+    for item_id in uncaptioned:
+        if item_id in prompt_refs:
+            shown += 1
+        else:
+            report.skip("no caption", item_id)
+    if shown:
+        logger.info("%d image items without a description are the images of prompt items: used through them", shown)
 
 
 def _prompt_requests(r: _Record, report: DataReport) -> list[_PromptRequest]:

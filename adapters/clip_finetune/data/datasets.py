@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, default_collate
 
 from ..errors import DataError
 from ..machine import cpu_cores, thread_map
+from ..progress import progress as show_progress
 from .decode_cache import DecodedCache
 from .images import load_image, to_rgb
 from .pairs import CaptionPair
@@ -39,14 +40,14 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, pairs: Sequence[CaptionPair], transform: Callable, tokenizer: Callable, seed: int = 0,
-                 cache: DecodedCache | None = None) -> None:
+                 cache: DecodedCache | None = None, progress: bool = False) -> None:
         self.pairs = list(pairs)
         self.transform = transform
         self.seed = seed
         self.cache = cache
         # Tokenize every caption once, up front: [n_pairs, context_length]. open_clip's tokenizers
         # truncate captions longer than the context (an over-long caption is not an error).
-        self.tokens = tokenizer([p.caption for p in self.pairs]) if self.pairs else torch.empty(0)
+        self.tokens = tokenize_all(tokenizer, [p.caption for p in self.pairs], progress)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -70,6 +71,19 @@ class PairDataset(Dataset):
             # queues CUDA/XPU/MPS seeding with a stack trace each, ~1.7 ms a sample (docs/performance.md)
             torch.default_generator.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
             return self.transform(image), self.tokens[i], i
+
+
+TOKENIZE_CHUNK = 4096  # captions per tokenizer call: progress on large sets, the same tokens as one call
+
+
+def tokenize_all(tokenizer: Callable, texts: list[str], progress: bool = False) -> torch.Tensor:
+    """Tokens of every text, [n, context_length], tokenized in chunks (each caption is tokenized on its own,
+    so chunking changes nothing but the progress shown)."""
+    if not texts:
+        return torch.empty(0)
+    chunks = [texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]
+    shown = show_progress(chunks, "tokenize captions", unit="chunk", enabled=progress and len(chunks) > 1)
+    return torch.cat([tokenizer(chunk) for chunk in shown])
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:

@@ -21,7 +21,10 @@ from .tables import TABLE_SUFFIXES, read_table
 
 logger = logging.getLogger(__name__)
 
-TRAIN, VALIDATION = "train", "validation"
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
+# The folder names a folder of subsets may use for each split (case-insensitive); other names are kept as they are.
+SPLIT_NAMES = {TRAIN: ("train", "training"), VALIDATION: ("validation", "val", "valid", "dev"),
+               TEST: ("test", "testing")}
 NO_PAIRS_HINT = "or point to other data"
 
 
@@ -92,7 +95,7 @@ def load_dataset(
     elif path.is_dir() and _is_subset(path):
         readers = {single_name: lambda r: read_subset(path, resolver, r)}
     elif path.is_dir() and (subsets := sorted(d for d in path.iterdir() if d.is_dir() and _is_subset(d))):
-        readers = {d.name: _subset_reader(d, resolver) for d in subsets}
+        readers = {name: _subset_reader(d, resolver) for name, d in _split_names(path, subsets).items()}
     else:
         raise DataError(_layout_message(path))
     splits, reports = {}, {}
@@ -125,6 +128,20 @@ def _subset_folder(data: str | Path, name: str) -> Path | None:
         if (folder / "json").is_dir():
             return folder
     return None
+
+
+def _split_names(root: Path, folders: list[Path]) -> dict[str, Path]:
+    """{split: folder}: train/training, validation/val/valid/dev and test/testing as the canonical split names,
+    any other folder under its own name. Two spellings of one split are an error (which one is meant?)."""
+    canonical = {alias: split for split, aliases in SPLIT_NAMES.items() for alias in aliases}
+    named: dict[str, Path] = {}
+    for folder in folders:
+        name = canonical.get(folder.name.lower(), folder.name)
+        if name in named:
+            raise DataError(f"{str(root)!r} has two subsets for the {name!r} split: {named[name].name}/ and "
+                            f"{folder.name}/; keep one, or pass the subset folder you mean")
+        named[name] = folder
+    return named
 
 
 def _subset_reader(folder: Path, resolver: ImageResolver | None) -> Callable[[DataReport], list[CaptionPair]]:

@@ -9,13 +9,14 @@ there, so it loads offline (docs/multilingual.md).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 from ..config import FinetuneConfig, architecture_config
 from ..errors import ModelError
 from ..files import atomic_write
+from .hub import weights_available
 from .weights import unwrap
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
     try:
         # random init (all of it with pretrained null, parts of it otherwise) is drawn under the config's seed,
         # on a forked generator: the same config builds the same weights whatever ran before in the process
-        with torch.random.fork_rng(devices=[]):
+        with _weights_for(name, cfg.pretrained), _quiet_config_log(cfg.model_name), torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model, pp_train, pp_val = open_clip.create_model_and_transforms(
                 name, pretrained=cfg.pretrained, device=device, **kwargs
@@ -113,9 +115,38 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
     # folder, file or unreachable hub
     except (RuntimeError, OSError) as e:
         raise ModelError(f"cannot load {name!r} with pretrained={cfg.pretrained!r}: {e}{_hf_hint(hf_text)}") from e
-    source = f"{name} ({cfg.pretrained or 'random init'})"
+    arch = f"{name} from {cfg.model_name}" if cfg.model_name.endswith(".json") else name
+    source = f"{arch} ({cfg.pretrained or 'random init'})"
     log.info("loaded %s on %s", source, device)
     return ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, source)
+
+
+def _weights_for(name: str, pretrained: str | None) -> contextlib.AbstractContextManager:
+    """Fail at once when a pretrained tag's weights can be neither found nor downloaded (model/hub.py)."""
+    if not pretrained or Path(pretrained).expanduser().exists():
+        return contextlib.nullcontext()
+    return weights_available(name, pretrained)
+
+
+class _DropBuiltInConfigLine(logging.Filter):
+    """open_clip logs "Loaded built-in NAME model config" for an architecture this package registered from a
+    JSON file: not built in. Our own log line says where the architecture came from."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Loaded built-in ")
+
+
+@contextlib.contextmanager
+def _quiet_config_log(model_name: str) -> Iterator[None]:
+    if not model_name.endswith(".json"):
+        yield
+        return
+    root, drop = logging.getLogger(), _DropBuiltInConfigLine()  # open_clip logs through the root logger
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def hf_text_cfg(model_cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -128,7 +159,7 @@ def _require_transformers(what: str) -> None:
     if importlib.util.find_spec("transformers") is None:
         raise ModelError(
             f"{what!r} has a Hugging Face text tower, which needs the transformers package: "
-            "pip install 'clip-finetune[multilingual]' (or pip install transformers)"
+            "pip install -e \".[multilingual]\" in this checkout (or pip install transformers)"
         )
 
 

@@ -125,7 +125,8 @@ def require_exporter() -> None:
             __import__(module)
         except ImportError:
             raise ModelError(
-                f"ONNX export needs the {module!r} package: pip install 'clip-finetune[onnx]'"
+                f"ONNX export needs the {module!r} package: pip install -e \".[onnx]\" in this checkout (or pip "
+                f"install onnx onnxscript onnxruntime)"
             ) from None
 
 

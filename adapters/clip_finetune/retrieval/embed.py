@@ -15,12 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..data.datasets import ImageDataset, ImageSource, collate_skipping_bad, default_num_workers, model_input
 from ..data.decode_cache import transform_size
 from ..model.clip import ClipModel
 from ..model.precision import autocast_for
+from ..progress import progress as show_progress
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def encode_images(
     num_workers: int | None = None,
     progress: bool = True,
     draft: bool = True,
+    desc: str = "embed images",
 ) -> tuple[np.ndarray, list[int]]:
     """Embed images (files, bytes or PIL images). Returns (vectors [n_ok, d] float32, unit norm; indices of
     `sources` embedded). Images that cannot be decoded are skipped (logged); their indices are absent.
@@ -71,7 +72,7 @@ def encode_images(
     # items: 2.9 GiB peak RSS, 0.2 GiB of the heap in use; 0.85 GiB and flat this way; docs/performance.md).
     vectors: np.ndarray | None = None
     n, kept = 0, []
-    for batch, _ in tqdm(loader, desc="embed images", unit="batch", disable=not progress):
+    for batch, _ in show_progress(loader, desc, unit="batch", enabled=progress):
         if batch is not None:
             images, idx = batch
             features = encode_image_tensors(clip, images)
@@ -85,12 +86,13 @@ def encode_images(
     return (vectors if n == len(vectors) else vectors[:n].copy()), kept  # skipped images: no unused rows kept
 
 
-def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 256, progress: bool = False,
+                 desc: str = "embed texts") -> np.ndarray:
     """Embed texts: float32 [n, d], unit norm. Captions longer than the context are truncated."""
     out: np.ndarray | None = None
     clip.model.eval()
     with torch.inference_mode(), autocast_for(clip.device):
-        for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", disable=not progress):
+        for start in show_progress(range(0, len(texts), batch_size), desc, unit="batch", enabled=progress):
             tokens = clip.tokenizer(list(texts[start : start + batch_size])).to(clip.device)
             features = _unit(clip.model.encode_text(tokens))
             if out is None:  # copied into one array, as in encode_images (no per-batch tensor kept alive)
@@ -112,7 +114,7 @@ def encode_items(
     Images that cannot be decoded are left out of ids and vectors, listed in the third value and logged.
     """
     if kind == "texts":
-        return list(items), encode_texts(clip, items, batch_size), []
+        return list(items), encode_texts(clip, items, batch_size, progress=progress), []
     if kind != "images":
         raise ValueError(f"kind {kind!r}: 'images' or 'texts'")
     vectors, kept = encode_images(clip, items, batch_size, num_workers, progress=progress)

@@ -32,11 +32,13 @@ class PairEmbeddings:
 
 
 def embed_pairs(
-    clip: ClipModel, pairs: Sequence[CaptionPair], batch_size: int = 64, num_workers: int | None = None
+    clip: ClipModel, pairs: Sequence[CaptionPair], batch_size: int = 64, num_workers: int | None = None,
+    progress: bool = True,
 ) -> PairEmbeddings:
     """Embed the distinct images and the captions of `pairs` (several captions of one image share it)."""
     images = list(dict.fromkeys(p.image for p in pairs))
-    vectors, kept = encode_images(clip, images, batch_size, num_workers, progress=False)
+    vectors, kept = encode_images(clip, images, batch_size, num_workers, progress=progress,
+                                  desc="evaluate: embed images")
     # images that failed to decode are dropped, and the captions that describe them with them
     images = [images[i] for i in kept]
     index = {path: i for i, path in enumerate(images)}
@@ -44,7 +46,8 @@ def embed_pairs(
     if not usable:
         raise DataError(f"none of the {len(pairs)} evaluation pairs has a decodable image")
     captions = [p.caption for p in usable]
-    text_features = encode_texts(clip, captions, batch_size=max(batch_size, 256))
+    text_features = encode_texts(clip, captions, batch_size=max(batch_size, 256), progress=progress,
+                                 desc="evaluate: embed captions")
     text_to_image = np.array([index[p.image] for p in usable], dtype=np.int64)
     return PairEmbeddings(images, vectors, captions, text_features, text_to_image)
 
@@ -55,9 +58,10 @@ def evaluate(
     batch_size: int = 64,
     num_workers: int | None = None,
     ks: Sequence[int] = EVAL_KS,
+    progress: bool = True,
 ) -> dict[str, float]:
     """Text->image and image->text retrieval metrics of `clip` on `pairs` (flat 'direction/metric' keys)."""
-    emb = embed_pairs(clip, pairs, batch_size, num_workers)
+    emb = embed_pairs(clip, pairs, batch_size, num_workers, progress)
     return retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image, ks)
 
 

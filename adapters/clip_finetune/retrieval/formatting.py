@@ -57,6 +57,11 @@ def format_table(
     return _table(columns, metrics, change=len(columns) == 2)
 
 
+def format_scores(scores: Mapping[str, float], title: str, metrics: Sequence[str] | None = None) -> str:
+    """format_table of one set of scores (one model evaluated), its column titled `title`."""
+    return _table([(title, scores)], metrics, change=False)
+
+
 def format_sweep(results: Mapping[float, Mapping[str, float]], metrics: Sequence[str] | None = None) -> str:
     """format_table with one column per WiSE-FT alpha (`results`: alpha -> metrics)."""
     return _table([(f"alpha={alpha:g}", d) for alpha, d in results.items()], metrics, change=False)

@@ -31,7 +31,8 @@ def save_embeddings(path: str | Path, ids: Sequence[str], vectors: np.ndarray) -
         try:
             import pandas as pd
         except ImportError:
-            raise DataError("writing .parquet needs pandas and pyarrow: pip install pandas pyarrow") from None
+            raise DataError("writing .parquet needs pandas and pyarrow: pip install -e \".[parquet]\" (or pip install "
+                            "pandas pyarrow), or write .npz") from None
         pd.DataFrame({"id": list(ids), "vector": list(vectors)}).to_parquet(path)
     elif path.suffix == ".npz":
         np.savez(path, ids=np.asarray(list(ids), dtype=str), vectors=vectors)

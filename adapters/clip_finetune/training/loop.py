@@ -14,7 +14,6 @@ from pathlib import Path
 import open_clip
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ..config import FinetuneConfig
 from ..data.datasets import PairDataset, collate_skipping_bad, default_num_workers, epoch_batches
@@ -24,6 +23,7 @@ from ..machine import apply_config
 from ..model.clip import ClipModel, load_model, save_artifact
 from ..model.precision import resolve_precision
 from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
+from ..progress import progress as show_progress
 from ..retrieval.evaluate import evaluate
 from .distributed import DistContext, broadcast, process_group
 from .optim import apply_locks, check_sizes, make_optimizer, make_scheduler
@@ -69,19 +69,22 @@ def train_rank(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, 
 
 def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip: ClipModel | None, hooks: Hooks,
            resume: bool, ctx: DistContext | None, device: torch.device | None) -> TrainResult:
-    run, dataset = _setup(cfg, splits, out_dir, clip, ctx, device)
+    run, dataset = _setup(cfg, splits, out_dir, clip, ctx, device, hooks.progress)
     loss_fn = open_clip.ClipLoss(local_loss=ctx is not None, gather_with_grad=ctx is not None, cache_labels=True,
                                  rank=ctx.rank if ctx else 0, world_size=run.world_size)
     out = Path(out_dir) if out_dir is not None else None
-    best_state = _start(run, splits, out, resume)
+    best_state = _start(run, splits, out, resume, hooks.progress)
     p = run.progress
+    if not splits.validation and run.is_main:
+        log.warning("no validation data: nothing picks the best epoch or stops early; the last epoch's weights are "
+                    "saved (give a validation subset, or --validation, to keep the best)")
     log.info("training %d pairs, %d steps/epoch, %d epochs, %s on %s%s", len(splits.train),
              len(splits.train) // cfg.train_batch_size, cfg.num_epochs, run.precision, run.clip.device,
              f", {run.world_size} processes" if ctx is not None else "")
     while p.epoch <= cfg.num_epochs and not p.finished:
         started = time.perf_counter() - p.epoch_seconds
         _train_epoch(run, dataset, loss_fn, splits, hooks, started)
-        record = epoch_record(run, _validate(run, splits), time.perf_counter() - started)
+        record = epoch_record(run, _validate(run, splits, hooks.progress), time.perf_counter() - started)
         improved, stop = judge_epoch(run, record, bool(splits.validation))
         if improved and splits.validation and run.is_main:
             best_state = cpu_state(run.clip.model)
@@ -95,7 +98,7 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
 
 
 def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip: ClipModel | None,
-           ctx: DistContext | None, device: torch.device | None) -> tuple[RunState, PairDataset]:
+           ctx: DistContext | None, device: torch.device | None, progress: bool) -> tuple[RunState, PairDataset]:
     """Check sizes, seed, build the model, its optimizer, schedule and dataset, before any training."""
     world = ctx.world_size if ctx is not None else 1
     check_sizes(cfg, len(splits.train), world)
@@ -107,7 +110,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     apply_locks(unwrap(model), cfg)
     workers = default_num_workers(cfg.num_workers, device, ctx.local_world_size if ctx is not None else 1)
     dataset = PairDataset(splits.train, clip.preprocess_train, clip.tokenizer, seed=cfg.seed,
-                          cache=train_cache(clip.preprocess_train, cfg.image_cache_mb, workers))
+                          cache=train_cache(clip.preprocess_train, cfg.image_cache_mb, workers), progress=progress)
     is_main = ctx is None or ctx.is_main
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and is_main:
@@ -126,7 +129,8 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     return run, dataset
 
 
-def _start(run: RunState, splits: Splits, out: Path | None, resume: bool) -> dict[str, torch.Tensor] | None:
+def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progress: bool
+           ) -> dict[str, torch.Tensor] | None:
     """Resume from the checkpoint, or score the base model; returns the best weights so far (rank 0)."""
     keep_best = bool(splits.validation) and run.is_main
     if resume and not (run.checkpoint and run.checkpoint.is_file()):
@@ -138,7 +142,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool) -> dic
         return cpu_state_from_artifact(out) if keep_best else None
     if run.checkpoint is not None and run.checkpoint.is_file() and run.is_main:
         log.warning("%s exists: starting over (resume=True continues it)", run.checkpoint)
-    run.progress.before = _validate(run, splits)
+    run.progress.before = _validate(run, splits, progress)
     run.progress.best_score = run.progress.before.get(run.cfg.early_stopping_metric, -math.inf)
     if out is not None and keep_best:  # the base is the best so far: a crash from here keeps a model
         save_artifact(run.clip, out, run.cfg)
@@ -158,8 +162,8 @@ def _train_epoch(run: RunState, dataset: PairDataset, loss_fn: Callable, splits:
         batches = [b[run.ctx.rank * per : (run.ctx.rank + 1) * per] for b in batches]
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skipping_bad,
                         num_workers=run.num_workers, pin_memory=run.clip.device.type == "cuda")
-    bar = tqdm(loader, desc=f"epoch {p.epoch}/{cfg.num_epochs}", unit="batch", disable=not hooks.progress,
-               initial=p.batches_done, total=per_epoch)
+    bar = show_progress(loader, f"epoch {p.epoch}/{cfg.num_epochs}", total=per_epoch, unit="batch",
+                        enabled=hooks.progress, initial=p.batches_done)
     for batch, bad in bar:
         for b in bad:  # each undecodable pair is met once per epoch: count it once
             if b.index not in p.bad_pairs:
@@ -179,7 +183,7 @@ def _train_epoch(run: RunState, dataset: PairDataset, loss_fn: Callable, splits:
     run.sync_bad_pairs()
 
 
-def _validate(run: RunState, splits: Splits) -> dict[str, float]:
+def _validate(run: RunState, splits: Splits, progress: bool) -> dict[str, float]:
     """The validation metrics (computed on rank 0, sent to all ranks so their bookkeeping agrees)."""
     if not splits.validation:
         return {}
@@ -187,7 +191,7 @@ def _validate(run: RunState, splits: Splits) -> dict[str, float]:
     if run.is_main:
         if not weights_are_finite(unwrap(run.clip.model)):
             raise run.diverged("the weights became non-finite")
-        scores = evaluate(run.clip, splits.validation, run.cfg.batch_size, run.cfg.num_workers)
+        scores = evaluate(run.clip, splits.validation, run.cfg.batch_size, run.cfg.num_workers, progress=progress)
     return broadcast(scores) if run.ctx is not None else scores
 
 
@@ -199,15 +203,15 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
     if best_state is not None:
         unwrap(model).load_state_dict(best_state)
     result = result_of(run)
-    if p.best_epoch == 0:
-        log.warning("no epoch beat the base model on %s; keeping the base weights", cfg.early_stopping_metric)
+    if not result.improved:
+        log.warning("%s", result.note)
     if p.skipped_steps:
         log.warning("%d steps had a non-finite loss or gradients and were skipped", p.skipped_steps)
     if run.base_state is not None and run.is_main:
         unwrap(model).load_state_dict(wise_ft(run.base_state, cpu_state(model), cfg.wise_ft_alpha))
         if splits.validation:
             result.after_fine_tuned = result.after
-            result.after = evaluate(run.clip, splits.validation, cfg.batch_size, cfg.num_workers)
+            result.after = evaluate(run.clip, splits.validation, cfg.batch_size, cfg.num_workers, progress=False)
         log.info("WiSE-FT: saved weights are %.2f x fine-tuned + %.2f x base", cfg.wise_ft_alpha, 1 - cfg.wise_ft_alpha)
     if run.is_main:
         _count_bad_images(splits, p.bad_pairs)

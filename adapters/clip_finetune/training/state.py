@@ -45,6 +45,12 @@ class TrainResult:
     skipped_steps: int = 0  # steps with a non-finite loss or gradients, not applied
     wise_ft_alpha: float = 1.0
     after_fine_tuned: dict[str, float] = field(default_factory=dict)  # before WiSE-FT mixing (alpha < 1 only)
+    note: str = ""  # what to know about the result; set when no epoch beat the base model
+
+    @property
+    def improved(self) -> bool:
+        """Whether an epoch beat the base model (else the saved weights are the base model's)."""
+        return self.best_epoch > 0
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "out_dir"}
@@ -189,8 +195,11 @@ def judge_epoch(run: RunState, record: dict[str, float], has_validation: bool) -
         p.best_score, p.best_epoch, p.stale = record.get(metric, math.nan), p.epoch, 0
     else:
         p.stale += 1
-    log.info("epoch %d: loss %.4f, %s %.4f%s", p.epoch, record["train_loss"], metric, record.get(metric, math.nan),
-             " (best)" if improved else "")
+    if has_validation:
+        log.info("epoch %d: loss %.4f, %s %.4f%s", p.epoch, record["train_loss"], metric, record[metric],
+                 " (best)" if improved else "")
+    else:
+        log.info("epoch %d: loss %.4f", p.epoch, record["train_loss"])
     stop = has_validation and cfg.early_stopping and p.stale >= cfg.early_stopping_epochs
     if stop:
         log.info("early stopping: no %s gain for %d epochs", metric, p.stale)
@@ -202,6 +211,18 @@ def result_of(run: RunState) -> TrainResult:
     p, cfg = run.progress, run.cfg
     best = p.history[p.best_epoch - 1] if p.best_epoch else p.before
     after = {k: v for k, v in best.items() if "/" in k}
-    return TrainResult(p.best_epoch, cfg.early_stopping_metric, p.before, after, p.history,
-                       skipped_images=len(p.bad_pairs), skipped_steps=p.skipped_steps,
-                       wise_ft_alpha=cfg.wise_ft_alpha)
+    result = TrainResult(p.best_epoch, cfg.early_stopping_metric, p.before, after, p.history,
+                         skipped_images=len(p.bad_pairs), skipped_steps=p.skipped_steps,
+                         wise_ft_alpha=cfg.wise_ft_alpha)
+    if not result.improved:
+        result.note = no_gain_note(cfg, p.before.get(cfg.early_stopping_metric, math.nan), len(p.history))
+    return result
+
+
+def no_gain_note(cfg: FinetuneConfig, base_score: float, epochs: int) -> str:
+    """What to say, and what to change, when no epoch beat the base model."""
+    return (f"no epoch beat the base model on {cfg.early_stopping_metric} ({base_score:.4f}) in {epochs} epochs: "
+            f"the saved weights are the base model's. Train longer (num_epochs, now {cfg.num_epochs}; "
+            f"early_stopping_epochs, now {cfg.early_stopping_epochs}), raise learning_rate (now "
+            f"{cfg.learning_rate:g}; fine-tuning a pretrained CLIP works at 1e-7 to 5e-6, a random init needs far "
+            "more), or check that the validation captions describe their images")

@@ -1,0 +1,205 @@
+"""`clip-finetune report`: one self-contained HTML page (styles and pictures inlined) of a run of the Python
+API or of a saved model folder: metrics before and after, training curves, the data report and, for a run,
+the queries whose top results improved or got worse."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import DataError
+from ..files import atomic_write
+from ..retrieval.formatting import DEFAULT_TABLE_METRICS
+from ..retrieval.metrics import LOWER_IS_BETTER
+
+REPORT_NAME = "report.html"
+EXAMPLES_SHOWN = 6  # queries shown in each of "improved" and "got worse"
+THUMB = 96
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { padding: 3px 10px; border-bottom: 1px solid #eee; }
+th { text-align: left; background: #f6f6f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.up { color: #1a7f37; } .down { color: #c0392b; } .note { background: #fff4e5; padding: .6em 1em; }
+.example { margin: .8em 0 1.4em; } .row { display: flex; gap: 4px; align-items: center; margin: 2px 0; }
+.row span { width: 52px; font-size: 12px; color: #666; }
+img.t { width: 96px; height: 96px; object-fit: cover; border: 3px solid #ddd; } img.hit { border-color: #2e9e44; }
+"""
+
+
+def write_report(source: str | Path, out: str | Path | None = None, runs_dir: str | None = None) -> Path:
+    """Write the report of a run folder, a run name or a saved model folder; returns the HTML file."""
+    page = _Sources.find(source, runs_dir)
+    target = Path(out) if out else page.folder / REPORT_NAME
+    text = render(page)
+    atomic_write(target, lambda p: p.write_text(text, encoding="utf-8"))
+    return target
+
+
+class _Sources:
+    """What a report is made of, wherever it lies: metrics, data report, run state, example embeddings."""
+
+    def __init__(self, folder: Path, model: Path, run: Path | None) -> None:
+        self.folder, self.model, self.run = folder, model, run
+
+    @staticmethod
+    def find(source: str | Path, runs_dir: str | None) -> _Sources:
+        path = Path(source).expanduser()
+        if not path.exists() and "/" not in str(source):  # a run name
+            from ..api.run_folder import runs_root
+
+            path = runs_root(runs_dir) / str(source)
+        if (path / "open_clip_config.json").is_file():
+            return _Sources(path, path, None)
+        if (path / "state.json").is_file():
+            return _Sources(path, path / "model", path)
+        if (path / "model" / "open_clip_config.json").is_file():  # e.g. the demo's output folder
+            return _Sources(path, path / "model", None)
+        raise DataError(f"report: {str(source)!r} is neither a saved model folder (open_clip_config.json) nor a run "
+                        "folder (state.json) nor a run name; give one of them")
+
+    def json(self, *names: str) -> dict[str, Any]:
+        for folder in (self.run, self.model, self.folder):
+            for name in names:
+                if folder is not None and (folder / name).is_file():
+                    return json.loads((folder / name).read_text(encoding="utf-8"))
+        return {}
+
+
+def render(page: _Sources) -> str:
+    result = page.json("result.json", "metrics.json")
+    state = page.json("state.json")
+    parts = [f"<h1>Fine-tuning report</h1><p>{html.escape(str(page.folder.resolve()))} &middot; "
+             f"{time.strftime('%Y-%m-%d %H:%M')}</p>", _summary(result, state)]
+    parts.append(_metrics(result))
+    parts.append(_curves(result))
+    parts.append(_data_report(page.json("data_report.json")))
+    parts.append(_examples(page))
+    body = "\n".join(p for p in parts if p)
+    return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Fine-tuning report</title>"
+            f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
+
+
+def _summary(result: Mapping[str, Any], state: Mapping[str, Any]) -> str:
+    if not result:
+        status, details = html.escape(str(state.get("status", "unknown"))), html.escape(str(state.get("details", "")))
+        return f"<p class='note'>No metrics yet: the run is {status} ({details}).</p>"
+    rows = [("best epoch", result.get("best_epoch")), ("selection metric", result.get("metric")),
+            ("epochs trained", len(result.get("history") or [])), ("WiSE-FT alpha", result.get("wise_ft_alpha", 1.0)),
+            ("training images that could not be decoded", result.get("skipped_images", 0))]
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
+                    for k, v in rows if v is not None)
+    note = f"<p class='note'>{html.escape(result['note'])}</p>" if result.get("note") else ""
+    return f"<h2>Summary</h2><table>{table}</table>{note}"
+
+
+def _metrics(result: Mapping[str, Any]) -> str:
+    before, after = result.get("before") or {}, result.get("after") or {}
+    if not before and not after:
+        return "<h2>Retrieval metrics</h2><p>No validation data: no metrics.</p>"
+    rows = []
+    for direction in ("text_to_image", "image_to_text"):
+        rows.append(f"<tr><th colspan='4'>{direction.replace('_', ' ')}</th></tr>")
+        for name in DEFAULT_TABLE_METRICS:
+            key = f"{direction}/{name}"
+            if key in before or key in after:
+                rows.append(_metric_row(name, before.get(key), after.get(key)))
+    head = "<tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>"
+    return f"<h2>Retrieval metrics (validation)</h2><table>{head}{''.join(rows)}</table>"
+
+
+def _metric_row(name: str, before: float | None, after: float | None) -> str:
+    rank = name in LOWER_IS_BETTER
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.{1 if rank else 3}f}"
+
+    change = "" if before is None or after is None else f"{after - before:+.{1 if rank else 3}f}"
+    better = change and ((after < before) if rank else (after > before))
+    worse = change and ((after > before) if rank else (after < before))
+    cls = "up" if better else "down" if worse else ""
+    return (f"<tr><td>{html.escape(name)}</td><td class='num'>{fmt(before)}</td><td class='num'>{fmt(after)}</td>"
+            f"<td class='num {cls}'>{change}</td></tr>")
+
+
+def _curves(result: Mapping[str, Any]) -> str:
+    history = result.get("history") or []
+    if not history:
+        return ""
+    from .plots import plot_training_curves
+
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_training_curves(history, Path(tmp) / "curves.png", before=result.get("before"))
+        data = png.read_bytes()
+    return f"<h2>Training curves</h2><img alt='training curves' style='max-width:100%' src='{_data_uri(data, 'png')}'>"
+
+
+def _data_report(report: Mapping[str, Any]) -> str:
+    if not report:
+        return ""
+    rows = []
+    for split, r in report.items():
+        skipped = r.get("skipped") or {}
+        examples = r.get("examples") or {}
+        reasons = "; ".join(f"{n} {html.escape(reason)} (e.g. {html.escape(', '.join(examples.get(reason, [])[:3]))})"
+                            for reason, n in skipped.items()) or "none"
+        rows.append(f"<tr><td>{html.escape(split)}</td><td class='num'>{r.get('used', 0)}</td>"
+                    f"<td class='num'>{sum(skipped.values())}</td><td>{reasons}</td></tr>")
+    head = "<tr><th>split</th><th>pairs used</th><th>skipped</th><th>why</th></tr>"
+    return f"<h2>Data</h2><table>{head}{''.join(rows)}</table>"
+
+
+def _examples(page: _Sources) -> str:
+    if page.run is None or not (page.run / "examples" / "after.npz").is_file():
+        return ""
+    from ..api.run import Run
+
+    examples = Run(page.run).example_results(k=5)
+    improved = [e for e in examples if e.hit_after and not e.hit_before][:EXAMPLES_SHOWN]
+    worse = [e for e in examples if e.hit_before and not e.hit_after][:EXAMPLES_SHOWN]
+    counts = (f"<p>Of {len(examples)} validation captions, the described image entered the top 5 for "
+              f"{sum(e.hit_after and not e.hit_before for e in examples)} and left it for "
+              f"{sum(e.hit_before and not e.hit_after for e in examples)}.</p>")
+    return ("<h2>Examples</h2>" + counts + "<h3>Improved</h3>" + _example_list(improved)
+            + "<h3>Got worse</h3>" + _example_list(worse))
+
+
+def _example_list(examples: Sequence[Any]) -> str:
+    if not examples:
+        return "<p>none</p>"
+    blocks = []
+    for e in examples:
+        rows = "".join(f"<div class='row'><span>{when}</span>{_thumbs(hits, e.image)}</div>"
+                       for when, hits in (("before", e.before), ("after", e.after)))
+        blocks.append(f"<div class='example'><b>&ldquo;{html.escape(e.query)}&rdquo;</b>{rows}</div>")
+    return "".join(blocks)
+
+
+def _thumbs(hits: Sequence[tuple[str, float]], target: str) -> str:
+    return "".join(f"<img class='t{' hit' if path == target else ''}' title='{html.escape(Path(path).name)} "
+                   f"({score:.3f})' alt='{html.escape(Path(path).name)}' src='{_thumbnail(path)}'>"
+                   for path, score in hits)
+
+
+def _thumbnail(path: str) -> str:
+    from ..data.images import load_image
+
+    try:
+        image = load_image(path)
+    except DataError:
+        return ""
+    image.thumbnail((THUMB * 2, THUMB * 2))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return _data_uri(buffer.getvalue(), "jpeg")
+
+
+def _data_uri(data: bytes, kind: str) -> str:
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"

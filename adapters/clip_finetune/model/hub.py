@@ -1,0 +1,94 @@
+"""Whether the pretrained weights a configuration names can be had: on disk (the Hugging Face cache, or
+open_clip's URL cache), or from a reachable hub. Checked before open_clip tries to download, so a machine
+that cannot reach the hub fails in a second with one message instead of a minute of retry warnings, and
+a cached copy loads without touching the network."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import open_clip
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+from ..errors import ModelError
+
+CONNECT_TIMEOUT = 3.0  # seconds to wait for the hub's TCP handshake: a reachable hub answers in well under one
+URL_CACHE = Path("~/.cache/clip")  # where open_clip keeps weights it downloads by URL
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where open_clip gets the weights of a pretrained tag from, and whether they are here already."""
+
+    where: str  # "hf-hub:<repo>" or the download URL
+    host: str  # the host a download would contact
+    cached: str | None  # the cached file, when there is one
+
+    def describe(self) -> str:
+        return f"{self.where} ({'cached at ' + self.cached if self.cached else 'not cached'})"
+
+
+def weights_source(model_name: str, tag: str) -> WeightsSource | None:
+    """The source of open_clip's pretrained tag `tag` of `model_name`; None when `tag` is not a known tag
+    (a local weights file)."""
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg or cfg.get("file"):
+        return None
+    hub = cfg.get("hf_hub", "")
+    if hub:  # open_clip prefers the hub when huggingface_hub is installed, as it is with this package
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        cached = next((c for n in names if isinstance(c := try_to_load_from_cache(repo, n), str)), None)
+        return WeightsSource(f"hf-hub:{repo}", urlparse(hf_constants.ENDPOINT).hostname or "huggingface.co", cached)
+    url = cfg.get("url", "")
+    local = URL_CACHE.expanduser() / os.path.basename(url)
+    return WeightsSource(url, urlparse(url).hostname or "", str(local) if local.is_file() else None)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: the hub is not to be contacted."""
+    return bool(hf_constants.HF_HUB_OFFLINE)
+
+
+def reachable(host: str, port: int = 443, timeout: float = CONNECT_TIMEOUT) -> bool:
+    """Whether a TCP connection to host:port opens within `timeout` (DNS failures answer at once)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def weights_available(model_name: str, tag: str) -> Iterator[WeightsSource | None]:
+    """Raise ModelError at once when the weights are neither cached nor downloadable; while a cached copy
+    loads on a machine that cannot reach the hub, keep huggingface_hub offline (no retries, no warnings)."""
+    source = weights_source(model_name, tag)
+    if source is None or (source.cached is None and not hub_offline() and reachable(source.host)):
+        yield source
+        return
+    if source.cached is None:
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else f"{source.host} cannot be reached from this machine"
+        raise ModelError(
+            f"pretrained={tag!r} of {model_name!r}: the weights ({source.where}) are not on this machine and "
+            f"{why}. Download them once where the hub is reachable and copy the cache here "
+            f"({hf_constants.HF_HUB_CACHE} or {URL_CACHE}), or point pretrained at a local weights file or a saved "
+            "model folder (--set pretrained=/path/to/open_clip_model.safetensors); `clip-finetune doctor` "
+            "checks this"
+        )
+    before = hf_constants.HF_HUB_OFFLINE
+    hf_constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub: the cached file, no network
+    try:
+        yield source
+    finally:
+        hf_constants.HF_HUB_OFFLINE = before

@@ -1,0 +1,74 @@
+"""`clip-finetune report` writes one self-contained HTML page that a real browser renders: metrics, curves,
+the data report and before/after examples with their pictures."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import TINY_MODEL, TINY_TRAINING
+from PIL import Image
+
+from adapters.clip_finetune.api import fit
+from adapters.clip_finetune.cli.main import main
+from adapters.clip_finetune.data.synthetic import write_dataloop_download
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    data = write_dataloop_download(root / "data", n_train=256, n_validation=64, seed=4)
+    run = fit(model=TINY_MODEL, train_data=data, run_name="shown", runs_dir=root / "runs", wait=True,
+              **{**TINY_TRAINING, "learning_rate": 2e-3, "num_epochs": 4, "train_batch_size": 32})
+    assert run.metrics()["best_epoch"] > 0  # the examples below need a model that changed
+    return run.path
+
+
+def test_the_report_of_a_run_holds_everything_inline(finished_run, capsys) -> None:
+    assert main(["report", "shown", "--runs-dir", str(finished_run.parent)]) == 0
+    page = (finished_run / "report.html").read_text()
+    assert f"wrote {finished_run / 'report.html'}" in capsys.readouterr().out
+    assert "Retrieval metrics (validation)" in page and "text to image" in page and "recall@5" in page
+    assert "Training curves" in page and "Data" in page and "Examples" in page
+    assert re.search(r"Of 64 validation captions, the described image entered the top 5 for \d+", page)
+    # self-contained: every picture is inlined, nothing is fetched
+    sources = re.findall(r"<img[^>]* src='([^']*)'", page)
+    assert len(sources) > 10 and all(s.startswith("data:image/") for s in sources)
+    assert "http://" not in page and "https://" not in page
+
+
+def test_a_saved_model_folder_reports_without_examples(finished_run, tmp_path) -> None:
+    out = tmp_path / "model-report.html"
+    assert main(["report", str(finished_run / "model"), "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "Retrieval metrics (validation)" in page and "Examples" not in page
+
+
+def test_a_folder_that_is_neither_is_refused(tmp_path, capsys) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "neither a saved model folder" in capsys.readouterr().err
+
+
+def test_a_real_browser_renders_the_page_and_its_pictures(finished_run, tmp_path) -> None:
+    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)")
+    main(["report", str(finished_run)])
+    url = (finished_run / "report.html").as_uri()
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2400"]
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "Fine-tuning report" in dom and "recall@5" in dom and "Got worse" in dom
+    shot = tmp_path / "page.png"
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    saturation = pixels.max(axis=2) - pixels.min(axis=2)
+    # text and tables are grey; the curves and the coloured-shape thumbnails only show if the pictures decoded
+    assert (saturation > 100).sum() > 2000
