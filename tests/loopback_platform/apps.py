@@ -160,6 +160,8 @@ def to_entity(io_type: str, value: Any) -> Any:
     """A function input as the agent hands it over: dtlpy entities for entity types, JSON as is."""
     import dtlpy as dl
 
+    if io_type.endswith("[]") and isinstance(value, list):
+        return [to_entity(io_type[:-2], v) for v in value]
     if value is None or io_type not in ENTITY_TYPES:
         return copy.deepcopy(value)
     ident = entity_id(value)
@@ -173,6 +175,8 @@ def to_json_value(value: Any) -> Any:
     """A function's output as the platform stores it: entities by id, JSON as is."""
     if hasattr(value, "id") and hasattr(value, "to_json"):
         return value.id
+    if isinstance(value, list | tuple):
+        return [to_json_value(v) for v in value]
     return copy.deepcopy(value)
 
 

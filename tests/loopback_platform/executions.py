@@ -34,7 +34,7 @@ class Executions:
         oid = r"([0-9a-zA-Z_-]+)"
         return [
             ("POST", rf"/executions/{oid}", self._create_execution),
-            ("GET", rf"/executions/{oid}", lambda c, eid: self.service_executions[eid]),
+            ("GET", rf"/executions/{oid}", lambda c, eid: copy.deepcopy(self.service_executions[eid])),
             ("GET", rf"/services/{oid}", lambda c, sid: self.services[sid]),
             ("POST", rf"/ml/models/{oid}/train", self._train_model),
         ]

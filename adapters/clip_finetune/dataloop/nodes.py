@@ -42,10 +42,12 @@ class ClipNodes(dl.BaseServiceRunner):
 
     def promote_if_better(
         self, new_model: dl.Model, previous_model: dl.Model | None, dataset: dl.Dataset, filters: dict | None = None,
-        metric: str = promotion.DEFAULT_METRIC, margin: float = 0.0, progress: Any = None, context: Any = None,
+        compare_config: dict | None = None, progress: Any = None, context: Any = None,
     ) -> dl.Model:
         """The winner of new_model against previous_model on the dataset's items `filters` selects (the template's
-        test subset); the action "promoted" or "kept" routes it. Both models' metrics land on the new model."""
+        test subset), by compare_config's metric and margin; the action "promoted" or "kept" routes it. Both
+        models' metrics land on the new model."""
+        metric, margin = promotion.compare_settings(compare_config)
         verdict = promotion.gate(self.adapter_for, new_model, previous_model, dataset, filters, metric, margin)
         if progress is not None:
             progress.update(action=promotion.PROMOTED if verdict.promoted else promotion.KEPT,

@@ -53,10 +53,21 @@ class Verdict:
                 f"{PROMOTED if self.promoted else KEPT}")
 
 
+def compare_settings(compare_config: dict | None) -> tuple[str, float]:
+    """(metric, margin) of the gate's compare_config ({"metric", "margin"}; both optional)."""
+    config = dict(compare_config or {})
+    unknown = sorted(set(config) - {"metric", "margin"})
+    if unknown:
+        raise ConfigError(f"compare_config: unknown keys {unknown}; known: metric, margin")
+    metric, margin = config.get("metric", DEFAULT_METRIC), config.get("margin", 0.0)
+    check_metric(metric, margin)
+    return metric, float(margin)
+
+
 def check_metric(metric: str, margin: float) -> None:
     if metric not in metric_names():
         raise ConfigError(f"metric: unknown metric {metric!r}; known: {', '.join(metric_names())}")
-    if not isinstance(margin, int | float) or not math.isfinite(margin) or margin < 0:
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin) or margin < 0:
         raise ConfigError(f"margin: must be a number >= 0 (got {margin!r})")
 
 
