@@ -13,7 +13,6 @@ import json
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import dtlpy as dl

@@ -239,8 +239,9 @@ class Pipelines:
     def _run_ml(self, pipeline: JSON, node: JSON, values: JSON, cycle: JSON, ctx: JSON) -> tuple[list, None]:
         kind = node["namespace"]["functionName"]
         model_ref = values.get("model")
-        if model_ref is None and node.get("metadata", {}).get("variableModel"):
-            model_ref = {v["name"]: v.get("value") for v in pipeline["variables"]}.get(node["metadata"]["variableModel"])
+        variable = node.get("metadata", {}).get("variableModel")
+        if model_ref is None and variable:
+            model_ref = {v["name"]: v.get("value") for v in pipeline["variables"]}.get(variable)
         model = self.models.get(entity_id(model_ref)) if model_ref is not None else None
         if model is None:
             raise NodeFailed(f"node {node['name']!r}: no model (a `model` port or the node's variableModel)")
