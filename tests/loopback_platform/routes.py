@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import urllib.parse
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ class Routes:
         oid = r"([0-9a-zA-Z_-]+)"
         table: list[tuple[str, str, Callable[..., Any]]] = [
             ("GET", r"/users/me", self._get_me),
+            ("GET", r"/projects/([^/]+)/name", self._projects_named),
             ("GET", rf"/projects/{oid}", lambda c, pid: self.projects[pid]),
             ("GET", r"/projects", lambda c: list(self.projects.values())),
             ("POST", r"/datasets/query", self._query_datasets),
@@ -74,6 +76,11 @@ class Routes:
     # ---------------------------------------------------------------- handlers
     def _get_me(self, call: Call) -> JSON:
         return {"id": TEST_USER_EMAIL, "email": TEST_USER_EMAIL, "username": "tester", "type": "human"}
+
+    def _projects_named(self, call: Call, quoted_name: str) -> list[JSON]:
+        """dl.projects.get(project_name=...): every project of that name (dtlpy URL-quotes it)."""
+        name = urllib.parse.unquote(quoted_name)
+        return [copy.deepcopy(p) for p in self.projects.values() if p["name"] == name]
 
     def _query_datasets(self, call: Call) -> JSON:
         query = call.json or {}
