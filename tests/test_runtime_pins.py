@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 
 import pytest
+import tomllib
 from helpers import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
