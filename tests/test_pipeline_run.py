@@ -133,6 +133,7 @@ def test_a_better_model_is_trained_compared_promoted_and_fills_the_search_vector
     assert verdict["promoted"] and verdict["previous_model_id"] == shared.base_id
     assert verdict["new"]["text_to_image/mrr"] > verdict["previous"]["text_to_image/mrr"]
     assert run["newest"] == model["id"]
+    assert platform.unhandled == []  # dtlpy needed no route the stand-in lacks
     (feature_set,) = platform.model_feature_sets(model["id"])
     stored = {v["entityId"] for v in platform.vectors(feature_set["id"])}
     assert stored == {i["id"] for i in platform.dataset_items(shared.catalogue["id"])}
