@@ -53,9 +53,11 @@ def floors(pyproject: Path = ROOT / "pyproject.toml") -> dict[str, str]:
 
 
 def build(venv: Path, python: str, pins: dict[str, str]) -> None:
-    subprocess.run([python, "-m", "venv", str(venv)], check=True)
+    """Create the venv unless it exists, then install exactly the pins (a kept venv follows changed floors)."""
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([python, "-m", "venv", str(venv)], check=True)
+        subprocess.run([*pip, "--upgrade", "pip"], check=True)
     subprocess.run([*pip, "--prefer-binary", *[f"{k}=={v}" for k, v in pins.items()]], check=True)
 
 
@@ -85,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     pins = floors()
     venv = args.venv or Path(tempfile.mkdtemp(prefix="clip-min-versions-")) / "venv"
     started = time.monotonic()
-    if not (venv / "bin" / "python").exists():
-        build(venv, args.python, pins)
+    build(venv, args.python, pins)
     built = time.monotonic()
     code, summary = run_tests(venv, args.tests)
     version = subprocess.run([str(venv / "bin" / "python"), "--version"], capture_output=True, text=True).stdout

@@ -73,6 +73,10 @@ class Apps:
         with self._lock:
             app = App(new_id(), project_id, copy.deepcopy(manifest), root)
             self.apps[app.id] = app
+            self.packages[app.id] = {"id": app.id, "name": app.name, "projectId": project_id, "type": "faas",
+                                     "modules": copy.deepcopy(manifest["components"].get("modules", [])),
+                                     "creator": TEST_USER_EMAIL, "createdAt": _now(),
+                                     "url": f"{self.base_url}/packages/{app.id}"}
             for model in manifest["components"].get("models", []):
                 created = self.add_model(project_id, model["name"], model.get("configuration"), status=model.get(
                     "status", "pre-trained"), input_type=model.get("inputType", "image"), output_type=model.get(

@@ -67,6 +67,7 @@ class Routes:
             ("DELETE", rf"/features/vectors/{oid}", lambda c, vid: self.feature_vectors.pop(vid) and True),
             ("PATCH", rf"/features/sets/{oid}", self._patch_feature_set),
             ("GET", rf"/recipes/{oid}", lambda c, rid: self.recipes[rid]),
+            ("GET", rf"/packages/{oid}", lambda c, pid: self.packages[pid]),  # dtlpy < 1.126 reads a model's
             ("GET", rf"/ontologies/{oid}", lambda c, oid_: self.ontologies[oid_]),
             *self._pipeline_routes(),  # pipelines.py
             *self._execution_routes(),  # executions.py

@@ -109,6 +109,7 @@ class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines):
         self.commands: dict[str, JSON] = {}
         self.pipelines: dict[str, JSON] = {}
         self.pipeline_executions: dict[str, JSON] = {}
+        self.packages: dict[str, JSON] = {}
         self.recipes: dict[str, JSON] = {}
         self.ontologies: dict[str, JSON] = {}
         self.apps: dict[str, Any] = {}  # installed apps (apps.App), by package id
