@@ -287,7 +287,7 @@ def _template_pipeline(platform: LoopbackPlatform, edit: Callable[[dict], None])
     pid = platform.add_project()["id"]
     platform.install_app(pid, json.loads((REPO / "dataloop.json").read_text()), REPO)
     install_active_learning(platform, pid)
-    return dl.pipelines.get(pipeline_id=platform.install_template(pid, dpk)["id"])
+    return dl.projects.get(project_id=pid).pipelines.get(pipeline_id=platform.install_template(pid, dpk)["id"])
 
 
 def _node(template: dict, name: str) -> dict:

@@ -65,15 +65,16 @@ class Project:
 
 
 def _run(platform: LoopbackPlatform, pipeline_id: str, model_config: dict[str, Any]) -> dict[str, Any]:
-    """Set the Model config variable, then pipeline.execute() and wait, all through dtlpy."""
+    """Set the Model config variable, then project.pipelines.get(...).execute() and wait, all through dtlpy."""
     before = set(platform.models)
-    pipeline = dl.pipelines.get(pipeline_id=pipeline_id)
+    project = dl.projects.get(project_id=platform.pipelines[pipeline_id]["projectId"])
+    pipeline = project.pipelines.get(pipeline_id=pipeline_id)
     pipeline.update_variables_values(**{"Model config": model_config})
     pipeline.update()
     execution = pipeline.execute()
     execution = execution.wait()
     (created,) = set(platform.models) - before
-    newest = _variable(dl.pipelines.get(pipeline_id=pipeline_id), "Newest CLIP model")
+    newest = _variable(project.pipelines.get(pipeline_id=pipeline_id), "Newest CLIP model")
     return {"status": execution.status, "cycle": platform.pipeline_executions[execution.id], "model": created,
             "newest": newest}
 
@@ -95,7 +96,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
             base = platform.add_model(pid, "clip-tiny-base", BASE_CONFIG, captions["id"], package_id=app.id,
                                       module_name="clip-finetune-module")
             created = platform.install_template(pid, TEMPLATE)
-            pipeline = dl.pipelines.get(pipeline_id=created["id"])
+            pipeline = dl.projects.get(project_id=pid).pipelines.get(pipeline_id=created["id"])
             pipeline.update_variables_values(**{
                 "Dataset with captions": captions["id"], "Dataset to embed": catalogue["id"],
                 "Base CLIP model": base["id"], "Newest CLIP model": base["id"]})
@@ -115,7 +116,7 @@ def test_install_time_defaults_bind_the_app_models(platform: LoopbackPlatform) -
     pid = platform.add_project()["id"]
     app = platform.install_app(pid, APP, REPO)
     install_active_learning(platform, pid)
-    pipeline = dl.pipelines.get(pipeline_id=platform.install_template(pid, TEMPLATE)["id"])
+    pipeline = dl.projects.get(project_id=pid).pipelines.get(pipeline_id=platform.install_template(pid, TEMPLATE)["id"])
     models = platform.app_models(app)
     assert _variable(pipeline, "Base CLIP model") == models["openclip-vit-b-32"]
     assert _variable(pipeline, "Newest CLIP model") == models["openclip-vit-b-32"]
@@ -159,3 +160,16 @@ def test_search_with_the_promoted_model_ranks_the_right_item_first(shared: Proje
     ranked = {c: [i.description for i in search(model, dataset, f"a {c} circle", k=3, adapter=adapter)]
               for c in COLOURS}
     assert {c: top[0] for c, top in ranked.items()} == {c: f"a {c} circle" for c in COLOURS}, ranked
+
+
+def test_the_search_function_of_the_app_returns_the_ranked_items_and_their_query(shared: Project) -> None:
+    """What a user runs from the UI: the app's search_items function, executed on its service."""
+    (nodes,) = [s for s in shared.platform.services.values() if s["moduleName"] == "clip_nodes"]
+    service = dl.services.get(service_id=nodes["id"])
+    execution = service.execute(function_name="search_items", project_id=nodes["projectId"], execution_input={
+        "model": {"model_id": shared.runs[0]["model"]}, "dataset": {"dataset_id": shared.catalogue["id"]},
+        "text": "a blue circle", "k": 2}).wait()
+    assert execution.latest_status["status"] == "success", execution.latest_status
+    items, query = execution.output["items"], execution.output["query"]
+    assert len(items) == 2 and items[0]["filename"] == "/search/blue-0.png"
+    assert query["join"]["on"]["resource"] == "feature_vectors" and "$euclid" in query["join"]["filter"]["value"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import dtlpy as dl
 
@@ -21,15 +21,22 @@ from adapters.clip_finetune.errors import ConfigError
 from .embed_job import VectorsNotStoredError
 from .platform import PLATFORM_ERRORS, as_filters, platform_failure
 
-if TYPE_CHECKING:
-    from .adapter import ClipAdapter
-
 logger = logging.getLogger(__name__)
 
 SUBSET_FUNCTION = "embed_subset"  # the app function (dataloop.json, module clip_nodes) that embeds one subset
 DEFAULT_SUBSET_LIMIT = 1000  # dtlpy's PREDICT_EMBED_DEFAULT_SUBSET_LIMIT
 PAGE_SIZE = 1000
 SUPERSEDED = "superseded by"
+
+
+class Embedder(Protocol):
+    """What a dataset embedding needs of the adapter (ClipAdapter; not imported: the adapter imports this)."""
+
+    model_entity: dl.Model
+
+    def embed_items(self, items: list, upload_features: bool | None = None, batch_size: int | None = None,
+                    progress: Any = None, only_stored: bool = False, **kwargs: Any
+                    ) -> tuple[list[dl.Item], list[list[float]]]: ...
 
 
 def subset_limit(model: dl.Model) -> int:
@@ -48,7 +55,7 @@ def split(dataset: dl.Dataset, filters: dl.Filters | dict | None, limit: int) ->
     return list(dl.Filters._get_split_filters(dataset, as_filters(filters), limit))
 
 
-def embed_subset(adapter: ClipAdapter, dataset: dl.Dataset, query: dict[str, Any], progress: Any = None) -> int:
+def embed_subset(adapter: Embedder, dataset: dl.Dataset, query: dict[str, Any], progress: Any = None) -> int:
     """Embed the files one subset query selects into the model's feature set; the count embedded or stored."""
     query = {**copy.deepcopy(query), "page": 0, "pageSize": PAGE_SIZE}
     items = [i for page in dataset.items.list(filters=dl.Filters(custom_filter=query)) for i in page
@@ -57,7 +64,7 @@ def embed_subset(adapter: ClipAdapter, dataset: dl.Dataset, query: dict[str, Any
     return len(done)
 
 
-def embed_dataset(adapter: ClipAdapter, dataset: dl.Dataset, filters: dl.Filters | dict | None = None,
+def embed_dataset(adapter: Embedder, dataset: dl.Dataset, filters: dl.Filters | dict | None = None,
                   service: dl.Service | None = None, progress: Any = None) -> int:
     """Fill the adapter's model's feature set with the vectors of the dataset's files `filters` selects; the
     count of items that have a vector. Raises VectorsNotStoredError when a subset failed (re-running embeds

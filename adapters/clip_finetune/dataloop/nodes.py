@@ -76,7 +76,7 @@ class ClipNodes(dl.BaseServiceRunner):
         dataset browser's query editor to browse them)."""
         adapter = self.adapter_for(model)
         query = search.text_query(adapter, dataset, text, k)
-        items = list(dataset.items.list(filters=dl.Filters(custom_filter=query)).items)[:k]
+        items = search.ranked_items(dataset, query)
         return {"query": query, "items": [{"id": i.id, "name": i.name, "filename": i.filename} for i in items]}
 
 

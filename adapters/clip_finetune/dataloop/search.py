@@ -70,8 +70,12 @@ def search(model: dl.Model, dataset: dl.Dataset, text: str, k: int = 20,
     """The dataset's items ranked by `model` for `text`, best first (at most k). The dataset must have been
     embedded with this model (its feature set)."""
     adapter = adapter if adapter is not None else ClipAdapter(model_entity=model)
-    query = text_query(adapter, dataset, text, k, items_filter)
-    return list(dataset.items.list(filters=dl.Filters(custom_filter=query)).items)[:k]
+    return ranked_items(dataset, text_query(adapter, dataset, text, k, items_filter))
+
+
+def ranked_items(dataset: dl.Dataset, query: dict[str, Any]) -> list[dl.Item]:
+    """The first page of a search query's items, in the platform's order (nearest first)."""
+    return list(dataset.items.list(filters=dl.Filters(custom_filter=query)).items)[: query["pageSize"]]
 
 
 def embed_dataset(model: dl.Model, dataset: dl.Dataset, filters: dl.Filters | dict | None = None,
