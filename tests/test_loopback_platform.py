@@ -319,6 +319,22 @@ def test_pipelines_naming_what_the_platform_cannot_run_are_refused(
     assert platform.pipeline_executions == {}
 
 
+def test_an_ml_node_whose_function_the_models_app_does_not_serve_fails_its_cycle(platform: LoopbackPlatform) -> None:
+    """Model management offers predict, but this app declares no predict_items: the node fails when it runs."""
+    pipeline = _template_pipeline(platform, lambda t: _node(t, "Fine-tune CLIP")["namespace"].update(
+        functionName="predict"))
+    dataset = platform.add_dataset(pipeline.project_id, "captions")["id"]
+    pipeline.update_variables_values(**{"Dataset with captions": dataset, "Dataset to embed": dataset})
+    pipeline.update()
+
+    execution = pipeline.execute().wait()
+
+    assert execution.status == "failed"
+    error = platform.pipeline_executions[execution.id]["error"]
+    assert error.startswith("node 'Fine-tune CLIP': the app of model 'openclip-vit-b-32_") and error.endswith(
+        "serves no 'predict_items'")
+
+
 def test_a_node_error_fails_the_cycle_with_its_message(platform: LoopbackPlatform) -> None:
     pipeline = _template_pipeline(platform, lambda t: None)  # the datasets are not set
 

@@ -23,7 +23,7 @@ from loopback_platform.marketplace import install_active_learning
 
 from adapters.clip_finetune.data.synthetic import SyntheticSample, render
 from adapters.clip_finetune.dataloop.adapter import ClipAdapter
-from adapters.clip_finetune.dataloop.search import search
+from adapters.clip_finetune.dataloop.search import embed_dataset, search
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,7 +33,7 @@ APP = json.loads((REPO / "dataloop.json").read_text())
 COLOURS = ("red", "yellow", "green", "blue")
 PER_COLOUR = {"train": 6, "validation": 1, "test": 3}
 BASE_CONFIG = {**QUICK_CONFIG, "predict_embed_subset_limit": 2}  # 4 items to search: subsets fanned out
-GOOD = {"num_epochs": 15}
+GOOD = {"num_epochs": 10}
 WORSE = {"num_epochs": 1, "learning_rate": 1e-9}  # stays the random-init base
 
 
@@ -102,6 +102,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
                 "Base CLIP model": base["id"], "Newest CLIP model": base["id"]})
             pipeline.update()
             pipeline.install()
+            # search used the base model so far: its feature set is filled (and superseded by the first run)
+            embed_dataset(dl.models.get(model_id=base["id"]), dl.datasets.get(dataset_id=catalogue["id"]))
             runs = [_run(platform, created["id"], GOOD), _run(platform, created["id"], WORSE)]
             yield Project(platform, captions, catalogue, base["id"], created["id"], runs)
 
@@ -138,6 +140,8 @@ def test_a_better_model_is_trained_compared_promoted_and_fills_the_search_vector
     (feature_set,) = platform.model_feature_sets(model["id"])
     stored = {v["entityId"] for v in platform.vectors(feature_set["id"])}
     assert stored == {i["id"] for i in platform.dataset_items(shared.catalogue["id"])}
+    (superseded,) = platform.model_feature_sets(shared.base_id)  # the base's vectors stay, clearly named
+    assert superseded["name"] == f"clip-tiny-base (superseded by {model['name']})"
     subsets = platform.calls_to("POST", r"^/executions/")  # both runs: each fans its subsets out but the first
     assert len(subsets) >= 2 and {c.json["functionName"] for c in subsets} == {"embed_subset"}
 
