@@ -36,7 +36,10 @@ RUN pip install --no-cache-dir --user \
 
 ARG BAKE_WEIGHTS=0
 COPY dataloop.json /tmp/clip-finetune/dataloop.json
-RUN if [ "$BAKE_WEIGHTS" = "1" ]; then python3 - <<'EOF'
+RUN <<'SH'
+set -e
+if [ "$BAKE_WEIGHTS" = "1" ]; then
+python3 - <<'PY'
 import json
 
 import open_clip
@@ -46,5 +49,6 @@ for model in json.load(open("/tmp/clip-finetune/dataloop.json"))["components"]["
     open_clip.create_model_and_transforms(config["model_name"], pretrained=config["pretrained"])
     open_clip.get_tokenizer(config["model_name"])
     print("baked", model["name"], config["model_name"], config["pretrained"])
-EOF
+PY
 fi
+SH

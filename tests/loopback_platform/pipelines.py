@@ -115,16 +115,9 @@ class Pipelines:
             "creator": pipeline["creator"], "createdAt": _now(), "updatedAt": _now(), "maxAttempts": 1,
             "url": f"{self.base_url}/pipelines/{pipeline_id}/executions/{eid}",
         }
-        thread = threading.Thread(target=self._run_cycle, args=(pipeline_id, eid, options.get("nodeId") or start),
-                                  daemon=True, name=f"pipeline-{eid}")
-        self.cycle_threads.append(thread)
-        thread.start()
+        threading.Thread(target=self._run_cycle, args=(pipeline_id, eid, options.get("nodeId") or start),
+                         daemon=True, name=f"pipeline-{eid}").start()
         return copy.deepcopy(self.pipeline_executions[eid])
-
-    def wait_pipelines(self, timeout: float = 600) -> None:
-        """Join every cycle started so far (tests: the execution is over, whatever dtlpy's wait saw)."""
-        for thread in list(self.cycle_threads):
-            thread.join(timeout)
 
     # ---------------------------------------------------------------- the graph
     def _check_graph(self, pipeline: JSON) -> str:

@@ -115,7 +115,6 @@ class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines):
         self.apps: dict[str, Any] = {}  # installed apps (apps.App), by package id
         self.services: dict[str, JSON] = {}
         self.service_executions: dict[str, JSON] = {}
-        self.cycle_threads: list[threading.Thread] = []  # pipeline cycles started by execute()
         self._runner_lock = threading.Lock()
         self._export_items: set[str] = set()  # export outputs: fetchable by id, invisible to queries
         self._system_datasets: set[str] = set()  # "Binaries": listed only for systemSpace queries
