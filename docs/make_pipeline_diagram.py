@@ -31,7 +31,8 @@ VAR_COLOR = {"Dataset": "#fdd0a2", "Model": "#bcbddc", "Json": "#e5e5e5"}
 SUBTITLE = {
     "train": "ml · train_model (GPU)",
     "evaluate": "ml · evaluate_model",
-    "embed_dataset": "ml · embed_dataset",
+    "embed_dataset": "custom · clip-finetune app",
+    "promote_if_better": "custom · clip-finetune app",
     "create_new_model": "custom · active-learning app",
     "update_variable": "updateVariable",
 }
@@ -72,7 +73,7 @@ def _defaults_label(node: dict[str, Any]) -> str:
     for port in node["inputs"]:
         if "defaultValue" in port:
             clauses = json.dumps(port["defaultValue"])
-            tag = next((t for t in ("train", "validation") if f"tags.{t}" in clauses), None)
+            tag = next((t for t in ("train", "validation", "test") if f"tags.{t}" in clauses), None)
             lines.append(f"{port['name']} = {'tag ' + tag if tag else 'all files'}")
     return "\n".join(lines)
 
@@ -157,6 +158,8 @@ def draw(template: dict[str, Any], out: Path) -> Path:
         )
         same = out_port["name"] == in_port["name"]
         label = out_port["name"] if same else f"{out_port['name']}\n→ {in_port['name']}"
+        if conn.get("action"):
+            label = f"[{conn['action']}] {label}"
         lx, ly = ((start[0] + end[0]) / 2, y0 + 0.08) if y0 == y1 else (start[0] + 0.15, y1 + 0.08)
         ax.text(
             lx, ly, label, ha="center" if y0 == y1 else "left", va="bottom", fontsize=7.5, color="#333333", zorder=4

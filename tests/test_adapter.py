@@ -295,7 +295,7 @@ def track_concurrency(platform: LoopbackPlatform, path_regex: str, seconds: floa
     ("override", "expected"),
     [
         ({"episilon": 1e-8}, ["episilon: unknown key; did you mean 'epsilon'?"]),
-        ({"embeddings_size": 512}, ["embeddings_size: 512 contradicts", "have 64 dimensions"]),
+        ({"num_epochs": 0}, ["num_epochs: Input should be greater than or equal to 1"]),
     ],
 )
 def test_a_bad_configuration_is_rejected_with_the_field_named_before_any_download(
@@ -312,6 +312,26 @@ def test_a_bad_configuration_is_rejected_with_the_field_named_before_any_downloa
     assert model.name in str(raised.value)
     assert platform.calls_to("POST", r"/export$") == [] and platform.calls_to("GET", r"/stream$") == []
     assert platform.model(model.id)["status"] != "trained" and platform.artifacts(model.id) == []
+
+
+def test_embeddings_size_follows_the_architecture_and_is_written_before_the_feature_set(
+    platform: LoopbackPlatform, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Create New Model merges a pipeline's "Model config" over the base model's configuration: a new model_name
+    keeps the base's embeddings_size (512 for ViT-B-32). The size is derived from the architecture, written to
+    the model before dtlpy creates the feature set with it, and the change is logged."""
+    shapes = seed_shapes(platform, {"train": 3})
+    model = add_model(platform, shapes, {**QUICK_CONFIG, "embeddings_size": 512})
+
+    with caplog.at_level("WARNING"):
+        adapter = ClipAdapter(model_entity=model)
+    assert platform.model(model.id)["configuration"]["embeddings_size"] == EMBED_DIM
+    assert "embeddings_size 512 in its configuration does not match" in caplog.text
+
+    items = [dl.items.get(item_id=i["id"]) for i in shapes.items["train"]]
+    adapter.embed_items(items)
+    (feature_set,) = platform.model_feature_sets(model.id)
+    assert feature_set["size"] == EMBED_DIM and len(platform.vectors(feature_set["id"])) == 3
 
 
 def test_a_subset_without_captions_fails_before_training_naming_it_and_the_counts(

@@ -174,6 +174,20 @@ def test_an_uncaptioned_image_no_prompt_shows_is_still_skipped(tmp_path: Path) -
     assert dict(report.skipped) == {"no caption": 1} and report.examples["no caption"] == [oid(2)]
 
 
+def test_free_text_without_prompt_id_captions_the_first_prompt(tmp_path: Path) -> None:
+    """Dataloop's own CLIP adapter takes the first free-text answer; an annotation made without a promptId
+    (older prompt items, annotations made by hand) captions the first prompt, in numeric order."""
+    cat = add_item(tmp_path, oid(1), "/img/cat.png")
+    dog = add_item(tmp_path, oid(2), "/img/dog.png")
+    no_id = {"type": "text", "label": "free-text", "coordinates": "a cat on a sofa", "metadata": {"system": {}}}
+    add_prompt_item(tmp_path, oid(10), {"10": image_prompt(oid(2)), "2": image_prompt(oid(1))}, [no_id])
+    add_prompt_item(tmp_path, oid(11), {"1": image_prompt(oid(2))}, [free_text("1", "a dog"), {**no_id,
+                    "coordinates": "a dog"}])  # the same text twice: one caption
+    pairs = read_subset(tmp_path, resolver=refuse_resolver)
+    assert sorted((p.image, p.caption, p.item_id) for p in pairs) == sorted([
+        (str(cat), "a cat on a sofa", oid(10)), (str(dog), "a dog", oid(11))])
+
+
 def test_prompt_item_recognised_by_content_without_shebang(tmp_path: Path) -> None:
     add_item(tmp_path, oid(1), "/img/cat.png")
     add_prompt_item(tmp_path, oid(10), {"1": image_prompt(oid(1))}, [free_text("1", "a cat")], shebang=False)

@@ -4,14 +4,17 @@ an adapter must know (each test name states one)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import dtlpy as dl
 import pytest
 import requests
+from helpers import REPO
 from loopback_platform import (
     LoopbackPlatform,
     SeededProject,
@@ -275,14 +278,71 @@ def test_metrics_create_publishes_plot_samples(platform: LoopbackPlatform, seede
 
 
 # -------------------------------------------------------------------------------------------- pipelines
-def test_pipeline_execute_reaches_the_server(platform: LoopbackPlatform, seeded: SeededProject) -> None:
-    created = platform.add_pipeline(seeded.project["id"], "clip-finetune")
+def _template_pipeline(platform: LoopbackPlatform, edit: Callable[[dict], None]) -> dl.Pipeline:
+    """The repository's template installed in a fresh project (app and active-learning installed), edited."""
+    from loopback_platform.marketplace import install_active_learning
 
-    execution = dl.pipelines.get(pipeline_id=created["id"]).execute(execution_input={"model": seeded.model["id"]})
+    dpk = json.loads((REPO / "pipeline_templates" / "clip-finetune-and-embed" / "dataloop.json").read_text())
+    edit(dpk["components"]["pipelineTemplates"][0])
+    pid = platform.add_project()["id"]
+    platform.install_app(pid, json.loads((REPO / "dataloop.json").read_text()), REPO)
+    install_active_learning(platform, pid)
+    return dl.projects.get(project_id=pid).pipelines.get(pipeline_id=platform.install_template(pid, dpk)["id"])
 
-    (stored,) = platform.executions(created["id"])
-    assert execution.id == stored["id"]
-    assert stored["input"] == {"input": {"model": seeded.model["id"]}}
+
+def _node(template: dict, name: str) -> dict:
+    return next(n for n in template["nodes"] if n["name"] == name)
+
+
+@pytest.mark.parametrize(
+    ("edit", "refusal"),
+    [
+        # the old template's last node: model management has no embed_dataset function
+        (lambda t: _node(t, "Fine-tune CLIP")["namespace"].update(functionName="embed_dataset"),
+         "node 'Fine-tune CLIP': model management has no function 'embed_dataset'"),
+        (lambda t: _node(t, "Promote if better")["namespace"].update(functionName="promote"),
+         "node 'Promote if better': app 'clip-finetune' declares no function clip_nodes.promote"),
+        (lambda t: _node(t, "Promote if better")["namespace"].update(packageName="clip-finetuner"),
+         "app 'clip-finetuner' is not installed"),
+        (lambda t: _node(t, "Embed dataset")["namespace"].update(functionName="embed_subset"),
+         "declares no pipeline node invoking clip_nodes.embed_subset"),
+    ],
+    ids=["ml-function", "custom-function", "custom-app", "not-a-node"],
+)
+def test_pipelines_naming_what_the_platform_cannot_run_are_refused(
+    platform: LoopbackPlatform, edit: Callable[[dict], None], refusal: str
+) -> None:
+    pipeline = _template_pipeline(platform, edit)
+    for start in (pipeline.install, pipeline.execute):
+        with pytest.raises(dl.exceptions.BadRequest, match=re.escape(refusal)):
+            start()
+    assert platform.pipeline_executions == {}
+
+
+def test_an_ml_node_whose_function_the_models_app_does_not_serve_fails_its_cycle(platform: LoopbackPlatform) -> None:
+    """Model management offers predict, but this app declares no predict_items: the node fails when it runs."""
+    pipeline = _template_pipeline(platform, lambda t: _node(t, "Fine-tune CLIP")["namespace"].update(
+        functionName="predict"))
+    dataset = platform.add_dataset(pipeline.project_id, "captions")["id"]
+    pipeline.update_variables_values(**{"Dataset with captions": dataset, "Dataset to embed": dataset})
+    pipeline.update()
+
+    execution = pipeline.execute().wait()
+
+    assert execution.status == "failed"
+    error = platform.pipeline_executions[execution.id]["error"]
+    assert error.startswith("node 'Fine-tune CLIP': the app of model 'openclip-vit-b-32_") and error.endswith(
+        "serves no 'predict_items'")
+
+
+def test_a_node_error_fails_the_cycle_with_its_message(platform: LoopbackPlatform) -> None:
+    pipeline = _template_pipeline(platform, lambda t: None)  # the datasets are not set
+
+    execution = pipeline.execute().wait()
+
+    assert execution.status == "failed"
+    error = platform.pipeline_executions[execution.id]["error"]
+    assert error == "node 'Create New Model': variable 'Dataset with captions' has no value"
 
 
 # ------------------------------------------------------------------------------------------ the stand-in

@@ -21,6 +21,7 @@ from adapters.clip_finetune.config import FinetuneConfig, build_config
 MANIFEST: dict[str, Any] = json.loads((REPO / "dataloop.json").read_text())
 COMPONENTS = MANIFEST["components"]
 MODULES = COMPONENTS["modules"]
+MODEL_MODULE, NODES_MODULE = MODULES  # the model adapter (the model is its init input); the pipeline nodes
 FUNCTIONS = [(module["name"], fn) for module in MODULES for fn in module["functions"]]
 COMPUTE_CONFIGS = {cfg["name"]: cfg for cfg in COMPONENTS["computeConfigs"]}
 
@@ -77,22 +78,28 @@ def _load_class(module: dict[str, Any]) -> type:
 
 @pytest.fixture(scope="module")
 def adapter_cls() -> type:
-    """The module's class; dl.BaseModelAdapter while the adapter file does not exist yet."""
-    (module,) = MODULES
-    if not _entry_point(module).is_file():
-        return dl.BaseModelAdapter
-    return _load_class(module)
+    """The model module's class."""
+    return _load_class(MODEL_MODULE)
+
+
+@pytest.fixture(scope="module")
+def classes() -> dict[str, type]:
+    """Each module's class, loaded by path."""
+    return {module["name"]: _load_class(module) for module in MODULES}
 
 
 def test_manifest_loads_with_dtlpy() -> None:
     dpk = dl.Dpk.from_json(_json=json.loads(json.dumps(MANIFEST)))
     assert (dpk.name, dpk.version, dpk.scope) == ("clip-finetune", "0.1.0", "project")
-    assert [m.name for m in dpk.components.modules] == ["clip-finetune-module"]
-    (module,) = dpk.components.modules
+    assert [m.name for m in dpk.components.modules] == ["clip-finetune-module", "clip_nodes"]
+    module, nodes = dpk.components.modules
     assert module.entry_point == "adapters/clip_finetune/dataloop/adapter.py"
     assert module.class_name == "ClipAdapter"
     assert [f.name for f in module.functions] == ["train_model", "evaluate_model", "embed_items", "embed_dataset"]
     assert [i.to_json() for i in module.init_inputs] == [{"name": "model_entity", "type": "Model"}]
+    assert (nodes.entry_point, nodes.class_name) == ("adapters/clip_finetune/dataloop/nodes.py", "ClipNodes")
+    assert [f.name for f in nodes.functions] == ["promote_if_better", "embed_dataset", "embed_subset", "search_items"]
+    assert nodes.init_inputs == []  # a pipeline node's module: the model is a function input
     assert {m["name"] for m in dpk.components.models} == set(MODEL_OVERRIDES)
     assert [c.name for c in dpk.components.compute_configs] == list(COMPUTE_CONFIGS)
 
@@ -117,21 +124,15 @@ def test_function_io_passes_dtlpy_type_check(io: dict[str, Any]) -> None:
     assert built.name == io["name"] and io["name"].isidentifier()
 
 
-def test_entry_point_class_is_a_model_adapter() -> None:
-    (module,) = MODULES
-    if not _entry_point(module).is_file():
-        pytest.skip(
-            f"{module['entryPoint']} does not exist yet (the lead is writing ClipAdapter); "
-            "the function checks below run against dl.BaseModelAdapter until then"
-        )
-    cls = _load_class(module)
-    assert inspect.isclass(cls) and issubclass(cls, dl.BaseModelAdapter)
+def test_entry_point_classes() -> None:
+    assert issubclass(_load_class(MODEL_MODULE), dl.BaseModelAdapter)
+    assert issubclass(_load_class(NODES_MODULE), dl.BaseServiceRunner)
 
 
-def test_init_inputs_match_the_adapter_constructor(adapter_cls: type) -> None:
-    (module,) = MODULES
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m["name"])
+def test_init_inputs_match_the_constructor(classes: dict[str, type], module: dict[str, Any]) -> None:
     names = [io["name"] for io in module["initInputs"]]
-    inspect.signature(adapter_cls.__init__).bind(None, **dict.fromkeys(names))
+    inspect.signature(classes[module["name"]].__init__).bind(None, **dict.fromkeys(names))
 
 
 def _callable_with(method: Any, declared: list[str]) -> None:
@@ -142,14 +143,16 @@ def _callable_with(method: Any, declared: list[str]) -> None:
     inspect.signature(method).bind(None, **dict.fromkeys(declared))  # every other parameter has a default
 
 
-@pytest.mark.parametrize("fn", [pytest.param(fn, id=fn["name"]) for _, fn in FUNCTIONS])
-def test_functions_exist_with_the_declared_inputs(adapter_cls: type, fn: dict[str, Any]) -> None:
-    method = getattr(adapter_cls, fn["name"], None)
-    assert callable(method), f"{adapter_cls.__name__} has no method {fn['name']!r}"
+@pytest.mark.parametrize("module_name,fn", [pytest.param(m, fn, id=f"{m}.{fn['name']}") for m, fn in FUNCTIONS])
+def test_functions_exist_with_the_declared_inputs(classes: dict[str, type], module_name: str, fn: dict[str, Any]
+                                                  ) -> None:
+    cls = classes[module_name]
+    method = getattr(cls, fn["name"], None)
+    assert callable(method), f"{cls.__name__} has no method {fn['name']!r}"
     _callable_with(method, [io["name"] for io in fn["input"]])
     # dtlpy declares the service functions it implements; the input types must agree with it
     sdk = getattr(getattr(dl.BaseModelAdapter, fn["name"], None), "__dtlpy__", None)
-    if sdk is not None:
+    if sdk is not None and module_name == MODEL_MODULE["name"]:
         assert [(io["name"], io["type"]) for io in fn["input"]] == [(io["name"], io["type"]) for io in sdk["input"]]
     assert fn.get("displayName"), f"{fn['name']} has no displayName"
 
@@ -185,6 +188,17 @@ def test_referenced_compute_configs_exist(owner: str, name: str) -> None:
     assert name in COMPUTE_CONFIGS, f"{owner} uses computeConfig {name!r}; known: {sorted(COMPUTE_CONFIGS)}"
 
 
+@pytest.mark.parametrize("node", COMPONENTS["pipelineNodes"], ids=lambda n: n["name"])
+def test_pipeline_node_invokes_a_function_of_a_module_without_init_inputs(node: dict[str, Any]) -> None:
+    """As active-learning declares "Create New Model": invoke type function, namespace
+    <computeConfig>.<module>.<function> of a module that has no initInputs."""
+    assert node["invoke"]["type"] == "function" and node["scope"] == "node" and node["displayName"]
+    compute, module_name, function = node["invoke"]["namespace"].split(".")
+    module = next(m for m in MODULES if m["name"] == module_name)
+    assert module["computeConfig"] == compute and module["initInputs"] == []
+    assert function in {f["name"] for f in module["functions"]}
+
+
 def test_every_compute_config_is_used() -> None:
     assert {name for _, name in _referenced_compute_configs()} == set(COMPUTE_CONFIGS)
 
@@ -216,3 +230,8 @@ def test_dataset_embedding_scales_out_and_runs_long() -> None:
     cfg = COMPUTE_CONFIGS[_function("embed_dataset")["computeConfig"]]
     assert cfg["runtime"]["autoscaler"]["maxReplicas"] > 1
     assert cfg["executionTimeout"] > COMPUTE_CONFIGS[MODULES[0]["computeConfig"]]["executionTimeout"]
+    nodes = COMPUTE_CONFIGS[NODES_MODULE["computeConfig"]]["runtime"]
+    # the Embed dataset node waits for the subsets it sent to its own service: a replica must have a second slot
+    # for them, and a waiting execution must make the autoscaler add replicas
+    assert nodes["concurrency"] >= 2 and nodes["autoscaler"]["maxReplicas"] > 1
+    assert nodes["autoscaler"]["queueLength"] == 1

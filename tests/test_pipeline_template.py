@@ -1,8 +1,10 @@
 """The pipeline template (pipeline_templates/clip-finetune-and-embed) checked as a graph and against the app.
 
 The flaws of Dataloop's own "CLIP Fine-tuning" pipeline template each have a test here: embedding must
-start by itself after training, the install-time defaults must bind to variables spelled exactly, an
-evaluation runs before the newest-model variable is overwritten, and search data is its own variable.
+start by itself after training, the install-time defaults must bind to variables spelled exactly, a promotion
+gate compares the new model on a test subset before the newest-model variable is overwritten, every ML node
+calls a function model management really offers, and search data is its own variable. tests/test_pipeline_run.py
+runs the template on the loopback platform.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ NODES: dict[str, dict[str, Any]] = {n["id"]: n for n in TEMPLATE["nodes"]}
 VARIABLES: dict[str, dict[str, Any]] = {v["name"]: v for v in TEMPLATE["variables"]}
 CONNECTIONS: list[dict[str, Any]] = TEMPLATE["connections"]
 APP_FUNCTIONS = {fn["name"]: fn for module in APP["components"]["modules"] for fn in module["functions"]}
+APP_MODULES = {module["name"]: module for module in APP["components"]["modules"]}
+APP_NODES = {n["invoke"]["namespace"]: n for n in APP["components"].get("pipelineNodes", [])}
 
-# ML nodes run through the platform's model-management app, which calls these service functions of the
-# model's own app (dtlpy BaseModelAdapter: train_model, evaluate_model, embed_items, embed_dataset).
+# ML nodes run through the platform's model-management app, which offers these four functions (every ML node in
+# dataloop-ai-apps/pipeline-templates uses one) and calls these service functions of the model's own app.
 ML_PACKAGE = "model-mgmt-app"
 ML_FUNCTIONS = {
     "train": "train_model",
     "evaluate": "evaluate_model",
     "embed": "embed_items",
-    "embed_dataset": "embed_dataset",
     "predict": "predict_items",
 }
 
@@ -61,6 +64,7 @@ EXPECTED_VARIABLES = {
     "Base CLIP model": "Model",
     "Newest CLIP model": "Model",
     "Model config": "Json",
+    "Promotion config": "Json",
 }
 
 
@@ -220,7 +224,28 @@ def test_ml_node_calls_a_function_of_this_app(node: dict[str, Any]) -> None:
     assert [(p["name"], p["type"]) for p in node["outputs"]] == [(io["name"], io["type"]) for io in fn["output"]]
 
 
-@pytest.mark.parametrize("node", [n for n in TEMPLATE["nodes"] if n["type"] != "ml"], ids=lambda n: n["name"])
+def _own_nodes() -> list[dict[str, Any]]:
+    return [n for n in _nodes_of("custom") if n["namespace"]["packageName"] == APP["name"]]
+
+
+@pytest.mark.parametrize("node", _own_nodes(), ids=lambda n: n["name"])
+def test_own_custom_node_is_a_declared_pipeline_node_of_a_module_without_init_inputs(node: dict[str, Any]) -> None:
+    """As active-learning serves Create New Model: a pipelineNodes component invoking a function of a module that
+    takes the model as a function input (no initInputs), with the node's ports exactly the function's IO."""
+    ns = node["namespace"]
+    module = APP_MODULES[ns["moduleName"]]
+    assert module["initInputs"] == []
+    fn = next(f for f in module["functions"] if f["name"] == ns["functionName"])
+    invoke = f"{module['computeConfig']}.{module['name']}.{fn['name']}"
+    assert invoke in APP_NODES, f"no pipelineNodes entry invokes {invoke}"
+    assert node["metadata"]["pipelineNodeName"] == APP_NODES[invoke]["name"] and node["dpkName"] == APP["name"]
+    assert [(p["name"], p["type"]) for p in node["inputs"]] == [(io["name"], io["type"]) for io in fn["input"]]
+    assert [(p["name"], p["type"], p.get("actions")) for p in node["outputs"]] == [
+        (io["name"], io["type"], io.get("actions")) for io in fn["output"]]
+
+
+@pytest.mark.parametrize("node", [n for n in TEMPLATE["nodes"] if n["type"] != "ml" and n not in _own_nodes()],
+                         ids=lambda n: n["name"])
 def test_other_nodes_are_documented_external_functions(node: dict[str, Any]) -> None:
     key = (node["namespace"]["packageName"], node["namespace"]["functionName"])
     assert key in EXTERNAL_FUNCTIONS, f"{node['name']}: {key} is neither this app's nor a documented node"
@@ -230,6 +255,12 @@ def test_other_nodes_are_documented_external_functions(node: dict[str, Any]) -> 
         assert [(p["name"], p["type"]) for p in node["outputs"]] == spec["outputs"]
     if "dpkName" in node:
         assert node["dpkName"] == key[0]
+
+
+def test_connections_from_a_port_with_actions_name_one() -> None:
+    for conn in CONNECTIONS:
+        port = _ports(NODES[conn["src"]["nodeId"]], "output")[conn["src"]["portId"]]
+        assert conn.get("action") in (port.get("actions") or [None]), (port["name"], conn.get("action"))
 
 
 def test_template_depends_on_the_apps_it_uses() -> None:
@@ -250,30 +281,36 @@ def test_every_node_runs_from_the_start_node() -> None:
     assert not unreachable, f"nodes that would need a manual trigger: {unreachable}"
 
 
-def test_train_evaluate_update_embed_chain_needs_no_manual_trigger() -> None:
+def test_train_promote_update_embed_chain_needs_no_manual_trigger() -> None:
     start = TEMPLATE["startNodes"][0]["nodeId"]
-    (embed,) = [n for n in _nodes_of("ml") if n["metadata"].get("mlType") == "embeddings"]
+    (embed,) = [n for n in TEMPLATE["nodes"] if n["namespace"]["functionName"] == "embed_dataset"]
     chain = _path(start, embed["id"])
     assert chain is not None, "the embedding node is not connected to the start node"
     steps = [(NODES[n]["type"], NODES[n]["namespace"]["functionName"]) for n in chain]
     assert steps == [
         ("custom", "create_new_model"),
         ("ml", "train"),
-        ("ml", "evaluate"),
-        ("updateVariable", "update_variable"),
-        ("ml", "embed_dataset"),
+        ("custom", "promote_if_better"),
+        ("custom", "embed_dataset"),  # "kept": the current model embeds (new items get their vectors)
     ]
     (update,) = _nodes_of("updateVariable")
-    assert update["id"] in chain and update["outputs"][0]["name"] == embed["metadata"]["variableModel"]
+    promote = NODES[chain[2]]
+    actions = {c.get("action"): c["tgt"]["nodeId"] for c in CONNECTIONS if c["src"]["nodeId"] == promote["id"]}
+    assert actions == {"promoted": update["id"], "kept": embed["id"]}
+    assert _path(update["id"], embed["id"]) == [update["id"], embed["id"]]
+    assert update["outputs"][0]["name"] == "Newest CLIP model"
     dataset_port = next(p for p in embed["inputs"] if p["type"] == "Dataset")
     assert dataset_port["variableName"] == "Dataset to embed"
 
 
-def test_base_and_new_model_are_evaluated_on_the_same_data() -> None:
-    evaluations = [n for n in _nodes_of("ml") if n["namespace"]["functionName"] == "evaluate"]
-    inputs = [{p["name"]: (p.get("variableName"), p.get("defaultValue")) for p in n["inputs"]} for n in evaluations]
-    assert len(evaluations) == 2
-    assert inputs[0]["dataset"] == inputs[1]["dataset"] and inputs[0]["filters"] == inputs[1]["filters"]
+def test_the_gate_compares_against_the_newest_model_on_the_test_subset() -> None:
+    (promote,) = [n for n in TEMPLATE["nodes"] if n["namespace"]["functionName"] == "promote_if_better"]
+    ports = {p["name"]: p for p in promote["inputs"]}
+    assert ports["previous_model"]["variableName"] == "Newest CLIP model"
+    assert ports["dataset"]["variableName"] == "Dataset with captions"
+    clauses = ports["filters"]["defaultValue"]["filter"]["$and"]
+    assert {"metadata.system.tags.test": True} in clauses  # neither the train nor the validation subset
+    assert set(VARIABLES["Promotion config"]["value"]) == {"metric", "margin"}
 
 
 def test_readme_documents_the_variables_and_shows_the_diagram() -> None:
@@ -283,3 +320,4 @@ def test_readme_documents_the_variables_and_shows_the_diagram() -> None:
     assert "../../assets/pipeline.png" in readme
     assert (TEMPLATE_DIR / "../../assets/pipeline.png").resolve().read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert TEMPLATE["name"] in readme
+    assert "active_learning" in readme  # cites the template whose pattern it follows

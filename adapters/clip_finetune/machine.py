@@ -25,7 +25,7 @@ PILLOW_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's own default (about 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def cpu_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+def cpu_cores(cgroup_root: Path | None = None) -> int:
     """The cores this process may use: its affinity mask, capped by the cgroup's CPU quota when one is set.
 
     A Kubernetes pod (a Dataloop service) limits CPU with a quota, not with affinity: a pod limited to 2 CPUs
@@ -33,13 +33,14 @@ def cpu_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
     oversubscribes the 2 it may use.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = cgroup_cpu_limit(cgroup_root)
+    quota = cgroup_cpu_limit(CGROUP_ROOT if cgroup_root is None else cgroup_root)  # read at call time
     return max(1, min(cores, math.ceil(quota))) if quota is not None else cores
 
 
-def cgroup_cpu_limit(root: Path = CGROUP_ROOT) -> float | None:
+def cgroup_cpu_limit(root: Path | None = None) -> float | None:
     """CPUs allowed by the cgroup quota (v2 `cpu.max`, else v1 `cpu.cfs_quota_us`/`cpu.cfs_period_us`);
     None when no quota is set or none can be read."""
+    root = CGROUP_ROOT if root is None else root
     try:
         v2 = root / "cpu.max"
         if v2.is_file():
@@ -95,8 +96,22 @@ def set_max_image_pixels(n: int | None = PILLOW_MAX_IMAGE_PIXELS) -> None:
     Image.MAX_IMAGE_PIXELS = n
 
 
+def limit_torch_threads() -> int:
+    """Cap torch's intra-op threads at cpu_cores(): torch sizes its pool by the affinity mask, so on a pod
+    limited by a cgroup quota it starts one spinning OpenMP thread per node core. Never raises the count (a
+    caller that chose fewer threads keeps them). Returns the count in force."""
+    import torch
+
+    threads = min(torch.get_num_threads(), cpu_cores())
+    if threads != torch.get_num_threads():
+        log.info("torch threads: %d -> %d (the CPU quota of this process)", torch.get_num_threads(), threads)
+        torch.set_num_threads(threads)
+    return threads
+
+
 def apply_config(cfg: FinetuneConfig) -> None:
-    """Apply what a configuration sets for the whole process: the image pixel limit and the seeds.
+    """Apply what a configuration sets for the whole process: the image pixel limit, the seeds and torch's
+    thread count (capped by the CPU quota).
 
     Each entry point (CLI command, API worker, Dataloop adapter) calls it once it has validated a
     configuration, and training calls it when a run starts, so every decode honours the limit and a run is
@@ -104,3 +119,4 @@ def apply_config(cfg: FinetuneConfig) -> None:
     """
     set_max_image_pixels(cfg.max_image_pixels)
     seed_everything(cfg.seed)
+    limit_torch_threads()

@@ -1,8 +1,9 @@
 """A loopback stand-in of the Dataloop platform that the real dtlpy client talks to in tests.
 
 `LoopbackPlatform` is an in-memory HTTP server on 127.0.0.1 (random port) that answers the routes dtlpy
-1.126 uses for train/embed/evaluate flows (base path /api/v1). Seed it from Python (`add_project`,
-`add_dataset`, `add_item`, `add_prompt_item`, `add_model`, ...), point dtlpy at it with
+1.126 uses for train/embed/evaluate flows and for pipelines (base path /api/v1). Seed it from Python
+(`add_project`, `add_dataset`, `add_item`, `add_prompt_item`, `add_model`, `install_app`, `install_template`,
+...), point dtlpy at it with
 `dtlpy_pointed_at(server)` (or the `platform` fixture), run real SDK calls, then assert on what reached the
 server: `server.calls`, `server.vectors(feature_set_id)`, `server.model(model_id)`, ...
 
@@ -23,6 +24,11 @@ Modules, one job each:
 - store.py: the in-memory entities: inspection for tests, and the helpers that store and serve them
 - seeding.py: add_project/add_dataset/add_item/... and seed_captioned_images, the image writer they use
 - routes.py: the route table and its handlers (the REST API dtlpy calls)
+- apps.py: installed apps (`install_app(project_id, manifest, root)`), their services, and running an app's
+  function in process, as the platform's agent does (entities, progress, context)
+- executions.py: executions of a service's function (service.execute, execution.wait) and model.train()
+- pipelines.py: pipelines from a template (`install_template`), their checks, and execute() running the nodes
+- marketplace.py: Dataloop's active-learning app (Create New Model), re-written from its published code
 - fixture.py: dtlpy_pointed_at and the `platform` fixture
 
 Why not tests/platform/: tests/ has no __init__.py, so pytest (default "prepend" import mode) puts tests/

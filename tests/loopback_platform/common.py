@@ -39,7 +39,9 @@ def make_token(email: str = TEST_USER_EMAIL, ttl_s: int = 10 * 365 * 24 * 3600) 
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+    """An ISO timestamp with milliseconds, as the platform writes them."""
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
 
 
 def _deep_merge(base: JSON, extra: JSON) -> JSON:

@@ -44,6 +44,13 @@ def _fast_session() -> Any:
     return session
 
 
+def _time_with_sleep(sleep: Any) -> types.SimpleNamespace:
+    """The time module with another sleep, for one dtlpy module."""
+    shim = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    shim.sleep = sleep
+    return shim
+
+
 @contextlib.contextmanager
 def dtlpy_pointed_at(server: LoopbackPlatform, skip_sdk_sleeps: bool = True) -> Iterator[None]:
     """Point the already-imported (or not yet imported) dtlpy client at `server`, then restore it.
@@ -52,15 +59,19 @@ def dtlpy_pointed_at(server: LoopbackPlatform, skip_sdk_sleeps: bool = True) -> 
     use, so this registers the server as an environment, `setenv`s it, clears that cache, and also sets
     INTERNAL_REQUESTS_URL (which wins over the environment in ApiClient.base_gate_url).
     `skip_sdk_sleeps` removes the fixed 2 s `time.sleep` dtlpy does after every dataset export request
-    (Datasets._export_recursive), which would add 2 s per downloaded subset.
+    (Datasets._export_recursive), which would add 2 s per downloaded subset, and shortens the back-off of
+    execution.wait() and pipeline_execution.wait() (2, 4, 8 ... 30 s between polls) to 50 ms.
     """
     import dtlpy as dl
     from dtlpy.repositories import datasets as datasets_module
+    from dtlpy.repositories import executions as executions_module
+    from dtlpy.repositories import pipeline_executions as pipeline_executions_module
 
     client = dl.client_api
     saved_env, saved_session = client.environment, client.session
     saved_internal = os.environ.get("INTERNAL_REQUESTS_URL")
     saved_progress = client.verbose.disable_progress_bar
+    polling = (executions_module, pipeline_executions_module)
     saved_time = datasets_module.time
     url = server.base_url
     token = make_token()
@@ -79,13 +90,15 @@ def dtlpy_pointed_at(server: LoopbackPlatform, skip_sdk_sleeps: bool = True) -> 
     client.session = _fast_session()
     client.verbose.disable_progress_bar = True
     if skip_sdk_sleeps:
-        shim = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-        shim.sleep = lambda seconds: None
-        datasets_module.time = shim
+        datasets_module.time = _time_with_sleep(lambda seconds: None)
+        for module in polling:
+            module.time = _time_with_sleep(lambda seconds: time.sleep(min(seconds, 0.05)))
     try:
         yield
     finally:
         datasets_module.time = saved_time
+        for module in polling:
+            module.time = time
         if saved_internal is None:
             os.environ.pop("INTERNAL_REQUESTS_URL", None)
         else:

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import urllib.parse
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -30,6 +31,7 @@ class Routes:
         oid = r"([0-9a-zA-Z_-]+)"
         table: list[tuple[str, str, Callable[..., Any]]] = [
             ("GET", r"/users/me", self._get_me),
+            ("GET", r"/projects/([^/]+)/name", self._projects_named),
             ("GET", rf"/projects/{oid}", lambda c, pid: self.projects[pid]),
             ("GET", r"/projects", lambda c: list(self.projects.values())),
             ("POST", r"/datasets/query", self._query_datasets),
@@ -63,14 +65,23 @@ class Routes:
             ("POST", r"/features/vectors", self._create_vectors),
             ("GET", rf"/features/vectors/{oid}", lambda c, vid: self.feature_vectors[vid]),
             ("DELETE", rf"/features/vectors/{oid}", lambda c, vid: self.feature_vectors.pop(vid) and True),
-            ("GET", rf"/pipelines/{oid}", lambda c, pid: self.pipelines[pid]),
-            ("POST", rf"/pipelines/{oid}/execute", self._execute_pipeline),
+            ("PATCH", rf"/features/sets/{oid}", self._patch_feature_set),
+            ("GET", rf"/recipes/{oid}", lambda c, rid: self.recipes[rid]),
+            ("GET", rf"/packages/{oid}", lambda c, pid: self.packages[pid]),  # dtlpy < 1.126 reads a model's
+            ("GET", rf"/ontologies/{oid}", lambda c, oid_: self.ontologies[oid_]),
+            *self._pipeline_routes(),  # pipelines.py
+            *self._execution_routes(),  # executions.py
         ]
         return [(m, re.compile(p + r"/?$"), h) for m, p, h in table]
 
     # ---------------------------------------------------------------- handlers
     def _get_me(self, call: Call) -> JSON:
         return {"id": TEST_USER_EMAIL, "email": TEST_USER_EMAIL, "username": "tester", "type": "human"}
+
+    def _projects_named(self, call: Call, quoted_name: str) -> list[JSON]:
+        """dl.projects.get(project_name=...): every project of that name (dtlpy URL-quotes it)."""
+        name = urllib.parse.unquote(quoted_name)
+        return [copy.deepcopy(p) for p in self.projects.values() if p["name"] == name]
 
     def _query_datasets(self, call: Call) -> JSON:
         query = call.json or {}
@@ -247,6 +258,9 @@ class Routes:
         body = call.json or {}
         src = self.models[model_id]
         project_id = body.get("projectId") or src["context"]["project"]
+        if any(m["name"] == body["name"] and m["context"]["project"] == project_id for m in self.models.values()):
+            # model names are unique in a project (active-learning's Create New Model retries on this 400)
+            raise _HttpError(400, f"model name {body['name']!r} already exists in the project")
         model = self.add_model(
             project_id,
             body["name"],
@@ -308,6 +322,14 @@ class Routes:
         }
         return [self.feature_sets[fid]]  # the platform answers a LIST with the one created set
 
+    def _patch_feature_set(self, call: Call, feature_set_id: str) -> JSON:
+        """feature_set.update(): the name (and tags) change; size, model and project are the platform's."""
+        stored = self.feature_sets[feature_set_id]
+        for key in ("name", "tags"):
+            if key in (call.json or {}):
+                stored[key] = copy.deepcopy(call.json[key])
+        return stored
+
     def _create_vectors(self, call: Call) -> list[JSON]:
         body = call.json if isinstance(call.json, list) else [call.json]
         created: list[JSON] = []
@@ -352,21 +374,3 @@ class Routes:
             if not dataset_ids or v.get("datasetId") in dataset_ids:
                 counts[v["featureSetId"]] = counts.get(v["featureSetId"], 0) + 1
         return [{"featureSetId": k, "count": n} for k, n in counts.items()]
-
-    def _execute_pipeline(self, call: Call, pipeline_id: str) -> JSON:
-        pipeline = self.pipelines[pipeline_id]
-        eid = new_id()
-        self.pipeline_executions[eid] = {
-            "id": eid,
-            "pipelineId": pipeline_id,
-            "pipeline": {"id": pipeline_id, "name": pipeline["name"]},
-            "status": "pending",
-            "input": copy.deepcopy((call.json or {}).get("pipeline", call.json)),
-            "nodes": [],
-            "executions": {},
-            "creator": TEST_USER_EMAIL,
-            "createdAt": _now(),
-            "updatedAt": _now(),
-            "url": f"{self.base_url}/pipelines/{pipeline_id}/executions/{eid}",
-        }
-        return self.pipeline_executions[eid]

@@ -145,6 +145,12 @@ class Seeding:
         """
         with self._lock:
             mid = new_id()
+            package_id = package_id or new_id()
+            # a model always belongs to a package (its app): dtlpy before 1.126 fetches it when an adapter loads
+            self.packages.setdefault(package_id, {
+                "id": package_id, "name": f"model-package-{package_id[-6:]}", "projectId": project_id, "type": "ml",
+                "modules": [], "creator": TEST_USER_EMAIL, "createdAt": _now(),
+                "url": f"{self.base_url}/packages/{package_id}"})
             subsets_json = {k: (v if "filter" in v else {"filter": v}) for k, v in (subsets or {}).items()}
             binaries = self.binaries_dataset(project_id)["id"]
             refs = [
@@ -156,7 +162,7 @@ class Seeding:
                 "name": name,
                 "status": status,
                 "datasetId": dataset_id,
-                "packageId": package_id or new_id(),
+                "packageId": package_id,
                 "projectId": project_id,
                 "context": {"project": project_id, "org": "loopback-org"},
                 "configuration": copy.deepcopy(configuration or {}),

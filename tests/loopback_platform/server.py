@@ -17,8 +17,11 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .apps import Apps
 from .common import API_PREFIX, JSON
 from .dql import DqlError
+from .executions import Executions
+from .pipelines import Pipelines
 from .routes import Route, Routes
 from .seeding import Seeding
 from .store import Store
@@ -85,7 +88,7 @@ class _Server(ThreadingHTTPServer):
 
 
 # --------------------------------------------------------------------------------------------- platform
-class LoopbackPlatform(Seeding, Store, Routes):
+class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines):
     """In-memory Dataloop stand-in. Use as a context manager (starts/stops the server thread)."""
 
     def __init__(self) -> None:
@@ -106,6 +109,13 @@ class LoopbackPlatform(Seeding, Store, Routes):
         self.commands: dict[str, JSON] = {}
         self.pipelines: dict[str, JSON] = {}
         self.pipeline_executions: dict[str, JSON] = {}
+        self.packages: dict[str, JSON] = {}
+        self.recipes: dict[str, JSON] = {}
+        self.ontologies: dict[str, JSON] = {}
+        self.apps: dict[str, Any] = {}  # installed apps (apps.App), by package id
+        self.services: dict[str, JSON] = {}
+        self.service_executions: dict[str, JSON] = {}
+        self._runner_lock = threading.Lock()
         self._export_items: set[str] = set()  # export outputs: fetchable by id, invisible to queries
         self._system_datasets: set[str] = set()  # "Binaries": listed only for systemSpace queries
         self._server: _Server | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import mimetypes
 import re
 
@@ -105,6 +106,14 @@ class Store:
             "readableType": "dataloop",
             "indexDriver": "v2",
         }
+        # every dataset gets a default recipe with an empty ontology (dtlpy reads the labels from it, e.g.
+        # model.clone(dataset=...))
+        oid_, rid = new_id(), new_id()
+        self.ontologies[oid_] = {"id": oid_, "title": f"{name} ontology", "roots": [], "metadata": {},
+                                 "creator": TEST_USER_EMAIL, "url": f"{self.base_url}/ontologies/{oid_}"}
+        self.recipes[rid] = {"id": rid, "title": f"{name} recipe", "ontologyIds": [oid_], "projectIds": [project_id],
+                             "creator": TEST_USER_EMAIL, "url": f"{self.base_url}/recipes/{rid}"}
+        self.datasets[did]["metadata"]["system"]["recipes"] = [rid]
         if system:
             self._system_datasets.add(did)
         return self.datasets[did]
@@ -205,6 +214,8 @@ class Store:
         """
         if not join or not join.get("filter"):
             return True
+        if (join.get("on") or {}).get("resource") == "feature_vectors":
+            return True  # _vector_join filters and ranks these
         if resource == "items":
             return any(dql_match(a, join["filter"]) for a in self.annotations.values() if a["itemId"] == doc["id"])
         return doc["itemId"] in self.items and dql_match(self._item_json(doc["itemId"]), join["filter"])
@@ -217,10 +228,28 @@ class Store:
             docs = self._visible_items(dataset_id)
         else:
             raise DqlError(f"unsupported dataset query resource {resource!r}")
-        return dql_sort(
-            [d for d in docs if dql_match(d, query.get("filter")) and self._join_ok(d, query.get("join"), resource)],
-            query.get("sort"),
-        )
+        docs = [d for d in docs if dql_match(d, query.get("filter")) and self._join_ok(d, query.get("join"), resource)]
+        if ((query.get("join") or {}).get("on") or {}).get("resource") == "feature_vectors":
+            return self._vector_join(docs, query["join"].get("filter") or {})
+        return dql_sort(docs, query.get("sort"))
+
+    def _vector_join(self, items: list[JSON], flt: JSON) -> list[JSON]:
+        """Items joined with their feature vector (entityId = item id) in the join filter's feature set, as
+        Dataloop's CLIP search panel queries them (clip-smart-search entire.js): items without a matching vector
+        drop out; `value: {$euclid: {input, $euclidSort: {eu_dist: "ascending"}}}` ranks the rest by Euclidean
+        distance to `input`, nearest first (ties by id)."""
+        flt = copy.deepcopy(flt)
+        euclid = (flt.pop("value", None) or {}).get("$euclid")
+        vectors = {v["entityId"]: v for v in self.feature_vectors.values() if dql_match(v, flt)}
+        joined = [i for i in items if i["id"] in vectors]
+        if euclid is None:
+            return dql_sort(joined, None)
+        target = euclid["input"]
+        if any(len(vectors[i["id"]]["value"]) != len(target) for i in joined):
+            raise _HttpError(400, f"$euclid input has {len(target)} values, the feature set's vectors do not")
+        distance = {i["id"]: math.dist(vectors[i["id"]]["value"], target) for i in joined}
+        descending = (euclid.get("$euclidSort") or {}).get("eu_dist") == "descending"
+        return sorted(joined, key=lambda i: (-distance[i["id"]] if descending else distance[i["id"]], i["id"]))
 
 
 def _image_size(data: bytes) -> JSON:

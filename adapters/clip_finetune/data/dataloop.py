@@ -232,6 +232,9 @@ def _prompt_requests(r: _Record, report: DataReport) -> list[_PromptRequest]:
         report.skip("prompt item has no prompts", r.item_id)
         return []
     captions = _captions_by_prompt(r.data.get("annotations"))
+    # A free-text answer without a promptId belongs to the first prompt, as Dataloop's own CLIP adapter reads it
+    first = str(min(prompts["prompts"], key=prompt_order))
+    captions[first] = list(dict.fromkeys(captions.get(first, []) + captions.pop(None, [])))
     requests = []
     for key, elements in prompts["prompts"].items():
         ref = prompt_parts(elements)[0]
@@ -260,16 +263,22 @@ def prompt_parts(elements: Any) -> tuple[str | None, str | None]:
     return image, text
 
 
-def _captions_by_prompt(annotations: Any) -> dict[str, list[str]]:
-    """{promptId: distinct non-empty captions} from the text annotations of a prompt item."""
-    out: dict[str, list[str]] = {}
+def prompt_order(key: str) -> tuple[int, int, str]:
+    """Prompt keys are "1", "2", ...: numeric order, so "10" comes after "9"."""
+    return (0, int(key), "") if str(key).isdigit() else (1, 0, str(key))
+
+
+def _captions_by_prompt(annotations: Any) -> dict[str | None, list[str]]:
+    """{promptId: distinct non-empty captions} from the text annotations of a prompt item; key None holds the
+    captions annotated without a promptId."""
+    out: dict[str | None, list[str]] = {}
     for a in annotations if isinstance(annotations, list) else []:
         if not isinstance(a, dict) or a.get("type") != "text":
             continue
         prompt_id, text = _get(a, "metadata", "system", "promptId"), a.get("coordinates")
-        if prompt_id is None or not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str) or not text.strip():
             continue
-        captions = out.setdefault(str(prompt_id), [])
+        captions = out.setdefault(None if prompt_id is None else str(prompt_id), [])
         if text.strip() not in captions:
             captions.append(text.strip())
     return out

@@ -20,10 +20,11 @@ import dtlpy as dl
 from adapters.clip_finetune.config import FinetuneConfig
 from adapters.clip_finetune.data.load import Splits, load_dataset, load_splits, require_pairs
 from adapters.clip_finetune.data.pairs import DataReport
-from adapters.clip_finetune.dataloop.artifacts import RunStateSync, check_artifacts
+from adapters.clip_finetune.dataloop.artifacts import RunStateSync, check_artifacts, drop_stale_vectors, weights_stamp
 from adapters.clip_finetune.dataloop.charts import evaluation_samples, plot_samples, publish
 from adapters.clip_finetune.dataloop.configuration import config_from_model, sync_embedding_keys
-from adapters.clip_finetune.dataloop.embed_job import EmbedJob, EmbedLocks, embed_prepared, run_job
+from adapters.clip_finetune.dataloop.dataset_embedding import embed_dataset as embed_dataset_files
+from adapters.clip_finetune.dataloop.embed_job import EmbedJob, EmbedLocks, embed_prepared, run_job, without_unstored
 from adapters.clip_finetune.dataloop.items import PROMPT_IMAGES, PreparedItem, item_resolver, prepare_item
 from adapters.clip_finetune.dataloop.platform import as_filters
 from adapters.clip_finetune.errors import ModelError
@@ -56,6 +57,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         self._sync: RunStateSync | None = None  # the run state of the training in progress, in the artifacts
         self._failed = False  # training failed: nothing trained to save or upload
         self._cfg_model_id: str | None = None  # the model self.cfg was validated for
+        self._weights: tuple | None = None  # weights_stamp of the model's artifacts the weights in memory came from
         super().__init__(model_entity=model_entity)  # calls load_from_model when given a model
 
     # --- configuration and weights ---------------------------------------------------------------------
@@ -64,8 +66,11 @@ class ClipAdapter(dl.BaseModelAdapter):
         self, model_entity: dl.Model | None = None, local_path: str | None = None, overwrite: bool = True, **kwargs: Any
     ) -> None:
         """Validate the model's configuration first, so a bad key fails before dtlpy downloads anything."""
-        self._validate_config(model_entity if model_entity is not None else self.model_entity)
+        model = model_entity if model_entity is not None else self.model_entity
+        self._validate_config(model)
+        weights = weights_stamp(model)  # before the download: a change after it must not look loaded
         super().load_from_model(model_entity=model_entity, local_path=local_path, overwrite=overwrite, **kwargs)
+        self._weights = weights
 
     def load(self, local_path: str, **kwargs: Any) -> None:
         """The saved artifact in `local_path` (a trained model), else the configured base model."""
@@ -75,6 +80,11 @@ class ClipAdapter(dl.BaseModelAdapter):
         self.clip = load_artifact(local_path, self.cfg.device) if is_artifact_dir(local_path) else load_model(self.cfg)
         self.model = self.clip.model
         sync_embedding_keys(self.model_entity, self.clip, self.cfg)
+
+    def holds_weights_of(self, model: dl.Model) -> bool:
+        """Whether the weights in memory are `model`'s current ones (it was not trained again since)."""
+        loaded = self._model_entity is not None and self._model_entity.id == model.id and self.clip is not None
+        return loaded and self._weights == weights_stamp(model)
 
     def _validate_config(self, model: dl.Model) -> None:
         self.cfg = config_from_model(model)
@@ -109,6 +119,8 @@ class ClipAdapter(dl.BaseModelAdapter):
         except ModelError:
             self._failed = True
             raise
+        drop_stale_vectors(self.model_entity)
+        self._weights = weights_stamp(self.model_entity)  # the weights in memory are the ones just uploaded
         if cleanup:
             shutil.rmtree(local_path, ignore_errors=True)
 
@@ -131,10 +143,14 @@ class ClipAdapter(dl.BaseModelAdapter):
         if self._splits_root != Path(data_path).resolve():
             self.convert_from_dtlpy(data_path)
         self._sync = RunStateSync(self.model_entity)
-        self.result = finetune(self.cfg, self._splits, output_path, clip=self.clip,
-                               on_epoch_end=self._epoch_reporter(kwargs.get("on_epoch_end_callback")),
-                               on_checkpoint=self._sync.upload,
-                               resume=self._sync.stage(self._artifacts_dir, Path(output_path)))
+        try:
+            self.result = finetune(self.cfg, self._splits, output_path, clip=self.clip,
+                                   on_epoch_end=self._epoch_reporter(kwargs.get("on_epoch_end_callback")),
+                                   on_checkpoint=self._sync.upload,
+                                   resume=self._sync.stage(self._artifacts_dir, Path(output_path)))
+        except BaseException:
+            self._sync.finish()  # the last checkpoint reaches the artifacts: a restart resumes from it
+            raise
         publish(self.model_entity, plot_samples(0, self.result.before))  # the base model, at epoch 0
         self._trained_dir = Path(output_path).resolve()
         self._failed = False
@@ -166,19 +182,33 @@ class ClipAdapter(dl.BaseModelAdapter):
     )
     def embed_items(
         self, items: list, upload_features: bool | None = None, batch_size: int | None = None, progress: Any = None,
-        **kwargs: Any,
+        only_stored: bool = False, **kwargs: Any,
     ) -> tuple[list[dl.Item], list[list[float]]]:
         """dtlpy's embed_items (embed_dataset runs it too), made resumable and loud (dataloop/embed_job.py):
         vectors the feature set already holds are not embedded again; a failed upload or download raises
         VectorsNotStoredError with the count not stored; an item that cannot be embedded is skipped, counted in
         embed_report and listed. As in dtlpy, prompt items are uploaded only with upload_features=True, and the
-        return value is the items that have a vector and their vectors, in input order."""
+        return value is the items that have a vector and their vectors, in input order; `only_stored` (a caller
+        that only fills the feature set) does not embed the items whose vectors would not be stored."""
         items = list(items) if isinstance(items, list | tuple) else [items]
         if upload_features is None:
             upload_features = self.model_entity.configuration.get("upload_features")  # the raw dict: no write
         feature_set = self.feature_set if upload_features is not False else None
+        if only_stored and feature_set is not None and upload_features is not True:
+            items = without_unstored(self.model_entity, items)
         job = EmbedJob(self.model_entity, items, feature_set, upload_prompts=upload_features is True)
         return run_job(job, self.prepare_item_func, self.embed, batch_size or self.cfg.batch_size, progress)
+
+    @dl.Package.decorators.function(
+        display_name="Embed Dataset with DQL",
+        inputs={"dataset": "Dataset", "filters": "Json"},
+    )
+    def embed_dataset(self, dataset: dl.Dataset, filters: dl.Filters | dict | None = None, progress: Any = None,
+                      **kwargs: Any) -> int:
+        """Fill the model's feature set with the dataset's files `filters` selects, in this process (dtlpy's
+        embed_dataset sends subsets past 1000 items to the model's deployed service, which a model trained by a
+        pipeline does not have; the pipeline's Embed dataset node fans out itself). Returns the count embedded."""
+        return embed_dataset_files(self, dataset, filters, progress=progress)
 
     # --- evaluation -------------------------------------------------------------------------------------
 
@@ -192,8 +222,9 @@ class ClipAdapter(dl.BaseModelAdapter):
         context: Any = None,
     ) -> tuple[dl.Model, dl.Dataset]:
         """dtlpy's evaluate_model without its predict step (it would download every item to make annotations
-        an embedding model does not have): load the model, then evaluate()."""
-        if self._model_entity is None or self._model_entity.id != model.id or self.clip is None:
+        an embedding model does not have): load the model unless its weights are the ones in memory (the same
+        model trained again since is reloaded), then evaluate()."""
+        if not self.holds_weights_of(model):
             self.load_from_model(model_entity=model)
         if progress is not None:
             progress.update(message="calculating retrieval metrics", progress=50)

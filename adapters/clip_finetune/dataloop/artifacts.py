@@ -1,11 +1,16 @@
-"""A model's artifacts on the platform: the run state uploaded as training writes it (so a preempted or
-restarted service resumes), staged back for a resume, dropped when the run is complete, and checked after
-dtlpy's upload (which only logs a failure, so a model could end 'trained' without weights)."""
+"""A model's artifacts on the platform: the run state uploaded in the background as training writes it (so a
+preempted or restarted service resumes), staged back for a resume, dropped when the run is complete, checked
+after dtlpy's upload (which only logs a failure, so a model could end 'trained' without weights), and the stamp
+that tells whether the weights behind them changed."""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import dtlpy as dl
@@ -25,11 +30,21 @@ REQUIRED_ARTIFACTS = (HF_SAFE_WEIGHTS_NAME, HF_CONFIG_NAME)  # what stock open_c
 
 
 class RunStateSync:
-    """The run state of one training of `model`, kept in its artifacts while the run goes on."""
+    """The run state of one training of `model`, kept in its artifacts while the run goes on.
+
+    The checkpoint is about 3x the model: uploading it on the training thread would stall every epoch for as
+    long as the upload takes. upload() takes a snapshot (hard links: training replaces each file atomically,
+    so a link keeps the version it saw) and one background thread uploads the newest snapshot; finish() waits.
+    """
 
     def __init__(self, model: dl.Model) -> None:
         self.model = model
-        self.uploaded: dict[str, int] = {}  # run-state file -> mtime_ns of its last upload
+        self.uploaded: dict[str, int] = {}  # run-state file -> mtime_ns of its last snapshot
+        self._lock = threading.Lock()
+        self._latest: Path | None = None  # the newest snapshot not uploaded yet
+        self._running: Future | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="run-state-upload")
+        self._snapshots = Path(tempfile.mkdtemp(prefix="clip-run-state-"))
 
     def stage(self, source: Path | None, output: Path) -> bool:
         """A preempted or restarted run left its checkpoint (and best-so-far weights) in the model's artifacts,
@@ -48,21 +63,61 @@ class RunStateSync:
         return True
 
     def upload(self, checkpoint: Path) -> None:
-        """Upload the checkpoint training just wrote, and the best-so-far weights when they changed. A failure is
-        logged: training goes on."""
-        for name in RUN_STATE_FILES:
-            path = checkpoint.parent / name
-            if not path.is_file() or self.uploaded.get(name) == path.stat().st_mtime_ns:
-                continue
+        """Queue the checkpoint training just wrote, and the best-so-far weights when they changed, for upload in
+        the background; returns at once. A snapshot still waiting is replaced by this newer one."""
+        snapshot = self._snapshot(checkpoint.parent)
+        if snapshot is None:
+            return
+        with self._lock:
+            stale, self._latest = self._latest, snapshot
+            if self._running is None:
+                self._running = self._pool.submit(self._drain)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def _snapshot(self, folder: Path) -> Path | None:
+        changed = [n for n in RUN_STATE_FILES
+                   if (folder / n).is_file() and self.uploaded.get(n) != (folder / n).stat().st_mtime_ns]
+        if not changed:
+            return None
+        snapshot = Path(tempfile.mkdtemp(dir=self._snapshots))
+        for name in changed:
+            self.uploaded[name] = (folder / name).stat().st_mtime_ns
             try:
-                self.model.artifacts.upload(filepath=str(path), overwrite=True)
-                self.uploaded[name] = path.stat().st_mtime_ns
-            except PLATFORM_ERRORS as e:
-                logger.warning("could not upload %s (a restart would resume from an older state): %s", name, e)
+                os.link(folder / name, snapshot / name)
+            except OSError:  # another file system, or links not allowed: copy
+                shutil.copy2(folder / name, snapshot / name)
+        return snapshot
+
+    def _drain(self) -> None:
+        """Upload snapshots until none is waiting. A failure is logged: training goes on."""
+        while True:
+            with self._lock:
+                snapshot, self._latest = self._latest, None
+                if snapshot is None:
+                    self._running = None
+                    return
+            for path in sorted(snapshot.iterdir()):
+                try:
+                    self.model.artifacts.upload(filepath=str(path), overwrite=True)
+                except PLATFORM_ERRORS as e:
+                    logger.warning("could not upload %s (a restart would resume from an older state): %s",
+                                   path.name, e)
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+    def finish(self) -> None:
+        """Wait for the uploads in progress (a failed run leaves its last state for a restart to resume)."""
+        with self._lock:
+            running = self._running
+        if running is not None:
+            running.result()
+        self._pool.shutdown(wait=True)
+        shutil.rmtree(self._snapshots, ignore_errors=True)
 
     def drop_checkpoint(self) -> None:
         """The run is complete: remove its resume checkpoint (~3x the model) from the artifacts, before dtlpy's
         upload re-lists them, so a later train_model continues training instead of resuming a finished run."""
+        self.finish()
         if CHECKPOINT_NAME not in self.uploaded:
             return
         try:
@@ -94,3 +149,25 @@ def check_artifacts(model_id: str, local: Path) -> None:
         f"{sorted(uploaded) or 'none'}. Re-run training, or upload the folder {str(local.resolve())!r} with "
         "model.artifacts.upload(...)"
     )
+
+
+def weights_stamp(model: dl.Model) -> tuple[tuple[str, str, int | None, str | None], ...]:
+    """What identifies the weights in a model's artifacts now: name, item, size and update time of each. A
+    retrained model keeps its artifact items (uploads overwrite them) but not their update time."""
+    return tuple(sorted((a.name, a.id, item_size(a), a.updated_at) for a in model.artifacts.list()))
+
+
+def drop_stale_vectors(model: dl.Model) -> None:
+    """The model's weights changed (it was trained again): the vectors in its feature sets were made by the
+    old weights and would be kept (embedding skips items that have a vector), so the sets are deleted; the next
+    embedding creates a fresh one."""
+    filters = dl.Filters(field="modelId", values=model.id, resource=dl.FiltersResource.FEATURE_SET)
+    try:
+        stale = [fs for page in model.project.feature_sets.list(filters=filters) for fs in page]
+        for feature_set in stale:
+            feature_set.delete()
+            logger.info("model %r was trained again: deleted its feature set %r (vectors of the old weights)",
+                        model.name, feature_set.name)
+    except PLATFORM_ERRORS as e:
+        logger.warning("model %r was trained again but its old vectors could not be deleted (%s): embedding "
+                       "would keep them; delete its feature set by hand", model.name, e)

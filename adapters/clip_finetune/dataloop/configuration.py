@@ -39,9 +39,16 @@ def hyperparameters(configuration: Mapping[str, Any] | None) -> dict[str, Any]:
 def config_from_model(model: dl.Model) -> FinetuneConfig:
     """Validate a model's configuration, read once as a plain dict. Model configuration > FinetuneConfig defaults.
     A trained model (one with artifacts) loads its architecture from them, so a model_name config JSON of the
-    machine it was trained on need not exist here."""
+    machine it was trained on need not exist here.
+
+    embeddings_size is not validated against the architecture here, unlike on the command line: on the platform
+    the configuration is one merged dict (Create New Model merges a pipeline's "Model config" over the base
+    model's, whose embeddings_size names the base architecture), so a user choosing another model_name there
+    could never set both right. The size is derived, and sync_embedding_keys writes it back to the model."""
+    hparams = hyperparameters(dict(model.configuration or {}))
+    hparams.pop("embeddings_size", None)
     try:
-        return build_config(hyperparameters(dict(model.configuration or {})), saved_model=bool(model.model_artifacts))
+        return build_config(hparams, saved_model=bool(model.model_artifacts))
     except ConfigError as e:
         raise ConfigError(f"model {model.name!r} ({model.id}): {e}") from None
 
@@ -55,10 +62,9 @@ def sync_embedding_keys(model: dl.Model, clip: ClipModel, cfg: FinetuneConfig) -
     config = model.configuration  # the raw dict: dict.get here writes nothing back
     size = clip.embed_dim
     if config.get("embeddings_size") not in (None, size):
-        raise ConfigError(
-            f"invalid configuration:\n  embeddings_size: {config['embeddings_size']} contradicts the loaded "
-            f"model ({clip.source}), whose embeddings have {size} dimensions; remove the key or set it to {size}"
-        )
+        logger.warning("model %r: embeddings_size %s in its configuration does not match the loaded model (%s), "
+                       "whose embeddings have %d dimensions: setting it to %d", model.name,
+                       config["embeddings_size"], clip.source, size, size)
     changes = {k: v for k, v in {"embeddings_size": size, "batch_size": cfg.batch_size}.items() if config.get(k) != v}
     if changes:
         logger.info("model %r: setting %s in its configuration for dtlpy's embedding", model.name, changes)

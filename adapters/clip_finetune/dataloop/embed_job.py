@@ -189,6 +189,16 @@ class EmbedJob:
         return message
 
 
+def without_unstored(model: dl.Model, items: list[dl.Item]) -> list[dl.Item]:
+    """`items` less the prompt items, whose vectors dtlpy does not store unless upload_features is set: a job
+    that only fills the feature set (a dataset embedding) would fetch their images and embed them for nothing."""
+    kept = [i for i in items if not is_prompt_item(i)]
+    if len(kept) < len(items):
+        logger.info("model %r: %d prompt items not embedded: their vectors would not be stored (set "
+                    "upload_features to store them)", model.name, len(items) - len(kept))
+    return kept
+
+
 def stored_vectors(feature_set: dl.FeatureSet, item_ids: Sequence[str]) -> dict[str, list[float]]:
     """{item id: vector} of the items that already have a vector in `feature_set`.
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import dtlpy as dl
 import torch
 
-from adapters.clip_finetune.data.dataloop import ImageResolver, image_ref, prompt_parts
+from adapters.clip_finetune.data.dataloop import ImageResolver, image_ref, prompt_order, prompt_parts
 from adapters.clip_finetune.data.images import ImageDecodeError
 from adapters.clip_finetune.model.clip import ClipModel
 from adapters.clip_finetune.retrieval.embed import image_input
@@ -94,11 +94,6 @@ def _prompt_input(clip: ClipModel, item: dl.Item) -> torch.Tensor | str:
     if text:
         return text
     raise ItemUnusable("prompt has no image or text")
-
-
-def prompt_order(key: str) -> tuple[int, int, str]:
-    """Prompt keys are "1", "2", ...: numeric order, so "10" comes after "9"."""
-    return (0, int(key), "") if str(key).isdigit() else (1, 0, str(key))
 
 
 def download_bytes(item: dl.Item) -> bytes:

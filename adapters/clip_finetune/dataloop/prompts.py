@@ -14,9 +14,9 @@ from pathlib import PurePosixPath
 
 import dtlpy as dl
 
-from adapters.clip_finetune.data.dataloop import image_ref, item_caption, prompt_parts
+from adapters.clip_finetune.data.dataloop import image_ref, item_caption, prompt_order, prompt_parts
 
-from .items import ItemUnusable, download_bytes, prompt_order
+from .items import ItemUnusable, download_bytes
 from .platform import ITEM_ID, as_filters, is_prompt_item
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,88 @@
+"""ClipNodes: the app's pipeline nodes ("Promote if better", "Embed dataset") and the functions that take a model
+as an input, served by a module WITHOUT initInputs (dataloop.json, module clip_nodes), as Dataloop's
+active-learning app serves "Create New Model" and "Compare Models": the model arrives with each execution.
+
+dtlpy's runner loads this file by path (dataloop.json `entryPoint`): imports are absolute.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import dtlpy as dl
+
+from adapters.clip_finetune.dataloop import dataset_embedding, promotion, search
+from adapters.clip_finetune.dataloop.adapter import ClipAdapter
+
+logger = logging.getLogger(__name__)
+
+MODELS_IN_MEMORY = 2  # the gate holds two: the new model and the one it may replace
+
+
+class ClipNodes(dl.BaseServiceRunner):
+    """Pipeline nodes and model-input functions of the clip-finetune app; one instance per service replica."""
+
+    def __init__(self) -> None:
+        self._adapters: OrderedDict[str, ClipAdapter] = OrderedDict()
+        self._lock = threading.Lock()  # a replica runs several executions at once (the service's concurrency)
+
+    def adapter_for(self, model: dl.Model) -> ClipAdapter:
+        """A loaded adapter of `model`, kept while its weights are current (least recently used dropped)."""
+        with self._lock:
+            adapter = self._adapters.pop(model.id, None)
+            if adapter is None or not adapter.holds_weights_of(model):
+                adapter = ClipAdapter(model_entity=model)
+            self._adapters[model.id] = adapter
+            while len(self._adapters) > MODELS_IN_MEMORY:
+                self._adapters.popitem(last=False)
+            return adapter
+
+    def promote_if_better(
+        self, new_model: dl.Model, previous_model: dl.Model | None, dataset: dl.Dataset, filters: dict | None = None,
+        compare_config: dict | None = None, progress: Any = None, context: Any = None,
+    ) -> dl.Model:
+        """The winner of new_model against previous_model on the dataset's items `filters` selects (the template's
+        test subset), by compare_config's metric and margin; the action "promoted" or "kept" routes it. Both
+        models' metrics land on the new model."""
+        metric, margin = promotion.compare_settings(compare_config)
+        verdict = promotion.gate(self.adapter_for, new_model, previous_model, dataset, filters, metric, margin)
+        if progress is not None:
+            progress.update(action=promotion.PROMOTED if verdict.promoted else promotion.KEPT,
+                            message=verdict.summary())
+        return new_model if verdict.promoted else previous_model
+
+    def embed_dataset(self, model: dl.Model, dataset: dl.Dataset, filters: dict | None = None, progress: Any = None,
+                      context: Any = None) -> dl.Model:
+        """Fill the model's feature set with the dataset's files; large datasets fan out as executions of
+        embed_subset on this node's service. The feature sets of the model it superseded are renamed."""
+        service = _service_of(context)
+        count = dataset_embedding.embed_dataset(self.adapter_for(model), dataset, filters, service, progress)
+        previous_id = promotion.superseded_by(model)
+        if previous_id is not None:
+            dataset_embedding.mark_superseded(model, dl.models.get(model_id=previous_id))
+        logger.info("model %r: %d items of dataset %r have a vector", model.name, count, dataset.name)
+        return model
+
+    def embed_subset(self, model: dl.Model, dataset: dl.Dataset, filters: dict, progress: Any = None) -> int:
+        """One subset of an Embed dataset run (sent by embed_dataset as an execution); the count embedded."""
+        return dataset_embedding.embed_subset(self.adapter_for(model), dataset, filters, progress)
+
+    def search_items(self, model: dl.Model, dataset: dl.Dataset, text: str, k: int = 20, progress: Any = None
+                     ) -> dict[str, Any]:
+        """The dataset's items ranked for `text` by `model`, and the DQL query that ranks them (paste it in the
+        dataset browser's query editor to browse them)."""
+        adapter = self.adapter_for(model)
+        query = search.text_query(adapter, dataset, text, k)
+        items = search.ranked_items(dataset, query)
+        return {"query": query, "items": [{"id": i.id, "name": i.name, "filename": i.filename} for i in items]}
+
+
+def _service_of(context: Any) -> dl.Service | None:
+    """The service this execution runs on (to send subsets to), when the platform gives one."""
+    try:
+        return context.service if context is not None else None
+    except (AssertionError, AttributeError):  # dl.Context asserts when it holds no service
+        return None

@@ -1,0 +1,117 @@
+"""The promotion gate: a newly trained model replaces the current one only when it retrieves better on a test
+subset (items neither training nor the choice of the best epoch saw), by a configurable metric and margin.
+
+Dataloop's Active Learning template puts its compare step (compare_models) between evaluation and the
+updateVariable node the same way; here both models are evaluated by this app's own retrieval evaluation, on the
+same items, in the gate itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import dtlpy as dl
+
+from adapters.clip_finetune.config import FinetuneConfig, metric_names
+from adapters.clip_finetune.errors import ConfigError
+
+from .charts import publish
+
+if TYPE_CHECKING:
+    from .adapter import ClipAdapter
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METRIC = FinetuneConfig.model_fields["early_stopping_metric"].default  # what training optimises
+PROMOTED, KEPT = "promoted", "kept"  # the node's output actions
+METADATA_KEY = "clip_finetune"  # model.metadata["user"][METADATA_KEY]["promotion"]: the gate's record
+LOWER_IS_BETTER = ("median_rank", "mean_rank")
+
+
+@dataclass
+class Verdict:
+    """What the gate decided and why; written to the new model's metadata."""
+
+    promoted: bool
+    metric: str
+    margin: float
+    dataset_id: str
+    filters: Any
+    new: dict[str, float]
+    previous: dict[str, float] = field(default_factory=dict)
+    previous_model_id: str | None = None
+    previous_model_name: str | None = None
+
+    def summary(self) -> str:
+        old = self.previous.get(self.metric)
+        against = f"{old:.4f} of {self.previous_model_name!r}" if old is not None else "no previous model"
+        return (f"{self.metric} {self.new[self.metric]:.4f} vs {against} (margin {self.margin}): "
+                f"{PROMOTED if self.promoted else KEPT}")
+
+
+def compare_settings(compare_config: dict | None) -> tuple[str, float]:
+    """(metric, margin) of the gate's compare_config ({"metric", "margin"}; both optional)."""
+    config = dict(compare_config or {})
+    unknown = sorted(set(config) - {"metric", "margin"})
+    if unknown:
+        raise ConfigError(f"compare_config: unknown keys {unknown}; known: metric, margin")
+    metric, margin = config.get("metric", DEFAULT_METRIC), config.get("margin", 0.0)
+    check_metric(metric, margin)
+    return metric, float(margin)
+
+
+def check_metric(metric: str, margin: float) -> None:
+    if metric not in metric_names():
+        raise ConfigError(f"metric: unknown metric {metric!r}; known: {', '.join(metric_names())}")
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not math.isfinite(margin) or margin < 0:
+        raise ConfigError(f"margin: must be a number >= 0 (got {margin!r})")
+
+
+def better(new: float, old: float, metric: str, margin: float) -> bool:
+    """Strictly better by more than `margin` (ranks: lower is better)."""
+    if metric.endswith(LOWER_IS_BETTER):
+        return new < old - margin
+    return new > old + margin
+
+
+def gate(adapter_for: Callable[[dl.Model], ClipAdapter], new_model: dl.Model, previous_model: dl.Model | None,
+         dataset: dl.Dataset, filters: dict | None, metric: str = DEFAULT_METRIC, margin: float = 0.0) -> Verdict:
+    """Evaluate both models on the same items and decide; the verdict is written on the new model."""
+    check_metric(metric, margin)
+    verdict = Verdict(False, metric, float(margin), dataset.id, filters, _scores(adapter_for, new_model, dataset,
+                                                                                  filters))
+    if previous_model is None or previous_model.id == new_model.id:
+        verdict.promoted = True
+    else:
+        verdict.previous = _scores(adapter_for, previous_model, dataset, filters)
+        verdict.previous_model_id, verdict.previous_model_name = previous_model.id, previous_model.name
+        verdict.promoted = better(verdict.new[metric], verdict.previous[metric], metric, margin)
+    logger.info("promotion of model %r on dataset %r: %s", new_model.name, dataset.name, verdict.summary())
+    record(new_model, verdict)
+    return verdict
+
+
+def _scores(adapter_for: Callable[[dl.Model], ClipAdapter], model: dl.Model, dataset: dl.Dataset,
+            filters: dict | None) -> dict[str, float]:
+    adapter = adapter_for(model)
+    adapter.evaluate(model=model, dataset=dataset, filters=filters)  # publishes them on the model too
+    return dict(adapter.evaluation)
+
+
+def record(model: dl.Model, verdict: Verdict) -> None:
+    """The verdict and both models' metrics in the new model's user metadata, and the compared metric as a chart."""
+    model.metadata.setdefault("user", {}).setdefault(METADATA_KEY, {})["promotion"] = asdict(verdict)
+    model.update(reload_services=False)
+    samples = [dl.PlotSample(figure=f"promotion {verdict.metric}", legend=legend, x=0, y=scores[verdict.metric])
+               for legend, scores in (("new model", verdict.new), ("previous model", verdict.previous)) if scores]
+    publish(model, samples, verdict.dataset_id)
+
+
+def superseded_by(model: dl.Model) -> str | None:
+    """The id of the model `model` replaced when the gate promoted it, from its metadata."""
+    promotion = ((model.metadata or {}).get("user") or {}).get(METADATA_KEY, {}).get("promotion") or {}
+    return promotion.get("previous_model_id") if promotion.get("promoted") else None
