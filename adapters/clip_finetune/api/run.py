@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import at_boundary
 from ..retrieval.search import top_k
 from .run_folder import (
     EXAMPLES_DIR,
@@ -71,6 +72,7 @@ class Run:
     def __repr__(self) -> str:
         return f"Run(name={self.name!r}, status={self.status()['status']!r})"
 
+    @at_boundary
     def status(self) -> dict[str, Any]:
         """{'status': created|started|finished|failed, 'details', 'progress': {'epoch', 'num_epochs'},
         'error', 'pid', timestamps}. A worker that died unannounced makes it 'failed' ("worker died")."""
@@ -78,6 +80,7 @@ class Run:
             self._process.poll()  # reaps our own exited child, so it does not linger as a zombie
         return refresh_state(self.path)
 
+    @at_boundary
     def logs(self) -> str:
         """The run's log so far."""
         return (self.path / LOG_NAME).read_text(encoding="utf-8", errors="replace")
@@ -104,6 +107,7 @@ class Run:
                 raise TimeoutError(f"run {self.name!r} still {self.status()['status']} after {timeout} s")
             time.sleep(poll_interval)
 
+    @at_boundary
     def wait(self, timeout: float | None = None, poll_interval: float = 0.5) -> dict[str, Any]:
         """Block until the run has finished or failed; returns its status."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -121,16 +125,23 @@ class Run:
             raise RunError(f"run {self.name!r} is {state['status']} ({state['details']}); its {what} is ready "
                            "when it has finished: run.wait() or run.stream_logs()")
 
+    @at_boundary
     def metrics(self) -> dict[str, Any]:
         """{'before': {...}, 'after': {...}, 'best_epoch', 'metric', 'history'}; before/after hold both
         directions ('text_to_image/recall@1', 'image_to_text/mrr', ...); empty without evaluation data."""
         self._require_finished("metrics")
         return read_json(self.path / RESULT_NAME)
 
-    def save_artifact(self, directory: str | os.PathLike) -> Path:
-        """Copy the tuned model (an open_clip local-dir folder) to `directory`; returns it."""
+    @at_boundary
+    def save_artifact(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Copy the tuned model (an open_clip local-dir folder) to `directory`; returns it. A `directory` that holds
+        a model or other files is refused unless `overwrite`."""
         self._require_finished("model")
-        return Path(shutil.copytree(self.path / MODEL_DIR, Path(directory).expanduser(), dirs_exist_ok=True))
+        target = Path(directory).expanduser()
+        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+            what = "is a file" if not target.is_dir() else f"already holds {len(list(target.iterdir()))} files"
+            raise RunError(f"save_artifact: {str(target)!r} {what}; give a new or empty folder, or overwrite=True")
+        return Path(shutil.copytree(self.path / MODEL_DIR, target, dirs_exist_ok=True))
 
     @property
     def model_dir(self) -> Path:
@@ -138,6 +149,7 @@ class Run:
         self._require_finished("model")
         return self.path / MODEL_DIR
 
+    @at_boundary
     def example_results(self, k: int = 5) -> list[Example]:
         """For each evaluation caption, the top-k evaluation images before and after fine-tuning."""
         self._require_finished("example results")
@@ -156,6 +168,7 @@ class Run:
         return [Example(q, t, b, a) for q, t, b, a in zip(captions, targets, before, after, strict=True)]
 
 
+@at_boundary
 def get_run(name: str, runs_dir: str | os.PathLike | None = None) -> Run:
     """Reconnect to the run called `name` in the runs folder (after a restart too)."""
     root = runs_root(runs_dir)
@@ -167,6 +180,7 @@ def get_run(name: str, runs_dir: str | os.PathLike | None = None) -> Run:
     return Run(run_dir)
 
 
+@at_boundary
 def list_runs(runs_dir: str | os.PathLike | None = None) -> list[Run]:
     """Every run in the runs folder, oldest first."""
     root = runs_root(runs_dir)

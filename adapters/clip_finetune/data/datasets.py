@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import DataError
+from ..inputs import cap_captions
 from ..machine import cpu_cores, thread_map
 from .decode_cache import DecodedCache
 from .images import load_image, to_rgb
@@ -45,8 +46,10 @@ class PairDataset(Dataset):
         self.seed = seed
         self.cache = cache
         # Tokenize every caption once, up front: [n_pairs, context_length]. open_clip's tokenizers
-        # truncate captions longer than the context (an over-long caption is not an error).
-        self.tokens = tokenizer([p.caption for p in self.pairs]) if self.pairs else torch.empty(0)
+        # truncate captions longer than the context (an over-long caption is not an error); cap_captions cuts
+        # them before, to a length the tokenizer handles in bounded time.
+        captions = cap_captions((p.caption for p in self.pairs), getattr(tokenizer, "context_length", None))
+        self.tokens = tokenizer(captions) if self.pairs else torch.empty(0)
 
     def __len__(self) -> int:
         return len(self.pairs)
