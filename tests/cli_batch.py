@@ -1,6 +1,6 @@
 """Run many `clip-finetune` command lines in ONE Python process (the package imports once, not once a case):
 `python tests/cli_batch.py CASES.json`. CASES.json is a list of argument lists; for each, one JSON line is printed
-as soon as it ends: {"argv", "rc", "out", "err", "traceback", "hung"}. A case still running after
+as soon as it ends: {"argv", "rc", "out", "err", "traceback", "hung", "seconds"}. A case still running after
 CASE_TIMEOUT seconds is stopped and reported hung (then the next one runs), so a hang fails its own test.
 
 Not a test module: tests/test_bad_input.py starts it with subprocess (exit codes and messages asserted).
@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import time
 import traceback
 
 CASE_TIMEOUT = 60
@@ -35,6 +36,7 @@ def run_case(argv: list[str]) -> dict:
     handler = logging.StreamHandler(err)  # the package logs to stderr: keep each case's lines with it
     logging.getLogger().addHandler(handler)
     signal.alarm(CASE_TIMEOUT)
+    started = time.perf_counter()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             result["rc"] = main(argv)
@@ -47,7 +49,7 @@ def run_case(argv: list[str]) -> dict:
     finally:
         signal.alarm(0)
         logging.getLogger().removeHandler(handler)
-    return {**result, "out": out.getvalue(), "err": err.getvalue()}
+    return {**result, "out": out.getvalue(), "err": err.getvalue(), "seconds": round(time.perf_counter() - started, 2)}
 
 
 def main() -> int:

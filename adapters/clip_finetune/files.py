@@ -14,6 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .inputs import MAX_JSON_BYTES
+from .inputs import read_json as read_bounded_json
+
 
 def atomic_write(target: str | Path, write: Callable[[Path], Any]) -> None:
     """Call `write(tmp)` on a temporary file in the target's folder, fsync it, rename it over `target`,
@@ -59,7 +62,9 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file of this package (run state, request, result), read bounded: a damaged or planted one is a
+    DataError naming it, not a traceback."""
+    return read_bounded_json(path, MAX_JSON_BYTES)
 
 
 def _fsync_folder(folder: Path) -> None:

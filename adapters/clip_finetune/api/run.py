@@ -4,6 +4,7 @@ list_runs find them."""
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import at_boundary
+from ..errors import ClipFinetuneError, at_boundary
 from ..retrieval.search import top_k
 from .run_folder import (
     EXAMPLES_DIR,
@@ -33,6 +34,8 @@ from .run_folder import (
     refresh_state,
     runs_root,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -185,4 +188,10 @@ def list_runs(runs_dir: str | os.PathLike | None = None) -> list[Run]:
     """Every run in the runs folder, oldest first."""
     root = runs_root(runs_dir)
     folders = [d for d in root.iterdir() if (d / STATE_NAME).is_file()] if root.is_dir() else []
-    return sorted((Run(d) for d in folders), key=lambda r: (read_state(r.path)["created_at"], r.name))
+    runs = []
+    for folder in folders:
+        try:
+            runs.append((read_state(folder)["created_at"], folder.name, Run(folder)))
+        except ClipFinetuneError as e:  # one damaged run folder does not hide the others
+            log.warning("skipping %s: %s", folder.name, e)
+    return [run for *_, run in sorted(runs, key=lambda r: (str(r[0]), r[1]))]

@@ -184,7 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.save_mix:
         from ..training.guard import check_output_folder
 
-        check_output_folder(args.save_mix, (args.data, args.model), overwrite=args.overwrite, flag="--save-mix")
+        check_output_folder(args.save_mix, (args.data,), overwrite=args.overwrite, flag="--save-mix")
     cfg = _load_cfg(args)
     subsets, _ = load_dataset(args.data)  # the data before the model: a bad path fails before a model loads
     name = args.subset or ("validation" if "validation" in subsets else next(iter(subsets)))
