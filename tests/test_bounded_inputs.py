@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
-from helpers import TINY_MODEL, TINY_TRAINING, png_bytes
+from helpers import TINY_MODEL, TINY_TRAINING, deadline, png_bytes
 
 from adapters.clip_finetune import encode, fit, get_model, get_run
 from adapters.clip_finetune.api.run import Run
@@ -57,7 +57,7 @@ def test_a_file_that_is_not_a_regular_file_is_named_for_what_it_is(tmp_path: Pat
     assert kinds == {"fifo": "not a regular file", "zero": "not a regular file", "folder": "a folder",
                      "loop": "symlink loop", "missing": "missing", "long": "unusable name", "nul": "unusable name",
                      "ok": "ok"}
-    with pytest.raises(Unreadable, match="is a FIFO"):  # refused without opening it: no hang
+    with deadline(60, "reading a FIFO"), pytest.raises(Unreadable, match="is a FIFO"):  # refused unopened
         read_bytes(tmp_path / "fifo", 100)
 
 
@@ -129,8 +129,9 @@ def test_long_fields_long_lines_and_deep_lines_are_skipped_one_row_each(
 def test_image_paths_that_are_not_images_are_skipped_for_their_reason(tmp_path: Path, images: list[Path]) -> None:
     os.mkfifo(tmp_path / "fifo.png")
     os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
-    pairs, report = _table(tmp_path, "t.csv", ["filepath,caption", f"{tmp_path / 'fifo.png'},a", "/dev/zero,b",
-                                               f"{tmp_path / 'loop.png'},c", f"{tmp_path},d", f"{images[0]},e"])
+    with deadline(60, "a table naming a FIFO"):
+        pairs, report = _table(tmp_path, "t.csv", ["filepath,caption", f"{tmp_path / 'fifo.png'},a", "/dev/zero,b",
+                                                   f"{tmp_path / 'loop.png'},c", f"{tmp_path},d", f"{images[0]},e"])
     assert [p.caption for p in pairs] == ["e"]
     assert dict(report.skipped) == {"image file is not a regular file": 2, "image file is a symlink loop": 1,
                                     "image file is a folder": 1}

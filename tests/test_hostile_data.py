@@ -12,6 +12,7 @@ from helpers import (
     TINY_TRAINING,
     add_item,
     add_prompt_item,
+    deadline,
     free_text,
     image_bytes,
     image_prompt,
@@ -110,9 +111,10 @@ def _add_bounded_cases(subset: Path, ok_png: bytes, expected: dict[str, int]) ->
     use (a 1 MB word, cut before tokenizing; a lone surrogate, replaced). Returns the good pairs added."""
     json_dir, items = subset / "json" / "bounded", subset / "items" / "bounded"
     json_dir.mkdir(parents=True)
+    items.mkdir(parents=True)
     (json_dir / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     (json_dir / "latin1.json").write_bytes('{"id": "x", "description": "café"}'.encode("latin-1"))
-    os.mkfifo(json_dir / "fifo.json")
+    os.mkfifo(json_dir / "pipe.json")  # (fifo.json is the record of the item fifo.png below)
     for n, name in enumerate(("fifo.png", "loop.png", "zero.png", "outside.png"), start=2001):
         add_item(subset, oid(n), f"/bounded/{name}", None, description=f"image {name}")
     os.mkfifo(items / "fifo.png")
@@ -143,7 +145,8 @@ def trained_on_hostile(tmp_path_factory, tiny_model_config):
     n_good, expected = build_corpus(data / "train")
     out = root / "model"
     sets = {**TINY_TRAINING, "model_name": tiny_model_config, "num_epochs": 1}
-    rc = main(["train", "--data", str(data), "--out", str(out), *set_args(sets)])
+    with deadline(900, "training on the hostile download"):  # FIFOs in it: a read that opened one would block
+        rc = main(["train", "--data", str(data), "--out", str(out), *set_args(sets)])
     return rc, out, 48 + n_good, expected
 
 
