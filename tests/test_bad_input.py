@@ -47,8 +47,8 @@ class Case:
     says: tuple[str, ...] = ()  # all in stderr (rc != 0) or in stdout (rc 0)
 
 
-TINY = ("{tiny}",)  # expands to --set model_name=... pretrained=null ... (the tiny random-init model)
-M = "{r}/model"
+M = "{r}/model"  # a saved tiny model; {tiny} in a command expands to the tiny architecture's --set options
+EMBED_WITH = "embed --texts {r}/texts.txt --out {r}/o.npz --model "  # + a model folder
 
 
 def c(name: str, argv: str, rc: int = 2, *says: str) -> Case:
@@ -73,23 +73,15 @@ CASES = [
     c("--set without =", "config --set oops", 2, "expected key=value"),
     c("--set nested deep", "config --set betas={r}/DEEP_VALUE", 2, "nested too deeply"),
     c("model_name of 5,000 characters", "config --set model_name={r}/LONG_NAME.json", 2, "too long", "characters"),
-    c("a device this machine lacks", "embed --model " + M + " --texts {r}/texts.txt --out {r}/o.npz "
-      "--set device=cuda:7", 2, "cuda:7", "not available"),
+    c("a device this machine lacks", EMBED_WITH + M + " --set device=cuda:7", 2, "cuda:7", "not available"),
     # --- models: weights and configs that are broken, forged, of another model, or pickles
-    c("weights are garbage", "embed --model {r}/m-garbage --texts {r}/texts.txt --out {r}/o.npz", 2,
-      "not a whole safetensors file"),
-    c("weights are truncated", "embed --model {r}/m-truncated --texts {r}/texts.txt --out {r}/o.npz", 2,
-      "not a whole safetensors file"),
-    c("weights header bomb", "embed --model {r}/m-header-bomb --texts {r}/texts.txt --out {r}/o.npz", 2,
-      "header too large"),
-    c("model config not JSON", "embed --model {r}/m-bad-json --texts {r}/texts.txt --out {r}/o.npz", 2,
-      "open_clip_config.json", "not valid JSON"),
-    c("model config without model_cfg", "embed --model {r}/m-no-model-cfg --texts {r}/texts.txt --out {r}/o.npz", 2,
-      "has no model_cfg"),
-    c("model config a tower cannot build", "embed --model {r}/m-odd-arch --texts {r}/texts.txt --out {r}/o.npz", 2,
-      "cannot build the architecture"),
-    c("weights of another shape", "embed --model {r}/m-wrong-shape --texts {r}/texts.txt --out {r}/o.npz", 2,
-      "do not fit", "size mismatch"),
+    c("weights are garbage", EMBED_WITH + "{r}/m-garbage", 2, "not a whole safetensors file"),
+    c("weights are truncated", EMBED_WITH + "{r}/m-truncated", 2, "not a whole safetensors file"),
+    c("weights header bomb", EMBED_WITH + "{r}/m-header-bomb", 2, "header too large"),
+    c("model config not JSON", EMBED_WITH + "{r}/m-bad-json", 2, "open_clip_config.json", "not valid JSON"),
+    c("model config without model_cfg", EMBED_WITH + "{r}/m-no-model-cfg", 2, "has no model_cfg"),
+    c("model config a tower cannot build", EMBED_WITH + "{r}/m-odd-arch", 2, "cannot build the architecture"),
+    c("weights of another shape", EMBED_WITH + "{r}/m-wrong-shape", 2, "do not fit", "size mismatch"),
     c("unknown architecture", "config --set model_name=ViT-Q-99", 2, "unknown architecture"),
     c("a pickle as pretrained", "embed --texts {r}/texts.txt --out {r}/o.npz {tiny} --set pretrained={r}/evil.bin",
       2, "will not be loaded", "can run code"),

@@ -15,7 +15,7 @@ import open_clip
 import pytest
 from helpers import TINY_MODEL, TINY_TRAINING, deadline, png_bytes
 
-from adapters.clip_finetune import encode, fit, get_model, get_run
+from adapters.clip_finetune import encode, fit, get_model, get_run, list_runs
 from adapters.clip_finetune.api.run import Run
 from adapters.clip_finetune.api.run_folder import RunError, create_run, update_state
 from adapters.clip_finetune.config import build_config
@@ -233,8 +233,8 @@ def test_the_system_refusing_a_named_file_becomes_one_clean_error() -> None:
 
 
 def test_the_python_api_raises_clean_errors(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="does not exist"):
-        fit(str(TINY_MODEL), tmp_path / "missing.csv", runs_dir=tmp_path / "runs")
+    with pytest.raises(DataError, match="NUL character"):
+        fit(str(TINY_MODEL), str(tmp_path / "a\0b.csv"), runs_dir=tmp_path / "runs")
     with pytest.raises(ConfigError, match="learning_rate: Input should be a finite number"):
         fit(str(TINY_MODEL), [("a.png", "x")], runs_dir=tmp_path / "runs", learning_rate=float("nan"))
     (tmp_path / "a-file").write_text("")
@@ -262,6 +262,11 @@ def test_the_api_refuses_odd_items_to_encode_and_to_overwrite_a_folder(tmp_path:
     with pytest.raises(RunError, match="already holds 1 files"):
         Run(run_dir).save_artifact(tmp_path / "busy")
     assert (Run(run_dir).save_artifact(tmp_path / "busy", overwrite=True) / "weights").is_file()
+    (tmp_path / "runs" / "damaged").mkdir()
+    (tmp_path / "runs" / "damaged" / "state.json").write_text("{oops")  # skipped by list_runs, refused by get_run
+    assert [run.name for run in list_runs(tmp_path / "runs")] == ["done"]
+    with pytest.raises(DataError, match="damaged/state.json' is not valid JSON"):
+        get_run("damaged", tmp_path / "runs").status()
 
 
 def test_the_adapters_platform_calls_are_guarded() -> None:

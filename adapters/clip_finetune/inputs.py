@@ -9,6 +9,7 @@ callers that read the one file a command was given let it stop the command.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -19,13 +20,14 @@ from typing import Any, BinaryIO
 from .errors import DataError, short_name
 
 MAX_CONFIG_BYTES = 1 << 20  # a hyperparameter or model-config JSON: a few KB in practice
-MAX_JSON_BYTES = 64 << 20  # a Dataloop item or prompt JSON (thousands of annotations stay far below)
+MAX_JSON_BYTES = 16 << 20  # a Dataloop item or prompt JSON: thousands of annotations stay far below; parsed, 16 MB
+# of the smallest JSON values ([],[],...) still parse into about 0.4 GB of Python objects (measured)
 MAX_JSON_DEPTH = 100  # nesting levels; Dataloop item JSONs use fewer than 10
 MAX_LINE_CHARS = 1 << 20  # a JSONL line or a CSV field: captions are cut far below this anyway
 # A caption is cut to 16 characters per token of the tokenizer's context before tokenizing (1,232 for CLIP's 77
 # tokens; 8,192 for a 512-token Hugging Face tower), never below 1,024. An English token averages about 4
-# characters, so the cut never reaches text the model would see; it bounds the tokenizer's time, which grows
-# with the square of a word's length in open_clip's BPE (a random 8,000-character word: 1.4 s, 32,000: 11 s).
+# characters, so the cut never reaches text the model would see; it bounds the tokenizer's time, which grows faster
+# than a word's length in open_clip's BPE (a random 8,000-character word took 1.4 s here, 32,000: 11 s).
 CAPTION_CHARS_PER_TOKEN = 16
 MIN_CAPTION_CHARS = 1024
 DEFAULT_CONTEXT = 77  # CLIP's
@@ -65,8 +67,6 @@ def file_problem(path: str | os.PathLike) -> tuple[str, str] | None:
 
 
 def _os_problem(e: OSError | ValueError) -> tuple[str, str]:
-    import errno
-
     if isinstance(e, ValueError):
         return "unusable name", f"is not a usable file name ({e})"
     if e.errno == errno.ELOOP:
@@ -144,7 +144,7 @@ def not_utf8(path: str | os.PathLike, data: bytes, position: int, where: str | N
     """The error for text that is not UTF-8: where it fails (`where`, else the line of `position` in `data`), what
     it looks like, how to convert it."""
     where = where or f"line {data.count(NEWLINE, 0, position) + 1}"
-    if b"\x00" in data[:4096]:
+    if looks_utf16(data[:4096]):
         looks = "UTF-16 or UTF-32 without a byte-order mark"
         fix = "save it as UTF-8 (or as UTF-16 with a byte-order mark)"
     else:
@@ -162,6 +162,12 @@ def not_utf8(path: str | os.PathLike, data: bytes, position: int, where: str | N
 COMMON_ENCODINGS = ["cp1252", "cp1250", "cp1251", "cp1253", "cp1254", "cp1255", "cp1256", "cp1257", "latin_1",
                     "iso8859_2", "iso8859_5", "iso8859_7", "iso8859_15", "koi8_r", "mac_roman", "cp437", "cp850",
                     "shift_jis", "cp932", "euc_jp", "gb18030", "big5", "euc_kr", "cp949", "tis_620"]
+
+
+def looks_utf16(head: bytes) -> bool:
+    """True when a file's first bytes are UTF-16/32 text without a byte-order mark: NUL bytes make up a good part of
+    them (every other byte of ASCII in UTF-16), where a stray NUL in UTF-8 text is one among thousands."""
+    return head.count(0) > len(head) // 8
 
 
 def guess_encoding(data: bytes) -> str | None:

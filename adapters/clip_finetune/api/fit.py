@@ -118,9 +118,8 @@ def _check_data(data: DataLike | None, what: str) -> str | list[tuple[Any, str]]
     if data is None:
         return None
     if isinstance(data, (str, os.PathLike)):
-        if "\x00" in os.fspath(data) or not Path(data).expanduser().exists():
-            raise DataError(f"{what} {os.fspath(data)!r} does not exist; give a table, a Dataloop download or a folder "
-                            "of subsets (or a list of (image, caption) pairs)")
+        if "\x00" in os.fspath(data):  # no file system takes it (the run itself reports a missing path)
+            raise DataError(f"{what} {os.fspath(data)!r} is not a usable path (it holds a NUL character)")
         return str(Path(data).expanduser().resolve())
     if not isinstance(data, Sequence):
         raise DataError(f"{what}: expected a path or a list of (image, caption) pairs (got {type(data).__name__})")

@@ -20,7 +20,16 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..inputs import MAX_LINE_CHARS, Unreadable, bom_encoding, file_problem, not_utf8, open_regular, parse_json
+from ..inputs import (
+    MAX_LINE_CHARS,
+    Unreadable,
+    bom_encoding,
+    file_problem,
+    looks_utf16,
+    not_utf8,
+    open_regular,
+    parse_json,
+)
 from .pairs import DataReport
 
 logger = logging.getLogger(__name__)
@@ -62,8 +71,8 @@ def _open_text(path: Path, what: str) -> tuple[TextIO, _Encoding]:
         head = raw.read(64 << 10)
         raw.seek(0)
         codec = bom_encoding(head)
-        if codec == "utf-8-sig" and b"\x00" in head:
-            raise not_utf8(path, head, head.index(b"\x00"))  # UTF-16 without a byte-order mark: the error names it
+        if codec == "utf-8-sig" and looks_utf16(head):
+            raise not_utf8(path, head, head.index(0))  # UTF-16 without a byte-order mark: the error names it
     except BaseException:
         raw.close()
         raise

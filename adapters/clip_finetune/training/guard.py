@@ -115,7 +115,11 @@ def check_output_folder(out: str | Path, data: Sequence[str | Path | None] = (),
         if mixed:
             raise RunFolderError(f"{flag} {str(out)!r} would mix the model with the data {str(source)!r}; write the "
                                  "model to a folder outside the data")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir():
+        return out
+    with writer_lock(out):  # a training writing it now: refused before any data is read (finetune locks again)
+        pass
+    if not any(out.iterdir()):
         return out
     held = _what_it_holds(out)
     if resume and (out / CHECKPOINT_NAME).is_file():
