@@ -73,7 +73,7 @@ CASES = [
     c("--set without =", "config --set oops", 2, "expected key=value"),
     c("--set nested deep", "config --set betas={r}/DEEP_VALUE", 2, "nested too deeply"),
     c("model_name of 5,000 characters", "config --set model_name={r}/LONG_NAME.json", 2, "too long", "characters"),
-    c("a device this machine lacks", EMBED_WITH + M + " --set device=cuda:7", 2, "cuda:7", "not available"),
+    c("a device this machine lacks", EMBED_WITH + M + " --set device=cuda:99", 2, "cuda:99", "not available"),
     # --- models: weights and configs that are broken, forged, of another model, or pickles
     c("weights are garbage", EMBED_WITH + "{r}/m-garbage", 2, "not a whole safetensors file"),
     c("weights are truncated", EMBED_WITH + "{r}/m-truncated", 2, "not a whole safetensors file"),
@@ -108,6 +108,7 @@ CASES = [
     *([] if HAS_PARQUET else [c("embed to parquet without pyarrow", "embed --model {r}/nowhere --texts "
                                 "{r}/texts.txt --out {r}/o.parquet", 2, "pyarrow")]),
     c("train into a file", "train --data {r}/pairs.csv --out {r}/texts.txt {tiny}", 2, "is a file"),
+    c("train under a file", "train --data {r}/pairs.csv --out {r}/texts.txt/model {tiny}", 2, "not a folder"),
     c("train into the data folder", "train --data {r}/download --out {r}/download/model {tiny}", 2, "mix the model"),
     c("train over a saved model", "train --data {r}/pairs.csv --out " + M + " {tiny}", 2, "already holds a saved model",
       "--overwrite"),

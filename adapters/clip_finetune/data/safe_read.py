@@ -35,7 +35,6 @@ from .pairs import DataReport
 logger = logging.getLogger(__name__)
 
 _SURROGATE = re.compile("[\udc80-\udcff]")  # what surrogateescape decodes a byte that is not UTF-8 to
-Row = tuple[int, dict[str, Any]]
 
 
 class _Encoding:

@@ -19,6 +19,7 @@ from ..config import FinetuneConfig
 from ..data.load import Splits
 from ..data.pairs import CaptionPair
 from ..errors import ClipFinetuneError
+from ..files import require_writable
 from ..model.clip import is_artifact_dir
 from .state import CHECKPOINT_NAME
 
@@ -101,8 +102,8 @@ def writer_lock(folder: Path) -> Iterator[None]:
 def check_output_folder(out: str | Path, data: Sequence[str | Path | None] = (), *, overwrite: bool = False,
                         resume: bool = False, flag: str = "--out") -> Path:
     """Refuse an output folder that would mix with what it holds, before any work: a file; the data itself (or a
-    folder holding it, or inside it); a saved model or an unfinished run's checkpoint (unless `resume` continues
-    it or `overwrite` replaces it); any other files (unless `overwrite`)."""
+    folder holding it, or inside it); a place this user cannot write; a saved model or an unfinished run's
+    checkpoint (unless `resume` continues it or `overwrite` replaces it); any other files (unless `overwrite`)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{flag} {str(out)!r} is a file; give a folder for the model (new or empty)")
@@ -116,6 +117,7 @@ def check_output_folder(out: str | Path, data: Sequence[str | Path | None] = (),
             raise RunFolderError(f"{flag} {str(out)!r} would mix the model with the data {str(source)!r}; write the "
                                  "model to a folder outside the data")
     if not out.is_dir():
+        require_writable(out, flag)  # a folder that cannot be made fails now, not after the data is read
         return out
     with writer_lock(out):  # a training writing it now: refused before any data is read (finetune locks again)
         pass
