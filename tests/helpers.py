@@ -7,10 +7,13 @@ Test modules import from here, never from each other; conftest.py holds the fixt
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import struct
 import uuid
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +41,7 @@ __all__ = [
     "add_item",
     "add_model",
     "add_prompt_item",
+    "deadline",
     "free_text",
     "image_bytes",
     "image_prompt",
@@ -68,6 +72,23 @@ TINY_TRAINING: dict[str, Any] = {"pretrained": None, "learning_rate": 1e-3, "tra
 # seed 0: the random init (load_model draws it under the configured seed) the held-out thresholds were measured on
 QUICK_CONFIG: dict[str, Any] = {"model_name": str(TINY_MODEL), **TINY_TRAINING, "learning_rate": 2e-3,
                                 "num_epochs": 1, "train_batch_size": 8, "early_stopping_epochs": 3, "seed": 0}
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """Fail with TimeoutError instead of hanging when the body runs past `seconds` (a read blocked on a FIFO would
+    hang CI otherwise). Main thread only: SIGALRM interrupts the blocked system call."""
+
+    def expired(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"{what}: still running after {seconds} s (a hang)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def set_args(config: dict[str, Any]) -> list[str]:

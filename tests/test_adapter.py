@@ -296,6 +296,8 @@ def track_concurrency(platform: LoopbackPlatform, path_regex: str, seconds: floa
     [
         ({"episilon": 1e-8}, ["episilon: unknown key; did you mean 'epsilon'?"]),
         ({"num_epochs": 0}, ["num_epochs: Input should be greater than or equal to 1"]),
+        ({"device": "banana"}, ["device: unknown torch device"]),  # not a torch RuntimeError at load time
+        ({"num_epochs": True}, ["num_epochs: expected a number, not true/false"]),  # not one epoch
     ],
 )
 def test_a_bad_configuration_is_rejected_with_the_field_named_before_any_download(

@@ -4,6 +4,7 @@ every good pair, skips each bad one for a named reason, and saves the data repor
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from helpers import (
     TINY_TRAINING,
     add_item,
     add_prompt_item,
+    deadline,
     free_text,
     image_bytes,
     image_prompt,
@@ -99,7 +101,41 @@ def build_corpus(subset: Path) -> tuple[int, dict[str, int]]:
     expected = {"undecodable image": len(BAD_IMAGES), "no caption": len(NO_CAPTIONS), "unreadable json": 1,
                 "prompt has no image": 1, "prompt image not found": 1, "no free-text annotation": 1,
                 "duplicate item": 1, "unsafe path": 1}
+    good += _add_bounded_cases(subset, ok_png, expected)
     return good, expected
+
+
+def _add_bounded_cases(subset: Path, ok_png: bytes, expected: dict[str, int]) -> int:
+    """What the bounded readers skip (JSON nested 100,000 deep, not UTF-8 or a FIFO; images that are FIFOs,
+    devices, symlink loops or links out of the download; a JSON linked in from outside) and two captions they
+    use (a 1 MB word, cut before tokenizing; a lone surrogate, replaced). Returns the good pairs added."""
+    json_dir, items = subset / "json" / "bounded", subset / "items" / "bounded"
+    json_dir.mkdir(parents=True)
+    items.mkdir(parents=True)
+    (json_dir / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (json_dir / "latin1.json").write_bytes('{"id": "x", "description": "café"}'.encode("latin-1"))
+    os.mkfifo(json_dir / "pipe.json")  # (fifo.json is the record of the item fifo.png below)
+    for n, name in enumerate(("fifo.png", "loop.png", "zero.png", "outside.png"), start=2001):
+        add_item(subset, oid(n), f"/bounded/{name}", None, description=f"image {name}")
+    os.mkfifo(items / "fifo.png")
+    os.symlink(items / "loop-b.png", items / "loop.png")
+    os.symlink(items / "loop.png", items / "loop-b.png")
+    os.symlink("/dev/zero", items / "zero.png")
+    (subset.parent.parent / "outside.png").write_bytes(ok_png)
+    os.symlink(subset.parent.parent / "outside.png", items / "outside.png")
+    outside_json = subset.parent.parent / "outside.json"  # names a good image inside the download
+    outside_json.write_text(json.dumps({"id": oid(2009), "filename": "/captions/odd-0.png", "description": "x"}))
+    os.symlink(outside_json, json_dir / "linked.json")
+    word = "".join(chr(97 + (i * 7919) % 26) for i in range(1_000_000))  # open_clip's BPE on it in full: hours
+    add_item(subset, oid(2010), "/bounded/long-word.png", ok_png, description=word)
+    (json_dir / "surrogate.json").write_text(json.dumps(  # written as the escape \ud800, which no tokenizer encodes
+        {"id": oid(2011), "filename": "/bounded/surrogate.png", "description": "a red \ud800 circle"}))
+    (items / "surrogate.png").write_bytes(ok_png)
+    expected.update({"unreadable json (nested too deeply)": 1, "unreadable json (not UTF-8)": 1,
+                     "unreadable json (not a regular file)": 1, "image file is not a regular file": 2,
+                     "image file is a symlink loop": 1, "image file links out of the download": 1,
+                     "json file links out of the download": 1})
+    return 2
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +145,8 @@ def trained_on_hostile(tmp_path_factory, tiny_model_config):
     n_good, expected = build_corpus(data / "train")
     out = root / "model"
     sets = {**TINY_TRAINING, "model_name": tiny_model_config, "num_epochs": 1}
-    rc = main(["train", "--data", str(data), "--out", str(out), *set_args(sets)])
+    with deadline(900, "training on the hostile download"):  # FIFOs in it: a read that opened one would block
+        rc = main(["train", "--data", str(data), "--out", str(out), *set_args(sets)])
     return rc, out, 48 + n_good, expected
 
 

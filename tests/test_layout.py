@@ -15,14 +15,14 @@ PACKAGE = "adapters.clip_finetune"
 ROOT = Path(__file__).resolve().parents[1] / "adapters" / "clip_finetune"
 # Lower layers never import higher ones; folders of one layer do not import each other.
 LAYERS = {
-    "config": 0, "errors": 0, "files": 0, "machine": 0, "progress": 0,  # the ground floor
+    "config": 0, "errors": 0, "files": 0, "inputs": 0, "machine": 0, "progress": 0,  # the ground floor
     "data": 1, "model": 1,
     "retrieval": 2,
     "training": 3,
     "cli": 4, "api": 4, "dataloop": 4,  # the faces
     "__init__": 5, "__main__": 5,  # the package's public face and `python -m`
 }
-GROUND = 0  # its files (config, errors, files, machine) may use one another
+GROUND = 0  # its files (config, errors, files, inputs, machine) may use one another
 ALLOWED_ACROSS = {("cli", "api")}  # `clip-finetune runs` shows the runs the Python API starts
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
 
 # Metric names the early-stopping / best-checkpoint selection may use (see metrics.py for formulas).
 DIRECTIONS = ("text_to_image", "image_to_text")
@@ -54,17 +55,8 @@ def normalize_model_name(name: str) -> str:
 def architecture_config(model_name: str) -> dict[str, Any]:
     """The open_clip model config (embed_dim, vision_cfg, text_cfg) of a name or a config-JSON path."""
     if model_name.endswith(".json"):
-        path = Path(model_name).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"model_name: model-config file {model_name!r} does not exist")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"model_name: {model_name!r} is not valid JSON ({e})") from e
-        cfg = cfg.get("model_cfg", cfg)  # accept an artifact's open_clip_config.json too
-        if "embed_dim" not in cfg:
-            raise ConfigError(f"model_name: {model_name!r} has no 'embed_dim'; not an open_clip model config")
-        return cfg
+        cfg = _read_config_json(Path(model_name).expanduser(), "model_name: model-config file")
+        return model_cfg_of(cfg.get("model_cfg", cfg), f"model_name: {model_name!r}")  # an artifact's config too
     import open_clip
 
     cfg = open_clip.get_model_config(model_name)
@@ -80,17 +72,45 @@ def _artifact_model_config(pretrained: str | None) -> dict[str, Any] | None:
     """If `pretrained` names a saved artifact folder, the architecture stored in it."""
     if not pretrained:
         return None
-    folder = Path(pretrained).expanduser()
-    cfg_file = folder / "open_clip_config.json"
-    if folder.is_dir() and cfg_file.is_file():
-        return json.loads(cfg_file.read_text())["model_cfg"]
-    return None
+    cfg_file = Path(pretrained).expanduser() / "open_clip_config.json"
+    problem = file_problem(cfg_file)
+    if problem is not None and problem[0] in ("missing", "unusable name"):
+        return None  # not a saved model folder: a pretrained tag or a weights file
+    cfg = _read_config_json(cfg_file, "pretrained: the saved model's")
+    return model_cfg_of(cfg.get("model_cfg"), f"pretrained: {str(cfg_file)!r}")
+
+
+def _read_config_json(path: Path, what: str) -> dict[str, Any]:
+    """A small JSON object file (size, depth and encoding bounded); ConfigError naming `what` and the file."""
+    try:
+        data = read_json(path, MAX_CONFIG_BYTES)
+    except Unreadable as e:
+        raise ConfigError(f"{what} {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(path)!r} holds JSON {type(data).__name__}, not an object")
+    return data
+
+
+def model_cfg_of(cfg: Any, what: str) -> dict[str, Any]:
+    """`cfg` when it looks like an open_clip model config (embed_dim, vision_cfg, text_cfg); ConfigError else."""
+    if not isinstance(cfg, dict) or "model_cfg" in cfg:
+        raise ConfigError(f"{what} has no model_cfg object; it is not an open_clip model config or a saved "
+                          "model's open_clip_config.json")
+    embed_dim = cfg.get("embed_dim")
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+        raise ConfigError(f"{what} has no positive integer 'embed_dim' (got {embed_dim!r}); not an open_clip "
+                          "model config")
+    for key in ("vision_cfg", "text_cfg"):
+        if not isinstance(cfg.get(key), dict):
+            raise ConfigError(f"{what} has no {key} object; not an open_clip model config")
+    return cfg
 
 
 class FinetuneConfig(BaseModel):
     """Hyperparameters of a fine-tuning run, an evaluation and an embedding job."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: a NaN learning rate is "not a finite number", not "should be <= 1 (got nan)"
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     # --- model -------------------------------------------------------------------------------
     model_name: str = Field(
@@ -178,7 +198,7 @@ class FinetuneConfig(BaseModel):
 
     # --- runtime -------------------------------------------------------------------------------
     batch_size: int = Field(64, ge=1, le=65536, description="items per batch when embedding and evaluating")
-    seed: int = Field(42, ge=0, description="random seed (runs on CPU are deterministic under it)")
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="random seed (runs on CPU are deterministic under it)")
     num_workers: int | None = Field(
         None, ge=0, le=64, description="data-loading worker processes; null: fit the machine's cores"
     )
@@ -187,6 +207,28 @@ class FinetuneConfig(BaseModel):
         2048, ge=0, description="memory for training images decoded once and kept across epochs (uint8, short "
         "side 1.25x the model input); images past it are decoded each epoch; 0: off; unused with num_workers > 0"
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `--set num_epochs=true` would train one epoch
+        if cls.model_fields[info.field_name].annotation is not bool and _holds_bool(v):
+            raise ValueError(f"expected {'numbers' if isinstance(v, list | tuple) else 'a number'}, not true/false "
+                             f"(got {json.dumps(v, default=str)})")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        import torch  # only when a device is named: validating a config otherwise stays light
+
+        try:
+            torch.device(v)
+        except (RuntimeError, ValueError, TypeError):
+            raise ValueError("unknown torch device; use cpu, cuda, cuda:N, mps, or null (automatic)") from None
+        return v
 
     @field_validator("model_name")
     @classmethod
@@ -255,6 +297,10 @@ class FinetuneConfig(BaseModel):
 FIELDS = tuple(FinetuneConfig.model_fields)
 
 
+def _holds_bool(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, list | tuple) and any(isinstance(x, bool) for x in v))
+
+
 def _format_error(err: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"]) or "config"
     if err["type"] == "extra_forbidden":
@@ -298,8 +344,10 @@ def parse_set_options(items: list[str] | None) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: expected key=value")
         try:
             out[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON: the text itself
             out[key.strip()] = raw
+        except RecursionError:
+            raise ConfigError(f"--set {key.strip()}: the value is nested too deeply to be a hyperparameter") from None
     return out
 
 
@@ -307,11 +355,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON configuration file (a dict of hyperparameters)."""
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--config: file {str(p)!r} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config: {str(p)!r} is not valid JSON ({e})") from None
+        data = read_json(p, MAX_CONFIG_BYTES)  # a regular file, at most 1 MB, UTF-8, nested <= 100 levels
+    except Unreadable as e:
+        raise ConfigError(f"--config: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {str(p)!r} must hold a JSON object of hyperparameters")
     return data

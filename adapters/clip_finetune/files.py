@@ -9,29 +9,50 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .inputs import MAX_JSON_BYTES
+from .inputs import read_json as read_bounded_json
 
 
 def atomic_write(target: str | Path, write: Callable[[Path], Any]) -> None:
     """Call `write(tmp)` on a temporary file in the target's folder, fsync it, rename it over `target`,
     then fsync the folder (the rename itself survives a power cut only once the folder is synced).
 
-    The temporary file is created with the umask's permissions, as `open()` would create `target` (mkstemp's
-    0600 would leave a shared output folder unreadable to others).
+    The file gets the umask's permissions, as `open()` would create `target`, whatever `write` does: mkstemp's
+    0600 would leave a shared output folder unreadable to others, and safetensors' save_file replaces the file
+    it is given by a 0600 one.
     """
     target = Path(target)
     tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask, read without changing the process's umask
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
+            if stat.S_IMODE(os.fstat(f.fileno()).st_mode) != mode:
+                os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_folder(target.parent)
+
+
+def require_writable(path: str | Path, what: str) -> None:
+    """DataError naming `what` unless the folder `path` (or, while it does not exist, the nearest one above it that
+    does) can be written by this user: checked before the work whose output would go there."""
+    from .errors import DataError
+
+    folder = Path(path).expanduser().absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise DataError(f"{what} {str(path)!r}: {str(existing)!r} is a file, not a folder; choose another place")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"{what} {str(path)!r}: this user cannot write in {str(existing)!r}; choose another place")
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -41,7 +62,9 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file of this package (run state, request, result), read bounded: a damaged or planted one is a
+    DataError naming it, not a traceback."""
+    return read_bounded_json(path, MAX_JSON_BYTES)
 
 
 def _fsync_folder(folder: Path) -> None:

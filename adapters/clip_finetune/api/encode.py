@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, at_boundary
 from .run import Run
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class Encoder:
         return self.clip.embed_dim
 
 
+@at_boundary
 def get_model(
     artifact: str | os.PathLike | Run, select_model: Literal["clip-text", "clip-vision"], device: str | None = None
 ) -> Encoder:
@@ -45,17 +46,23 @@ def get_model(
     return Encoder(load_artifact(folder, device), select_model)
 
 
+@at_boundary
 def encode(model: Encoder, data: Sequence[Any] | str | Image.Image, batch_size: int = 64) -> np.ndarray:
     """L2-normalised float32 vectors [n, d], one row per text (clip-text) or image (path or PIL; clip-vision),
     in order. An image that cannot be decoded is an error (a skipped row would misalign the result)."""
     from ..retrieval.embed import encode_images, encode_texts
 
-    items = [data] if isinstance(data, (str, Image.Image)) else list(data)
+    if not isinstance(model, Encoder):
+        raise ConfigError(f"encode: model must be what get_model(...) returns (got {type(model).__name__})")
+    items = [data] if isinstance(data, (str, os.PathLike, Image.Image)) else list(data)
     if model.tower == "clip-text":
         if not all(isinstance(t, str) for t in items):
             raise DataError("encode: a clip-text model encodes strings; use get_model(..., 'clip-vision') "
                             "for images")
         return encode_texts(model.clip, items, batch_size)
+    odd = next((x for x in items if not isinstance(x, (str, os.PathLike, Image.Image))), None)
+    if odd is not None:
+        raise DataError(f"encode: a clip-vision model encodes image paths or PIL images (got {odd!r:.80})")
     sources = [x if isinstance(x, Image.Image) else os.fspath(x) for x in items]
     vectors, kept = encode_images(model.clip, sources, batch_size, progress=False)
     if len(kept) < len(sources):

@@ -19,7 +19,7 @@ from PIL import Image
 from ..config import build_config
 from ..data.images import to_rgb
 from ..data.pairs import CaptionPair
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, at_boundary
 from .run import Run
 from .run_folder import (
     DATA_DIR,
@@ -46,6 +46,7 @@ _PACKAGE_ROOT = Path(__file__).resolve().parents[3]  # the folder holding adapte
 _PACKAGE = __package__.rpartition(".")[0]  # adapters.clip_finetune
 
 
+@at_boundary
 def fit(
     model: str | os.PathLike,
     train_data: DataLike,
@@ -117,14 +118,17 @@ def _check_data(data: DataLike | None, what: str) -> str | list[tuple[Any, str]]
     if data is None:
         return None
     if isinstance(data, (str, os.PathLike)):
+        if "\x00" in os.fspath(data):  # no file system takes it (the run itself reports a missing path)
+            raise DataError(f"{what} {os.fspath(data)!r} is not a usable path (it holds a NUL character)")
         return str(Path(data).expanduser().resolve())
     if not isinstance(data, Sequence):
         raise DataError(f"{what}: expected a path or a list of (image, caption) pairs (got {type(data).__name__})")
     pairs = []
     for i, pair in enumerate(data):
         image, caption = (pair.image, pair.caption) if isinstance(pair, CaptionPair) else _unpack(pair, what, i)
-        if not isinstance(image, (str, os.PathLike, Image.Image)):
-            raise DataError(f"{what}[{i}]: the image must be a path or a PIL image (got {type(image).__name__})")
+        if not isinstance(image, (str, os.PathLike, Image.Image)) or (
+                not isinstance(image, Image.Image) and "\x00" in os.fspath(image)):
+            raise DataError(f"{what}[{i}]: the image must be a path or a PIL image (got {image!r:.80})")
         if not isinstance(caption, str) or not caption.strip():
             raise DataError(f"{what}[{i}]: the caption must be a non-empty string (got {caption!r})")
         pairs.append((image, caption))

@@ -4,6 +4,7 @@ list_runs find them."""
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ClipFinetuneError, at_boundary
 from ..retrieval.search import top_k
 from .run_folder import (
     EXAMPLES_DIR,
@@ -32,6 +34,8 @@ from .run_folder import (
     refresh_state,
     runs_root,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Run:
     def __repr__(self) -> str:
         return f"Run(name={self.name!r}, status={self.status()['status']!r})"
 
+    @at_boundary
     def status(self) -> dict[str, Any]:
         """{'status': created|started|finished|failed, 'details', 'progress': {'epoch', 'num_epochs'},
         'error', 'pid', timestamps}. A worker that died unannounced makes it 'failed' ("worker died")."""
@@ -78,6 +83,7 @@ class Run:
             self._process.poll()  # reaps our own exited child, so it does not linger as a zombie
         return refresh_state(self.path)
 
+    @at_boundary
     def logs(self) -> str:
         """The run's log so far."""
         return (self.path / LOG_NAME).read_text(encoding="utf-8", errors="replace")
@@ -104,6 +110,7 @@ class Run:
                 raise TimeoutError(f"run {self.name!r} still {self.status()['status']} after {timeout} s")
             time.sleep(poll_interval)
 
+    @at_boundary
     def wait(self, timeout: float | None = None, poll_interval: float = 0.5) -> dict[str, Any]:
         """Block until the run has finished or failed; returns its status."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -121,16 +128,23 @@ class Run:
             raise RunError(f"run {self.name!r} is {state['status']} ({state['details']}); its {what} is ready "
                            "when it has finished: run.wait() or run.stream_logs()")
 
+    @at_boundary
     def metrics(self) -> dict[str, Any]:
         """{'before': {...}, 'after': {...}, 'best_epoch', 'metric', 'history'}; before/after hold both
         directions ('text_to_image/recall@1', 'image_to_text/mrr', ...); empty without evaluation data."""
         self._require_finished("metrics")
         return read_json(self.path / RESULT_NAME)
 
-    def save_artifact(self, directory: str | os.PathLike) -> Path:
-        """Copy the tuned model (an open_clip local-dir folder) to `directory`; returns it."""
+    @at_boundary
+    def save_artifact(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Copy the tuned model (an open_clip local-dir folder) to `directory`; returns it. A `directory` that holds
+        a model or other files is refused unless `overwrite`."""
         self._require_finished("model")
-        return Path(shutil.copytree(self.path / MODEL_DIR, Path(directory).expanduser(), dirs_exist_ok=True))
+        target = Path(directory).expanduser()
+        if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+            what = "is a file" if not target.is_dir() else f"already holds {len(list(target.iterdir()))} files"
+            raise RunError(f"save_artifact: {str(target)!r} {what}; give a new or empty folder, or overwrite=True")
+        return Path(shutil.copytree(self.path / MODEL_DIR, target, dirs_exist_ok=True))
 
     @property
     def model_dir(self) -> Path:
@@ -138,6 +152,7 @@ class Run:
         self._require_finished("model")
         return self.path / MODEL_DIR
 
+    @at_boundary
     def example_results(self, k: int = 5) -> list[Example]:
         """For each evaluation caption, the top-k evaluation images before and after fine-tuning."""
         self._require_finished("example results")
@@ -156,6 +171,7 @@ class Run:
         return [Example(q, t, b, a) for q, t, b, a in zip(captions, targets, before, after, strict=True)]
 
 
+@at_boundary
 def get_run(name: str, runs_dir: str | os.PathLike | None = None) -> Run:
     """Reconnect to the run called `name` in the runs folder (after a restart too)."""
     root = runs_root(runs_dir)
@@ -168,8 +184,15 @@ def get_run(name: str, runs_dir: str | os.PathLike | None = None) -> Run:
     return Run(run_dir)
 
 
+@at_boundary
 def list_runs(runs_dir: str | os.PathLike | None = None) -> list[Run]:
     """Every run in the runs folder, oldest first."""
     root = runs_root(runs_dir)
     folders = [d for d in root.iterdir() if (d / STATE_NAME).is_file()] if root.is_dir() else []
-    return sorted((Run(d) for d in folders), key=lambda r: (read_state(r.path)["created_at"], r.name))
+    runs = []
+    for folder in folders:
+        try:
+            runs.append((read_state(folder)["created_at"], folder.name, Run(folder)))
+        except ClipFinetuneError as e:  # one damaged run folder does not hide the others
+            log.warning("skipping %s: %s", folder.name, e)
+    return [run for *_, run in sorted(runs, key=lambda r: (str(r[0]), r[1]))]

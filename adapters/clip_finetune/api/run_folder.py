@@ -80,7 +80,11 @@ def _state_lock(run_dir: Path) -> Iterator[None]:
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
-    return read_json(run_dir / STATE_NAME)
+    state = read_json(run_dir / STATE_NAME)
+    if not isinstance(state, dict) or state.get("status") not in STATUSES or "created_at" not in state:
+        raise RunError(f"{str(run_dir / STATE_NAME)!r} is not the state of a run (damaged or written by hand); "
+                       "delete the run folder or restore the file")
+    return state
 
 
 def update_state(

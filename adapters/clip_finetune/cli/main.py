@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import ClipFinetuneError, ConfigError, DataError
+from ..errors import ConfigError, DataError, user_error
 from .parser import build_parser
 from .runs import cmd_runs
 
@@ -30,10 +31,10 @@ def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None):
     return cfg
 
 
-def _load_clip(args: argparse.Namespace):
+def _load_clip(args: argparse.Namespace, cfg: Any = None):
     from ..model.clip import load_artifact, load_model
 
-    cfg = _load_cfg(args)
+    cfg = cfg or _load_cfg(args)
     return (load_artifact(args.model, cfg.device) if args.model else load_model(cfg)), cfg
 
 
@@ -53,8 +54,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..data.load import load_splits
     from ..retrieval.formatting import format_table
     from ..training import finetune
+    from ..training.guard import check_output_folder
 
     cfg = _load_cfg(args)  # validated before any data is read
+    if not int(os.environ.get("RANK", "0")):  # rank 0 writes --out (under torchrun the others find it in use)
+        check_output_folder(args.out, (args.data, args.validation), overwrite=args.overwrite, resume=args.resume)
     splits = load_splits(args.data, args.validation, what="--data")
     result = finetune(cfg, splits, args.out, resume=args.resume)  # also writes data_report.json
     if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 writes and prints for the run
@@ -77,11 +81,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError("--wise-ft needs --model: the fine-tuned model to mix with its base")
     if args.save_mix and (alphas is None or len(alphas) != 1):
         raise ConfigError("--save-mix needs --wise-ft with exactly one alpha")
-    clip, cfg = _load_clip(args)
-    subsets, _ = load_dataset(args.data)
+    if args.save_mix:
+        from ..training.guard import check_output_folder
+
+        check_output_folder(args.save_mix, (args.data,), overwrite=args.overwrite, flag="--save-mix")
+    cfg = _load_cfg(args)
+    subsets, _ = load_dataset(args.data)  # the data before the model: a bad path fails before a model loads
     name = args.subset or ("validation" if "validation" in subsets else next(iter(subsets)))
     if name not in subsets:
         raise DataError(f"--subset {name!r} not found in {args.data!r}; subsets: {sorted(subsets)}")
+    clip, cfg = _load_clip(args, cfg)
     if alphas is None:
         metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers, progress=not args.json)
         print(json.dumps(metrics, indent=2) if args.json else format_scores(metrics, "model" if args.model else "base"))
@@ -111,8 +120,10 @@ def _parse_alphas(text: str) -> list[float]:
 
 def _list_images(source: str) -> list[str]:
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir():  # files that are not images (FIFOs, links to nothing) are skipped when decoded, and listed
         return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not path.exists():
+        raise DataError(f"--images {source!r} does not exist; give a folder of images or a CSV/TSV/JSONL table")
     from ..data.tables import read_table
 
     return list(dict.fromkeys(p.image for p in read_table(path)))
@@ -124,19 +135,24 @@ def _list_texts(source: str) -> list[str]:
         from ..data.tables import read_table
 
         return [p.caption for p in read_table(path)]
-    if not path.is_file():
-        raise DataError(f"--texts {source!r} does not exist")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from ..data.safe_read import text_lines
+
+    return text_lines(path)  # a regular file, UTF-8 (or the encoding it looks like is named), bounded lines
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from ..files import require_writable
     from ..retrieval.embed import encode_items
+    from ..retrieval.provenance import made_by
     from ..retrieval.shards import embed_shard, pin_local_gpu, shard_spec
-    from ..retrieval.store import save_embeddings
+    from ..retrieval.store import check_embeddings_out, save_embeddings
 
     spec = shard_spec(args.shard_index, args.num_shards)  # None: one process writes the one --out file
     if spec is not None:
         pin_local_gpu()
+        require_writable(args.out, "--out")
+    else:
+        check_embeddings_out(args.out)  # suffix, folder, packages: before the work, not after it
     clip, cfg = _load_clip(args)
     kind = "images" if args.images else "texts"
     items = _list_images(args.images) if args.images else _list_texts(args.texts)
@@ -149,18 +165,21 @@ def cmd_embed(args: argparse.Namespace) -> int:
         print(embed_shard(clip, kind, items, args.out, spec, cfg.batch_size, cfg.num_workers, settings).summary)
         return 0
     ids, vectors, _ = encode_items(clip, kind, items, cfg.batch_size, cfg.num_workers)
-    out = save_embeddings(args.out, ids, vectors)
+    out = save_embeddings(args.out, ids, vectors, made_by(clip, kind))
     print(f"wrote {len(ids)} vectors of {vectors.shape[1]} dimensions to {out}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from ..retrieval.provenance import check_index
     from ..retrieval.search import search_texts
-    from ..retrieval.store import load_embeddings
+    from ..retrieval.store import read_embeddings
 
+    index = read_embeddings(args.index)  # a bad file fails before the model loads
     clip, _ = _load_clip(args)
-    ids, vectors = load_embeddings(args.index)
-    for query, hits in zip(args.queries, search_texts(clip, ids, vectors, args.queries, args.k), strict=True):
+    check_index(index, args.index, clip, "images", allow=args.allow_mismatch)
+    hits_per_query = search_texts(clip, index.ids, index.vectors, args.queries, args.k)
+    for query, hits in zip(args.queries, hits_per_query, strict=True):
         print(f"{query}")
         for rank, (item, score) in enumerate(hits, 1):
             print(f"  {rank:2d}. {score:.4f}  {item}")
@@ -216,13 +235,28 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "emb
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The boundary of the command line: our errors, and the system refusing a file the user named, print one
+    message and exit 2; anything else is a bug and stays a traceback (errors.user_error)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, never crashes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return COMMANDS[args.command](args)
-    except ClipFinetuneError as e:
-        print(f"clip-finetune {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"clip-finetune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `clip-finetune ... | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no flush error at exit either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:
+        clean = user_error(e)
+        if clean is None:
+            raise
+        print(f"clip-finetune {args.command}: error: {clean}", file=sys.stderr)
         return 2
 
 

@@ -55,8 +55,8 @@ def _add_demo(sub: Any) -> None:
                        description="Generate synthetic captioned images, evaluate a tiny random-init CLIP, fine-tune "
                        "it on the CPU and evaluate again; writes the model, metrics and pictures. No download.")
     p.add_argument("--out", default="demo_output", help="output folder (default: ./demo_output)")
-    p.add_argument("--train", type=int, default=1500, help="synthetic training images (default: 1500)")
-    p.add_argument("--validation", type=int, default=300, help="synthetic validation images (default: 300)")
+    p.add_argument("--train", type=_positive, default=1500, help="synthetic training images (default: 1500)")
+    p.add_argument("--validation", type=_positive, default=300, help="synthetic validation images (default: 300)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the model's init (default: 0)")
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", default=[],
                    help="override one of the demo's hyperparameters (repeatable), e.g. --set num_epochs=4")
@@ -71,7 +71,9 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--validation", metavar="DATA", help="validation data, any of the --data forms (default: the "
                    "validation subset of --data)")
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (after a crash)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (after a crash); "
+                   "refused when the data or hyperparameters differ from the checkpoint's")
+    p.add_argument("--overwrite", action="store_true", help="train into --out even though it holds a model or files")
     _config_args(p)
 
 
@@ -88,6 +90,7 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument("--base", help="with --wise-ft: the base model folder (default: the base named in --model's "
                    "finetune_config.json)")
     p.add_argument("--save-mix", metavar="DIR", help="with --wise-ft and one alpha: also save that mix as a model")
+    p.add_argument("--overwrite", action="store_true", help="with --save-mix: replace a model already in DIR")
     _config_args(p)
 
 
@@ -113,7 +116,9 @@ def _add_search(sub: Any) -> None:
     p.add_argument("--model", help=MODEL_HELP + "; use the model that embedded the index")
     p.add_argument("--index", required=True, help="embeddings written by `embed --images`: an .npz / .parquet "
                    "file, or a sharded folder (or its index.json)")
-    p.add_argument("-k", type=int, default=5, help="results per query (default: 5)")
+    p.add_argument("-k", type=_positive, default=5, help="results per query (default: 5)")
+    p.add_argument("--allow-mismatch", action="store_true", help="search an index embedded by another model, or "
+                   "of texts (refused otherwise: its file records the model that made it)")
     p.add_argument("queries", nargs="+", help="text queries")
     _config_args(p)
 
@@ -154,3 +159,13 @@ def _add_doctor(sub: Any) -> None:
                        "are cached, free disk, and the optional extras installed.")
     p.add_argument("--out", default=".", help="folder whose free disk space to check (default: .)")
     _config_args(p)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -9,7 +9,6 @@ layouts are described in docs/dataloop.md. Items that cannot be used are skipped
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -19,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..inputs import MAX_JSON_BYTES, Unreadable, read_json
 from ..progress import progress as show_progress
 from .pairs import CaptionPair, DataReport
+from .safe_read import image_problem
 
 logger = logging.getLogger(__name__)
 
@@ -133,32 +134,38 @@ def _read_records(folder: Path, report: DataReport) -> list[_Record]:
         logger.warning("subset folder %s has no json/ folder: treating it as empty", folder)
         return []
     records: dict[str, _Record] = {}
+    root = os.path.realpath(folder)  # files whose symlinks lead out of it are never read
     paths = sorted(json_root.rglob("*.json"))
     for json_path in show_progress(paths, f"read {folder.name}", unit="item", enabled=len(paths) >= PROGRESS_FROM):
         rel = json_path.relative_to(json_root)
-        data = _read_json(json_path)
+        data = _read_json(json_path, root)
         if not isinstance(data, dict):
-            report.skip("unreadable json", str(rel))
+            report.skip(data if isinstance(data, str) else "unreadable json", str(rel))
             continue
         item_id = str(data.get("id") or rel)
         if item_id in records:
             report.skip("duplicate item", item_id)
             continue
-        record = _locate(folder, rel, data, item_id, report)
+        record = _locate(folder, root, rel, data, item_id, report)
         if record is not None:
             records[item_id] = record
     return list(records.values())
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, root: str) -> Any:
+    """A download's JSON file, bounded (inputs.read_json); a data report reason (a str) when it cannot be read."""
+    problem = image_problem(path, root)
+    if problem is not None and problem.endswith("out of the download"):
+        return "json file links out of the download"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+        return read_json(path, MAX_JSON_BYTES)
+    except Unreadable as e:
+        logger.debug("skipping %s", e)
+        return "unreadable json" + ("" if e.kind == "not JSON" else f" ({e.kind})")
 
 
 def _locate(
-    folder: Path, json_rel: Path, data: dict[str, Any], item_id: str, report: DataReport
+    folder: Path, root: str, json_rel: Path, data: dict[str, Any], item_id: str, report: DataReport
 ) -> _Record | None:
     """Find the items/ file of a json/ record and tell prompt items from plain ones; skip what is unusable."""
     items_root = folder / "items"
@@ -170,14 +177,16 @@ def _locate(
         if file is None:
             report.skip("unsafe path", item_id)
             return None
-    if file is None or not file.is_file():
-        file = _by_stem(items_root, json_rel)  # a record without filename, or a renamed download
-    if file is None:
-        report.skip("prompt file missing" if marked_prompt else "image file missing", item_id)
+    problem = "image file missing" if file is None else image_problem(file, root)
+    if problem is not None and (by_stem := _by_stem(items_root, json_rel)) is not None:
+        file, problem = by_stem, image_problem(by_stem, root)  # a record without filename, or a renamed download
+    if file is None or problem is not None:  # missing, a FIFO or device, a folder, a symlink loop or out of root
+        problem = problem or "image file missing"
+        report.skip(problem.replace("image", "prompt", 1) if marked_prompt else problem, item_id)
         return None
     mimetype = str(_get(data, "metadata", "system", "mimetype") or "")
     if marked_prompt or mimetype == "application/json" or file.suffix.lower() == ".json":
-        prompt = _read_json(file)
+        prompt = _read_json(file, root)
         if isinstance(prompt, dict) and isinstance(prompt.get("prompts"), dict):
             return _Record(item_id, data, file, prompt)
         report.skip("unreadable prompt json" if marked_prompt else "not an image or prompt item", item_id)
@@ -189,7 +198,7 @@ def _locate(
 
 
 def _inside(root: Path, rel: str) -> Path | None:
-    """root/rel, or None when rel climbs out of root ('../'); lexical, so symlinked data stays usable."""
+    """root/rel, or None when rel climbs out of root ('../'); lexical (symlinks are judged by image_problem)."""
     joined = Path(os.path.normpath(root / rel))
     return joined if joined.is_relative_to(os.path.normpath(root)) else None
 
@@ -200,7 +209,7 @@ def _by_stem(items_root: Path, json_rel: Path) -> Path | None:
     if not folder.is_dir():
         return None
     stem = json_rel.stem
-    matches = sorted(p for p in folder.iterdir() if p.is_file() and (p.stem == stem or p.name == stem))
+    matches = sorted(p for p in folder.iterdir() if (p.stem == stem or p.name == stem) and p.is_file())
     return matches[0] if matches else None
 
 

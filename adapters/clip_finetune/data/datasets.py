@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from ..errors import DataError
+from ..inputs import cap_captions
 from ..machine import cpu_cores, thread_map
 from ..progress import progress as show_progress
 from .decode_cache import DecodedCache
@@ -46,8 +47,10 @@ class PairDataset(Dataset):
         self.seed = seed
         self.cache = cache
         # Tokenize every caption once, up front: [n_pairs, context_length]. open_clip's tokenizers
-        # truncate captions longer than the context (an over-long caption is not an error).
-        self.tokens = tokenize_all(tokenizer, [p.caption for p in self.pairs], progress)
+        # truncate captions longer than the context (an over-long caption is not an error); cap_captions cuts
+        # them before, to a length the tokenizer handles in bounded time.
+        captions = cap_captions((p.caption for p in self.pairs), getattr(tokenizer, "context_length", None))
+        self.tokens = tokenize_all(tokenizer, captions, progress)
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import DataError
+from ..inputs import file_problem
 from ..machine import PILLOW_MAX_IMAGE_PIXELS, set_max_image_pixels
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ def load_image(source: str | Path | bytes, name: str | None = None, draft: int |
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
+        problem = None if isinstance(source, bytes) else file_problem(source)
+        if problem is not None:  # never opened: a FIFO would block, /dev/zero never ends
+            raise _Refused("file not found" if problem[0] == "missing" else problem[1])
         size = len(source) if isinstance(source, bytes) else Path(source).stat().st_size
         if size == 0:
             raise _Refused("empty file (0 bytes)")

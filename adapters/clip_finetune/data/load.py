@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from ..inputs import file_problem
 from .dataloop import ImageResolver, read_subset
 from .pairs import CaptionPair, DataReport
 from .tables import TABLE_SUFFIXES, read_table
@@ -153,8 +154,9 @@ def _is_subset(folder: Path) -> bool:
 
 
 def _layout_message(path: Path) -> str:
-    if not path.exists():
-        found = "it does not exist"
+    problem = file_problem(path)
+    if not path.is_dir() and problem is not None and problem[0] != "a folder":
+        found = f"it {problem[1]}"  # does not exist; is a FIFO, a device, a symlink loop
     elif path.is_file():
         found = f"it is a {path.suffix or 'suffix-less'} file"
     else:

@@ -3,16 +3,15 @@ column; rows that cannot be used are skipped and counted in a DataReport."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
 from .pairs import CaptionPair, DataReport
+from .safe_read import delimited_rows, image_problem, jsonl_rows
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
 IMAGE_COLUMNS = ("filepath", "image", "image_path", "path", "file", "filename", "img")
@@ -30,51 +29,22 @@ def read_table(path: str | Path, report: DataReport | None = None) -> list[Capti
     suffix = path.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         raise DataError(f"table {str(path)!r} has suffix {suffix!r}; use one of {', '.join(TABLE_SUFFIXES)}")
-    if not path.is_file():
-        raise DataError(f"table {str(path)!r} does not exist; check the path")
-    rows, columns = _read_jsonl(path, report) if suffix == ".jsonl" else _read_delimited(path)
-    image_col = _pick_column(columns, IMAGE_COLUMNS, "image", path)
-    caption_col = _pick_column(columns, CAPTION_COLUMNS, "caption", path)
-    id_col = next((c for c in columns if c.strip().lower() == "id"), None)
-    pairs = []
-    for n, row in rows:
-        item_id = str(row.get(id_col) or "").strip() if id_col else ""
-        pair = _table_pair(row, image_col, caption_col, path.parent, item_id or f"row {n}", report)
-        if pair is not None:
-            pairs.append(pair)
+    # rows bounded and read as consumed, encodings detected or named (safe_read.py)
+    rows: Generator[Any, None, None] = (r for r in jsonl_rows(path, report)) if suffix == ".jsonl" else \
+        delimited_rows(path, suffix == ".tsv", report)
+    with contextlib.closing(rows):  # closing the generator closes the file
+        columns = next(rows)
+        image_col = _pick_column(columns, IMAGE_COLUMNS, "image", path)
+        caption_col = _pick_column(columns, CAPTION_COLUMNS, "caption", path)
+        id_col = next((c for c in columns if c.strip().lower() == "id"), None)
+        pairs = []
+        for n, row in rows:
+            item_id = str(row.get(id_col) or "").strip() if id_col else ""
+            pair = _table_pair(row, image_col, caption_col, path.parent, item_id or f"row {n}", report)
+            if pair is not None:
+                pairs.append(pair)
     report.used = len(pairs)
     return pairs
-
-
-def _read_delimited(path: Path) -> tuple[Iterable[tuple[int, dict[str, Any]]], list[str]]:
-    text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: Excel writes a BOM before the header
-    if path.suffix.lower() == ".tsv":
-        dialect: Any = csv.excel_tab
-    else:
-        try:
-            dialect = csv.Sniffer().sniff(text[:8192], delimiters=",;\t|")
-        except csv.Error:  # a single column, or too little text to tell: the default is a comma
-            dialect = csv.excel
-    reader = csv.DictReader(io.StringIO(text, newline=""), dialect=dialect)  # keeps quoted newlines
-    columns = list(reader.fieldnames or [])
-    return enumerate(reader, start=1), columns
-
-
-def _read_jsonl(path: Path, report: DataReport) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
-    rows, columns = [], {}
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            obj = None
-        if not isinstance(obj, dict):
-            report.skip("unreadable json line", f"line {n}")
-            continue
-        rows.append((n, obj))
-        columns.update(dict.fromkeys(obj))
-    return rows, list(columns)
 
 
 def _pick_column(columns: list[str], accepted: tuple[str, ...], what: str, path: Path) -> str:
@@ -93,6 +63,9 @@ def _table_pair(
 ) -> CaptionPair | None:
     caption = _cell(row.get(caption_col))
     image = _cell(row.get(image_col))
+    if caption is None or image is None:
+        report.skip("caption or image path is not text", item_id)  # a JSON object or list in the cell
+        return None
     if not caption:
         report.skip("no caption", item_id)
         return None
@@ -101,11 +74,14 @@ def _table_pair(
         return None
     file = Path(image).expanduser()
     file = Path(os.path.normpath(file if file.is_absolute() else base / file))
-    if not file.is_file():
-        report.skip("image file missing", item_id)
+    problem = image_problem(file)  # missing, a folder, a FIFO or device, a symlink loop, unreadable
+    if problem is not None:
+        report.skip(problem, item_id)
         return None
     return CaptionPair(str(file), caption, item_id)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any) -> str | None:
+    if isinstance(value, dict | list):
+        return None
     return "" if value is None else str(value).strip()

@@ -21,6 +21,7 @@ from adapters.clip_finetune.config import FinetuneConfig
 from adapters.clip_finetune.data.load import Splits, load_dataset, load_splits, require_pairs
 from adapters.clip_finetune.data.pairs import DataReport
 from adapters.clip_finetune.dataloop.artifacts import RunStateSync, check_artifacts, drop_stale_vectors, weights_stamp
+from adapters.clip_finetune.dataloop.boundary import guarded
 from adapters.clip_finetune.dataloop.charts import evaluation_samples, plot_samples, publish
 from adapters.clip_finetune.dataloop.configuration import config_from_model, sync_embedding_keys
 from adapters.clip_finetune.dataloop.dataset_embedding import embed_dataset as embed_dataset_files
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 SUBSETS_HINT = "or change the model's subsets (metadata.system.subsets) to select captioned items"
 
 
+@guarded  # bad input fails an execution with one clean message (dataloop/boundary.py)
 class ClipAdapter(dl.BaseModelAdapter):
     """Fine-tune, evaluate and embed with open_clip models on the Dataloop platform."""
 

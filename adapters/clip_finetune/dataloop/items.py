@@ -3,7 +3,6 @@ text; prompt images fetched in bulk for training; and why an item could not be u
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ import torch
 
 from adapters.clip_finetune.data.dataloop import ImageResolver, image_ref, prompt_order, prompt_parts
 from adapters.clip_finetune.data.images import ImageDecodeError
+from adapters.clip_finetune.inputs import Unreadable, parse_json
 from adapters.clip_finetune.model.clip import ClipModel
 from adapters.clip_finetune.retrieval.embed import image_input
 
@@ -79,8 +79,8 @@ def prepare_item(clip: ClipModel, item: dl.Item) -> PreparedItem:
 def _prompt_input(clip: ClipModel, item: dl.Item) -> torch.Tensor | str:
     """The first prompt's image (by item id), else its text."""
     try:
-        content = json.loads(download_bytes(item))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        content = parse_json(download_bytes(item), f"prompt item {item.id}")  # nesting bounded, encoding named
+    except Unreadable:
         raise ItemUnusable("unreadable prompt json") from None
     prompts = (content.get("prompts") if isinstance(content, dict) else None) or {}
     elements = prompts[min(prompts, key=prompt_order)] if prompts else []

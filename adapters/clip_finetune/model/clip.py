@@ -26,12 +26,15 @@ import torch
 from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from open_clip.push_to_hf_hub import save_config_for_hf
 from open_clip.tokenizer import HFTokenizer
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..config import FinetuneConfig, architecture_config
-from ..errors import ModelError
+from ..config import FinetuneConfig, architecture_config, model_cfg_of
+from ..errors import ConfigError, ModelError
 from ..files import atomic_write
+from ..inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
 from .hub import weights_available
+from .safe_load import check_device, check_safetensors, is_pickle_refusal, refused_pickle, weights_mismatch
 from .weights import unwrap
 
 log = logging.getLogger(__name__)
@@ -64,13 +67,13 @@ class ClipModel:
 
 def is_artifact_dir(path: str | Path | None) -> bool:
     """True if `path` is a saved model folder (open_clip local-dir layout)."""
-    return bool(path) and (Path(path).expanduser() / HF_CONFIG_NAME).is_file()
+    return bool(path) and file_problem(Path(path).expanduser() / HF_CONFIG_NAME) is None
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """The requested torch device, else CUDA when available, else CPU."""
+    """The requested torch device (ConfigError when this machine lacks it), else CUDA when available, else CPU."""
     if requested:
-        return torch.device(requested)
+        return check_device(torch.device(requested))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -112,9 +115,12 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
             )
         tokenizer = open_clip.get_tokenizer(name)
     # open_clip raises RuntimeError for failed downloads / bad files; transformers OSError for a missing
-    # folder, file or unreachable hub
-    except (RuntimeError, OSError) as e:
-        raise ModelError(f"cannot load {name!r} with pretrained={cfg.pretrained!r}: {e}{_hf_hint(hf_text)}") from e
+    # folder, file or unreachable hub; torch.load(weights_only=True) UnpicklingError for a pickle it refuses
+    except Exception as e:
+        clean = _build_error(e, name, cfg, hf_text)
+        if clean is e:
+            raise
+        raise clean from e
     arch = f"{name} from {cfg.model_name}" if cfg.model_name.endswith(".json") else name
     source = f"{arch} ({cfg.pretrained or 'random init'})"
     log.info("loaded %s on %s", source, device)
@@ -147,6 +153,29 @@ def _quiet_config_log(model_name: str) -> Iterator[None]:
         yield
     finally:
         root.removeFilter(drop)
+
+
+def _build_error(e: Exception, name: str, cfg: FinetuneConfig, hf_text: dict[str, Any] | None) -> Exception:
+    """What a failed build of a configured model tells the user; an error that no input explains is returned as
+    it is (a bug of ours: it stays a traceback)."""
+    weights_file = bool(cfg.pretrained) and file_problem(cfg.pretrained) is None
+    if weights_file and is_pickle_refusal(e):
+        return refused_pickle(cfg.pretrained, "pretrained:", e)
+    if isinstance(e, SafetensorError) and weights_file:
+        return ModelError(f"pretrained: {cfg.pretrained!r} is not a whole safetensors file ({e}); download it again")
+    if weights_file and isinstance(e, RuntimeError) and "state_dict" in str(e):
+        return weights_mismatch(cfg.pretrained, e, f"the architecture {name!r}")
+    if isinstance(e, RuntimeError | OSError) or (cfg.model_name.endswith(".json") and isinstance(
+            e, TypeError | KeyError | ValueError | AttributeError)):  # open_clip meeting a malformed model config
+        what = f"the model config {cfg.model_name!r}" if cfg.model_name.endswith(".json") else repr(name)
+        return ModelError(f"cannot build {what} with pretrained={cfg.pretrained!r}: {type(e).__name__}: "
+                          f"{_first_line(e)}{_hf_hint(hf_text)}")
+    return e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def hf_text_cfg(model_cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -197,13 +226,17 @@ def _register(model_name: str, model_cfg: dict[str, Any]) -> str:
 def load_artifact(path: str | Path, device: torch.device | str | None = None) -> ClipModel:
     """Load a saved model folder exactly as stock open_clip does (`local-dir:` schema)."""
     folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        found = "a file" if folder.exists() else "it does not exist"
+        raise ModelError(f"{str(folder)!r} is not a saved model folder ({found}); give a folder a training wrote")
     if not is_artifact_dir(folder):
         raise ModelError(f"{str(folder)!r} is not a saved model folder (no {HF_CONFIG_NAME})")
     if not (folder / HF_SAFE_WEIGHTS_NAME).is_file():
         raise ModelError(f"{str(folder)!r} has no {HF_SAFE_WEIGHTS_NAME}; refusing to load random weights")
     device = pick_device(str(device) if device else None)
     spec = f"local-dir:{folder}"
-    model_cfg = json.loads((folder / HF_CONFIG_NAME).read_text())["model_cfg"]
+    model_cfg = _saved_model_cfg(folder)
+    check_safetensors(folder / HF_SAFE_WEIGHTS_NAME, "the saved weights")
     kwargs: dict[str, Any] = {}
     hf_text = hf_text_cfg(model_cfg)
     if hf_text is not None:
@@ -219,11 +252,33 @@ def load_artifact(path: str | Path, device: torch.device | str | None = None) ->
         tokenizer = open_clip.get_tokenizer(spec)  # an HF tokenizer is read from the folder itself
     except OSError as e:  # transformers: a missing config or tokenizer file, an unreachable hub
         raise ModelError(f"cannot load the saved model {str(folder)!r}: {e}{_hf_hint(hf_text)}") from e
+    except RuntimeError as e:  # load_state_dict: weights of another architecture
+        raise weights_mismatch(folder / HF_SAFE_WEIGHTS_NAME, e, "the architecture in its open_clip_config.json") \
+            from e
+    except (TypeError, ValueError, KeyError, AttributeError) as e:  # open_clip meeting a malformed model_cfg
+        raise ModelError(f"open_clip cannot build the architecture in {str(folder / HF_CONFIG_NAME)!r} "
+                         f"({type(e).__name__}: {_first_line(e)}); save the model again") from e
     extra = {}
-    if (folder / FINETUNE_CONFIG_NAME).is_file():
-        extra["finetune_config"] = json.loads((folder / FINETUNE_CONFIG_NAME).read_text())
+    if (folder / FINETUNE_CONFIG_NAME).exists():
+        try:
+            extra["finetune_config"] = read_json(folder / FINETUNE_CONFIG_NAME, MAX_CONFIG_BYTES)
+        except Unreadable as e:  # only the WiSE-FT sweep reads it; the model itself is whole
+            log.warning("ignoring %s", e)
     log.info("loaded saved model %s on %s", folder, device)
     return ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, str(folder), extra)
+
+
+def _saved_model_cfg(folder: Path) -> dict[str, Any]:
+    """model_cfg of a saved model's open_clip_config.json, read bounded and checked before open_clip reads it."""
+    try:
+        data = read_json(folder / HF_CONFIG_NAME, MAX_CONFIG_BYTES)
+    except Unreadable as e:
+        raise ModelError(f"the saved model's {e}") from None
+    try:
+        return model_cfg_of(data.get("model_cfg") if isinstance(data, dict) else None,
+                            f"{str(folder / HF_CONFIG_NAME)!r}")
+    except ConfigError as e:
+        raise ModelError(f"{e}; save the model again") from None
 
 
 def save_artifact(

@@ -10,6 +10,7 @@ from open_clip.constants import HF_SAFE_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from ..errors import ModelError
+from .safe_load import check_safetensors
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -40,4 +41,7 @@ def wise_ft(
 def cpu_state_from_artifact(folder: str | Path | None) -> dict[str, torch.Tensor] | None:
     """The weights of a saved model folder (safetensors: nothing is unpickled), or None when it has none."""
     path = Path(folder) / HF_SAFE_WEIGHTS_NAME if folder is not None else None
-    return load_file(str(path)) if path is not None and path.is_file() else None
+    if path is None or not path.is_file():
+        return None
+    check_safetensors(path, "the saved weights")
+    return load_file(str(path))

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from ..data.datasets import ImageDataset, ImageSource, collate_skipping_bad, default_num_workers, model_input
 from ..data.decode_cache import transform_size
+from ..inputs import cap_captions
 from ..model.clip import ClipModel
 from ..model.precision import autocast_for
 from ..progress import progress as show_progress
@@ -88,12 +89,14 @@ def encode_images(
 
 def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 256, progress: bool = False,
                  desc: str = "embed texts") -> np.ndarray:
-    """Embed texts: float32 [n, d], unit norm. Captions longer than the context are truncated."""
+    """Embed texts: float32 [n, d], unit norm. Captions longer than the context are truncated (and cut before
+    tokenizing to a bounded length: inputs.cap_captions)."""
     out: np.ndarray | None = None
+    context = (clip.model_cfg.get("text_cfg") or {}).get("context_length")
     clip.model.eval()
     with torch.inference_mode(), autocast_for(clip.device):
         for start in show_progress(range(0, len(texts), batch_size), desc, unit="batch", enabled=progress):
-            tokens = clip.tokenizer(list(texts[start : start + batch_size])).to(clip.device)
+            tokens = clip.tokenizer(cap_captions(texts[start : start + batch_size], context)).to(clip.device)
             features = _unit(clip.model.encode_text(tokens))
             if out is None:  # copied into one array, as in encode_images (no per-batch tensor kept alive)
                 out = np.empty((len(texts), features.shape[1]), np.float32)

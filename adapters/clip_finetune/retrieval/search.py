@@ -46,6 +46,8 @@ def search_texts(
     """Top-k (id, score) of the indexed items for each text query."""
     from .embed import encode_texts  # torch and open_clip only where a model embeds
 
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise DataError(f"k must be a whole number of results, at least 1 (got {k!r})")
     if vectors.shape[1] != clip.embed_dim:
         raise DataError(
             f"the index holds {vectors.shape[1]}-d vectors but the model embeds {clip.embed_dim}-d; "

@@ -5,16 +5,20 @@ A sharded embedding (shards.py) writes a folder of parts and an index.json; load
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
-import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import DataError
+from ..files import atomic_write, require_writable
+from ..inputs import MAX_JSON_BYTES, Unreadable, parse_json, read_json, require_file
+from .safe_npz import load_npz
 
 FORMAT = "clip-finetune sharded embeddings v1"
 INDEX_NAME = "index.json"
@@ -22,22 +26,56 @@ PART_RE = re.compile(r"^part-(\d{5})-of-(\d{5})\.npz$")
 LISTED = 10  # missing shards / skipped images named in messages
 
 
-def save_embeddings(path: str | Path, ids: Sequence[str], vectors: np.ndarray) -> Path:
-    """Write ids + vectors as .npz (numpy) or .parquet (pandas; needs pyarrow)."""
+EMBEDDINGS_FORMAT = "clip-finetune embeddings v1"
+PARQUET_HINT = "writing and reading .parquet needs pandas and pyarrow: pip install pandas pyarrow"
+
+
+@dataclass
+class Embeddings:
+    """What an embeddings file holds: ids [n], unit vectors [n, d] float32, and who made them (`meta`: kind
+    'images' or 'texts', model, model_sha256; None when the file records nothing, e.g. one made elsewhere)."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    meta: dict[str, Any] | None = None
+
+
+def check_embeddings_out(path: str | Path, flag: str = "--out") -> Path:
+    """Refuse, before any embedding, an output the writing would fail on: a suffix other than .npz/.parquet, a
+    folder, a place this user cannot write, .parquet without pandas and pyarrow."""
     path = Path(path)
+    if path.suffix not in (".npz", ".parquet"):
+        raise DataError(f"{flag} {str(path)!r}: use a .npz (numpy) or .parquet (pandas) file name")
+    if path.is_dir():
+        raise DataError(f"{flag} {str(path)!r} is a folder; name the .npz or .parquet file to write")
+    require_writable(path.parent, flag)
+    if path.suffix == ".parquet" and not all(importlib.util.find_spec(m) for m in ("pandas", "pyarrow")):
+        raise DataError(f"{flag} {str(path)!r}: {PARQUET_HINT}, or write .npz")
+    return path
+
+
+def save_embeddings(path: str | Path, ids: Sequence[str], vectors: np.ndarray,
+                    meta: dict[str, Any] | None = None) -> Path:
+    """Write ids + vectors (and `meta`: who made them) as .npz (numpy) or .parquet (pandas; needs pyarrow),
+    atomically."""
+    path = check_embeddings_out(path, "embeddings file")
     path.parent.mkdir(parents=True, exist_ok=True)
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    meta = {"format": EMBEDDINGS_FORMAT, **meta, "dim": int(vectors.shape[1]), "count": len(ids)} if meta else None
     if path.suffix == ".parquet":
-        try:
-            import pandas as pd
-        except ImportError:
-            raise DataError("writing .parquet needs pandas and pyarrow: pip install -e \".[parquet]\" (or pip install "
-                            "pandas pyarrow), or write .npz") from None
-        pd.DataFrame({"id": list(ids), "vector": list(vectors)}).to_parquet(path)
-    elif path.suffix == ".npz":
-        np.savez(path, ids=np.asarray(list(ids), dtype=str), vectors=vectors)
+        import pandas as pd
+
+        frame = pd.DataFrame({"id": list(ids), "vector": list(vectors)})
+        frame.attrs["clip_finetune"] = meta or {}  # kept in the file's metadata by pandas' pyarrow engine
+        atomic_write(path, lambda tmp: frame.to_parquet(tmp))
     else:
-        raise DataError(f"embeddings file {str(path)!r}: use a .npz (numpy) or .parquet (pandas) name")
+        extra = {"meta": np.asarray(json.dumps(meta))} if meta else {}
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary name
+                np.savez(f, ids=np.asarray(list(ids), dtype=str), vectors=vectors, **extra)
+
+        atomic_write(path, write)
     return path
 
 
@@ -46,18 +84,68 @@ def load_embeddings(path: str | Path) -> tuple[list[str], np.ndarray]:
 
     A sharded-embeddings folder (or its index.json) is joined in input order; a missing part is an error.
     """
+    emb = read_embeddings(path)
+    return emb.ids, emb.vectors
+
+
+def read_embeddings(path: str | Path) -> Embeddings:
+    """An embeddings file (or sharded folder) with who made it, checked: a readable file, ids [n] and finite vectors
+    [n, d]; DataError naming the file otherwise."""
     path = Path(path)
     if path.is_dir() or path.name == INDEX_NAME:
         return load_sharded(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"embeddings file {str(path)!r} does not exist; create it with `clip-finetune embed`")
     if path.suffix == ".parquet":
+        return _read_parquet(path)
+    arrays = load_npz(path, ("ids", "vectors"), ("meta",), REDO)
+    meta = _meta(arrays["meta"], path) if "meta" in arrays else None
+    return Embeddings(*checked_arrays(path, arrays["ids"], arrays["vectors"]), meta)
+
+
+REDO = "embed the items again with `clip-finetune embed`"
+
+
+def _read_parquet(path: Path) -> Embeddings:
+    require_file(path, "embeddings file")
+    try:
         import pandas as pd
 
-        df = pd.read_parquet(path)
-        return df["id"].astype(str).tolist(), np.stack(df["vector"].to_numpy()).astype(np.float32)
-    with np.load(path, allow_pickle=False) as data:
-        return data["ids"].tolist(), data["vectors"].astype(np.float32)
+        frame = pd.read_parquet(path)
+        ids, vectors = frame["id"].astype(str).to_numpy(), np.stack(frame["vector"].to_numpy())
+    except ImportError:
+        raise DataError(f"{str(path)!r}: {PARQUET_HINT}") from None
+    except Exception as e:  # pyarrow's and pandas' many errors on a file that is not theirs or not whole
+        raise DataError(f"{str(path)!r} is not a readable embeddings .parquet file ({type(e).__name__}: "
+                        f"{str(e)[:200]}); {REDO}") from None
+    meta = frame.attrs.get("clip_finetune") or None
+    return Embeddings(*checked_arrays(path, ids, vectors), meta if isinstance(meta, dict) else None)
+
+
+def _meta(array: np.ndarray, path: Path) -> dict[str, Any] | None:
+    try:
+        meta = parse_json(str(array.item()) if array.ndim == 0 else "", path)
+    except Unreadable:
+        meta = None
+    return meta if isinstance(meta, dict) else None
+
+
+def checked_arrays(path: Path, ids: np.ndarray, vectors: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(ids as text, vectors as float32) when they form an embeddings table; DataError naming the file otherwise."""
+    where = f"embeddings {str(path)!r}"
+    if vectors.ndim != 2 or vectors.shape[1] == 0 or vectors.dtype.kind not in "fiu":
+        raise DataError(f"{where}: vectors must be numbers in a 2-D array [items, dimensions] (got {vectors.dtype} "
+                        f"of shape {vectors.shape}); {REDO}")
+    if ids.ndim != 1 or len(ids) != len(vectors):
+        raise DataError(f"{where}: {ids.size} ids for {len(vectors)} vectors (ids of shape {ids.shape}); they must "
+                        f"pair up one to one; {REDO}")
+    vectors = vectors.astype(np.float32)
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        example = str(ids[int(np.argmax(bad))])[:80]
+        raise DataError(f"{where}: {int(bad.sum())} of {len(vectors)} vectors hold NaN or infinity (e.g. {example!r}); "
+                        f"they would rank at random; {REDO}")
+    return [str(i) for i in ids.tolist()], vectors
 
 
 # --- sharded embeddings (written by shards.py) ---------------------------------------------------------------
@@ -69,17 +157,14 @@ def part_name(index: int, count: int) -> str:
 
 def read_part(path: Path, arrays: bool = True) -> tuple[dict[str, Any], list[str], np.ndarray]:
     """A part's (meta, ids, vectors); with arrays=False only meta is read (ids and vectors come back empty)."""
-    try:
-        if not zipfile.is_zipfile(path):
-            raise ValueError("not an .npz (zip) file")
-        with np.load(path, allow_pickle=False) as data:
-            meta = json.loads(data["meta"].item())
-            if not arrays:
-                return meta, [], np.zeros((0, 0), np.float32)
-            return meta, data["ids"].tolist(), data["vectors"].astype(np.float32)
-    except Exception as e:  # a zip/npz/JSON error: a file this module did not write, or a damaged one
-        raise DataError(f"{str(path)!r} is not a readable embeddings part ({type(e).__name__}: {e}); "
-                        "delete it and run its shard again") from None
+    redo = "delete it and run its shard again"
+    data = load_npz(path, ("meta", "ids", "vectors") if arrays else ("meta",), hint=redo)
+    meta = _meta(data["meta"], path)
+    if meta is None:
+        raise DataError(f"{str(path)!r} is not a readable embeddings part (its meta is not a JSON object); {redo}")
+    if not arrays:
+        return meta, [], np.zeros((0, 0), np.float32)
+    return (meta, *checked_arrays(path, data["ids"], data["vectors"]))
 
 
 def read_part_meta(path: Path) -> dict[str, Any]:
@@ -96,8 +181,8 @@ def _missing_error(folder: Path, missing: Sequence[int], n: int) -> DataError:
     )
 
 
-def load_sharded(path: str | Path) -> tuple[list[str], np.ndarray]:
-    """(ids, vectors) of a sharded embeddings folder (or its index.json), joined in input order.
+def load_sharded(path: str | Path) -> Embeddings:
+    """The embeddings of a sharded folder (or its index.json), joined in input order.
 
     Without index.json (its writer failed, or a shard is still running) the part files found are joined
     when they are all there; a missing part is an error naming its shard.
@@ -108,9 +193,11 @@ def load_sharded(path: str | Path) -> tuple[list[str], np.ndarray]:
     index = None
     if index_path.is_file():
         try:
-            index = json.loads(index_path.read_text())
+            index = read_json(index_path, MAX_JSON_BYTES)
             n, fingerprint = int(index["num_shards"]), index["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            if not 0 < n < 100_000:
+                raise ValueError(f"num_shards {n}")
+        except (Unreadable, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{str(index_path)!r} is not a sharded-embeddings index ({e})") from None
     elif not folder.is_dir():
         raise DataError(f"{str(path)!r} does not exist; create it with `clip-finetune embed --num-shards N ...`")
@@ -127,18 +214,21 @@ def load_sharded(path: str | Path) -> tuple[list[str], np.ndarray]:
         raise _missing_error(folder, missing, n)
     ids: list[str] = []
     vectors = []
-    dim = 0
+    metas = []
     for i in range(n):
         part = folder / part_name(i, n)
         meta, part_ids, part_vectors = read_part(part)
         fingerprint = fingerprint or meta.get("fingerprint")
-        if meta.get("fingerprint") != fingerprint or len(part_ids) != meta.get("count"):
+        if meta.get("fingerprint") != fingerprint or len(part_ids) != meta.get("count") or (
+                vectors and part_vectors.shape[1] != vectors[0].shape[1]):
             raise DataError(f"{str(part)!r} does not belong with the other parts of {str(folder)!r} (another "
                             f"job's part); delete it and run shard {i} again")
         ids += part_ids
         vectors.append(part_vectors)
-        dim = int(meta["dim"])
+        metas.append(meta)
     if index is not None and len(ids) != index.get("total"):
         raise DataError(f"{str(folder)!r}: the parts hold {len(ids)} vectors, {INDEX_NAME} says {index.get('total')}; "
                         f"delete {INDEX_NAME} (re-running any shard rewrites it)")
-    return ids, (np.concatenate(vectors) if ids else np.zeros((0, dim), np.float32))
+    dim = int(metas[0].get("dim") or 0) if metas else 0
+    made_by = {k: metas[0].get(k) for k in ("kind", "model", "model_sha256")} if metas else None
+    return Embeddings(ids, np.concatenate(vectors) if ids else np.zeros((0, dim), np.float32), made_by)

@@ -7,6 +7,7 @@ images training could not decode) to data_report.json beside the saved model.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..files import write_json
 from ..machine import apply_config
 from ..model.clip import ClipModel, load_model
 from .distributed import DistContext
+from .guard import writer_lock
 from .launch import launch, resolve_num_processes
 from .loop import EpochCallback, Hooks, train_rank
 from .optim import check_sizes
@@ -62,17 +64,22 @@ def finetune(
         require_exporter()
     hooks = Hooks(on_epoch_end, on_checkpoint, progress)
     ctx = DistContext.from_env()
-    if ctx is not None:  # a torchrun rank
-        result = train_rank(cfg, splits, out_dir, clip, hooks, resume, ctx)
-    else:
-        # a launcher's single process (torchrun --nproc_per_node 1) sets RANK: it asked for one process
-        nprocs = 1 if "RANK" in os.environ else resolve_num_processes(cfg.num_processes, cfg.device)
-        if nprocs > 1:
-            check_sizes(cfg, len(splits.train), nprocs)
-            apply_config(cfg)
-            result = launch(nprocs, cfg, splits, clip or load_model(cfg, "cpu"), out_dir, hooks, resume)
+    writes = out_dir is not None and (ctx is None or ctx.is_main)
+    if writes:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    # one writer per output folder: a second training into it is refused while this one runs (guard.py)
+    with writer_lock(Path(out_dir)) if writes else contextlib.nullcontext():
+        if ctx is not None:  # a torchrun rank
+            result = train_rank(cfg, splits, out_dir, clip, hooks, resume, ctx)
         else:
-            result = train_rank(cfg, splits, out_dir, clip, hooks, resume)
-    if out_dir is not None and (ctx is None or ctx.is_main):
-        write_json(Path(out_dir) / DATA_REPORT_NAME, splits.report_dict())
+            # a launcher's single process (torchrun --nproc_per_node 1) sets RANK: it asked for one process
+            nprocs = 1 if "RANK" in os.environ else resolve_num_processes(cfg.num_processes, cfg.device)
+            if nprocs > 1:
+                check_sizes(cfg, len(splits.train), nprocs)
+                apply_config(cfg)
+                result = launch(nprocs, cfg, splits, clip or load_model(cfg, "cpu"), out_dir, hooks, resume)
+            else:
+                result = train_rank(cfg, splits, out_dir, clip, hooks, resume)
+        if writes:
+            write_json(Path(out_dir) / DATA_REPORT_NAME, splits.report_dict())
     return result

@@ -26,6 +26,7 @@ from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
 from ..progress import progress as show_progress
 from ..retrieval.evaluate import evaluate
 from .distributed import DistContext, broadcast, process_group
+from .guard import identity_differences, run_identity
 from .optim import apply_locks, check_sizes, make_optimizer, make_scheduler
 from .state import (
     CHECKPOINT_NAME,
@@ -125,7 +126,8 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     run = RunState(cfg, clip, optimizer, make_scheduler(optimizer, cfg, total_steps),
                    torch.amp.GradScaler(device.type, enabled=precision == "fp16"), Progress(),
                    out / CHECKPOINT_NAME if out is not None else None, train_model, precision, ctx,
-                   cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, workers)
+                   cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, workers,
+                   run_identity(cfg, splits) if out is not None else None)
     return run, dataset
 
 
@@ -135,7 +137,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     keep_best = bool(splits.validation) and run.is_main
     if resume and not (run.checkpoint and run.checkpoint.is_file()):
         log.warning("nothing to resume: no %s in %s; starting from the beginning", CHECKPOINT_NAME, out)
-    if resume and run.load_checkpoint():
+    if resume and run.load_checkpoint(lambda theirs: identity_differences(theirs, run.identity)):
         log.info("resuming from %s: epoch %d, batch %d", run.checkpoint, run.progress.epoch,
                  run.progress.batches_done)
         # the best weights so far (the base's until an epoch beats it) are the artifact in out_dir

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,14 +18,19 @@ from ..config import FinetuneConfig
 from ..errors import ClipFinetuneError
 from ..files import atomic_write
 from ..model.clip import ClipModel
+from ..model.safe_load import refused_pickle
 from ..model.weights import unwrap
 from .distributed import DistContext, all_gather_lists
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: records the identity (data and hyperparameters) of its run
 CheckpointCallback = Callable[[Path], None]
+
+
+class RunMismatch(ClipFinetuneError):
+    """A resume checkpoint that is not this run's: other data or hyperparameters, another version, damaged."""
 
 
 class TrainingDiverged(ClipFinetuneError):
@@ -107,6 +113,7 @@ class RunState:
     ctx: DistContext | None = None  # None: a single process
     base_state: dict[str, torch.Tensor] | None = None  # the starting weights, kept for WiSE-FT (alpha < 1)
     num_workers: int = 0  # DataLoader worker processes decoding the training images
+    identity: dict[str, Any] | None = None  # the data and hyperparameters a checkpoint must match (guard.py)
 
     @property
     def is_main(self) -> bool:
@@ -136,18 +143,38 @@ class RunState:
             "torch_rng": torch.get_rng_state(),
             "progress": asdict(self.progress),
             "base": self.base_state,
+            "identity": self.identity,
         }
         atomic_write(self.checkpoint, lambda p: torch.save(state, p))
         if on_checkpoint is not None:
             on_checkpoint(self.checkpoint)
 
-    def load_checkpoint(self) -> bool:
-        """Restore from the checkpoint file, if there is one (weights_only: no pickled code is run)."""
+    def load_checkpoint(self, differences: Callable[[Any], list[str]]) -> bool:
+        """Restore from the checkpoint file, if there is one (weights_only: no pickled code is run). A checkpoint
+        of another run (`differences(its identity)` not empty), of another version or damaged is refused."""
         if self.checkpoint is None or not self.checkpoint.is_file():
             return False
-        state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise ClipFinetuneError(f"{self.checkpoint}: unknown checkpoint version {state.get('version')!r}")
+        try:
+            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
+            raise refused_pickle(self.checkpoint, "the resume checkpoint", e) from None
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            version = state.get("version") if isinstance(state, dict) else None
+            raise RunMismatch(f"{str(self.checkpoint)!r} is not a checkpoint this version writes (version {version!r}, "
+                              f"expected {CHECKPOINT_VERSION}); start over without resuming, or delete it")
+        diffs = differences(state.get("identity"))
+        if diffs:
+            raise RunMismatch(f"{str(self.checkpoint)!r} belongs to another run: {'; '.join(diffs)}. Resume it with "
+                              "the data and hyperparameters it was started with, or start over (clip-finetune train "
+                              "--overwrite, or another output folder)")
+        try:
+            self._restore(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise RunMismatch(f"{str(self.checkpoint)!r} does not fit this model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); start over, or delete it") from None
+        return True
+
+    def _restore(self, state: dict[str, Any]) -> None:
         unwrap(self.clip.model).load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -156,7 +183,6 @@ class RunState:
         self.progress = Progress(**state["progress"])
         if self.base_state is not None:
             self.base_state = state["base"]
-        return True
 
     def sync_bad_pairs(self) -> None:
         """Every rank sees the undecodable images of its own slices: make the list whole on every rank."""
