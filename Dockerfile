@@ -32,6 +32,7 @@ RUN pip install --no-cache-dir --user \
     pydantic==2.14.4 \
     tqdm==4.70.1 \
     safetensors==0.8.0 \
+    charset-normalizer==3.5.3 \
     matplotlib==3.11.2
 
 ARG BAKE_WEIGHTS=0
