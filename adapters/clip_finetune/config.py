@@ -31,6 +31,15 @@ DIRECTIONS = ("text_to_image", "image_to_text")
 RANK_METRICS = ("mrr", "map", "r_precision")
 AT_K_METRICS = ("recall", "precision", "hit", "f1", "ndcg")
 EVAL_KS = (1, 5, 10)
+# CLIP's zero-shot prompts (Radford et al. 2021, ImageNet prompt ensemble): the first makes the training captions
+# of labelled images, all of them are averaged into each class's embedding for zero-shot classification.
+DEFAULT_LABEL_TEMPLATES = (
+    "a photo of a {label}.",
+    "a good photo of a {label}.",
+    "a close-up photo of the {label}.",
+    "a cropped photo of the {label}.",
+    "a bright photo of a {label}.",
+)
 
 
 def metric_names(ks: tuple[int, ...] = EVAL_KS) -> list[str]:
@@ -123,7 +132,18 @@ class FinetuneConfig(BaseModel):
     )
     grad_clip_norm: float | None = Field(1.0, gt=0, description="clip gradients to this L2 norm; null: off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA if supported, else fp16 on CUDA, fp32 on CPU"
+        "auto", description="training, evaluation and embedding: auto = bf16 autocast on CUDA compute capability "
+        ">= 8 (A100, L4, H100), fp16 with loss scaling below (T4, V100), fp32 on CPU; bf16 asked on a GPU "
+        "below 8 runs fp16"
+    )
+    duplicate_aware_loss: bool = Field(
+        True, description="pairs of a batch that share an image (same file content) or a caption (normalised) are "
+        "not negatives of each other: masked out of the softmax (SigLIP: counted as positives); false: open_clip's "
+        "plain loss (docs/data.md has the measurement)"
+    )
+    unique_batches: bool = Field(
+        False, description="fill each batch with pairs of distinct images and captions where the data allows "
+        "(the rest of a batch is filled with the remaining pairs)"
     )
 
     # --- what trains, and memory (docs/scale.md) ------------------------------------------------
@@ -155,6 +175,24 @@ class FinetuneConfig(BaseModel):
     )
     export_onnx: bool = Field(
         False, description="also export the image and text towers to ONNX (onnx/ inside the saved model)"
+    )
+
+    # --- data: held-out split, leakage, labels (docs/data.md) ----------------------------------
+    holdout_fraction: float = Field(
+        0.1, ge=0.0, le=0.5, description="with no validation data: hold out this fraction of the training pairs "
+        "(seeded, whole groups of pairs sharing an image or a caption) to pick the best epoch; 0: off"
+    )
+    holdout_max_pairs: int = Field(
+        2000, ge=2, le=1_000_000, description="at most this many held-out pairs (evaluation runs every epoch)"
+    )
+    drop_train_overlap: bool = Field(
+        True, description="drop validation and test pairs whose item id, image path or image content is also in "
+        "train (counted in data_report.json); false: keep them, with the warning"
+    )
+    label_templates: list[str] = Field(
+        list(DEFAULT_LABEL_TEMPLATES), min_length=1, max_length=100, description="captions of labelled images "
+        "without a description: the first template makes the training caption, all of them are averaged for "
+        "zero-shot classification; each holds {label}"
     )
 
     # --- validation, best checkpoint, early stopping -------------------------------------------
@@ -212,6 +250,18 @@ class FinetuneConfig(BaseModel):
     def _warmup_steps_whole(cls, v: float) -> float:
         if v >= 1 and v != int(v):
             raise ValueError(f"a warmup of 1 or more is a number of steps and must be whole (got {v})")
+        return v
+
+    @field_validator("label_templates")
+    @classmethod
+    def _templates_name_the_label(cls, v: list[str]) -> list[str]:
+        for t in v:
+            try:
+                filled = t.format(label="x")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"template {t!r} may only hold {{label}} ({type(e).__name__}: {e})") from None
+            if filled == t:
+                raise ValueError(f"template {t!r} does not hold {{label}}")
         return v
 
     @field_validator("early_stopping_metric")

@@ -1,6 +1,6 @@
 """The reader of a Dataloop subset download (`items/` + `json/`, what `dataset.download` and a model's
-`train_model` give): plain image items captioned by their description, and prompt items captioned by
-free-text annotations.
+`train_model` give): plain image items captioned by their description (or, without one, by their class, box
+or polygon labels through a template), and prompt items captioned by free-text annotations.
 
 Platform-free on purpose (no dtlpy): the Dataloop adapter downloads, these functions only read files; the
 layouts are described in docs/dataloop.md. Items that cannot be used are skipped and counted in a
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .labels import DEFAULT_TEMPLATE, annotation_labels, label_leaf, label_pairs
 from .pairs import CaptionPair, DataReport
 
 logger = logging.getLogger(__name__)
@@ -89,11 +90,13 @@ class _PromptRequest:
 
 
 def read_subset(
-    folder: str | Path, resolver: ImageResolver | None = None, report: DataReport | None = None
+    folder: str | Path, resolver: ImageResolver | None = None, report: DataReport | None = None,
+    label_template: str = DEFAULT_TEMPLATE,
 ) -> list[CaptionPair]:
     """Pairs of a Dataloop subset download (`folder/items/...` and `folder/json/...`).
 
-    Plain image items give one pair (their description); prompt items give one pair per prompt and
+    Plain image items give one pair (their description; without one, a pair per distinct label of their
+    class/box/polygon annotations, captioned by `label_template`); prompt items give one pair per prompt and
     free-text annotation. Prompt images are looked up in the download first, then fetched with ONE
     `resolver` call. Image files are checked for existence, not decoded.
     """
@@ -103,7 +106,7 @@ def read_subset(
     local_images = {r.item_id: r.file for r in records if r.prompt is None}
     entries: list[CaptionPair | _PromptRequest] = []
     for r in records:
-        entries += _prompt_requests(r, report) if r.prompt is not None else _plain_pair(r, report)
+        entries += _prompt_requests(r, report) if r.prompt is not None else _plain_pair(r, report, label_template)
     found = _resolve_refs([e for e in entries if isinstance(e, _PromptRequest)], local_images, resolver)
     pairs: list[CaptionPair] = []
     for e in entries:
@@ -198,12 +201,15 @@ def _by_stem(items_root: Path, json_rel: Path) -> Path | None:
     return matches[0] if matches else None
 
 
-def _plain_pair(r: _Record, report: DataReport) -> list[CaptionPair]:
+def _plain_pair(r: _Record, report: DataReport, label_template: str) -> list[CaptionPair]:
     caption = item_caption(r.data)
-    if caption is None:
+    labels = annotation_labels(r.data.get("annotations"))
+    if caption is not None:  # a description wins; its first label still scores zero-shot classification
+        return [CaptionPair(str(r.file), caption, r.item_id, label_leaf(labels[0]) if labels else "")]
+    pairs = label_pairs(str(r.file), labels, r.item_id, label_template)
+    if not pairs:
         report.skip("no caption", r.item_id)
-        return []
-    return [CaptionPair(str(r.file), caption, r.item_id)]
+    return pairs
 
 
 def _prompt_requests(r: _Record, report: DataReport) -> list[_PromptRequest]:
