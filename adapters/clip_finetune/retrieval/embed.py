@@ -34,7 +34,7 @@ def image_input(clip: ClipModel, source: ImageSource, name: str | None = None) -
 def encode_image_tensors(clip: ClipModel, images: torch.Tensor) -> np.ndarray:
     """Preprocessed images [n, 3, H, W] -> float32 [n, d], unit norm."""
     clip.model.eval()
-    with torch.inference_mode(), autocast_for(clip.device):
+    with torch.inference_mode(), autocast_for(clip.device, clip.precision):
         features = clip.model.encode_image(images.to(clip.device, non_blocking=True))
     return _unit(features)
 
@@ -89,7 +89,7 @@ def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 256, p
     """Embed texts: float32 [n, d], unit norm. Captions longer than the context are truncated."""
     out: np.ndarray | None = None
     clip.model.eval()
-    with torch.inference_mode(), autocast_for(clip.device):
+    with torch.inference_mode(), autocast_for(clip.device, clip.precision):
         for start in tqdm(range(0, len(texts), batch_size), desc="embed texts", disable=not progress):
             tokens = clip.tokenizer(list(texts[start : start + batch_size])).to(clip.device)
             features = _unit(clip.model.encode_text(tokens))
