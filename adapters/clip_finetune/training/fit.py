@@ -38,12 +38,14 @@ def finetune(
     progress: bool = True,
     resume: bool = False,
 ) -> TrainResult:
-    """Fine-tune a CLIP model on `splits.train`; pick the best epoch on `splits.validation`.
+    """Fine-tune a CLIP model on `splits.train`; pick the best epoch on `splits.validation`; score the final
+    weights on `splits.test` once (the result's 'after', when there is one).
 
     The best epoch's weights (by `cfg.early_stopping_metric` on validation) end up in `clip.model` and,
     when `out_dir` is given, in an open_clip local-dir artifact there with finetune_config.json, metrics.json
     and data_report.json; the artifact is rewritten at each new best, so a crash keeps the best so far.
-    Without validation pairs the last epoch counts as the best and nothing stops early. With
+    Without validation pairs (load_splits holds some out of the training data when it can) the last epoch
+    counts as the best and nothing stops early. A train_batch_size larger than the data is lowered to it. With
     `cfg.wise_ft_alpha` below 1 the saved weights are that mix of the best epoch's and the starting weights.
 
     With `out_dir`, out_dir/checkpoint.pt holds the whole training state, written atomically at every epoch end
@@ -63,12 +65,13 @@ def finetune(
     hooks = Hooks(on_epoch_end, on_checkpoint, progress)
     ctx = DistContext.from_env()
     if ctx is not None:  # a torchrun rank
-        result = train_rank(cfg, splits, out_dir, clip, hooks, resume, ctx)
+        result = train_rank(check_sizes(cfg, len(splits.train), ctx.world_size), splits, out_dir, clip, hooks,
+                            resume, ctx)
     else:
         # a launcher's single process (torchrun --nproc_per_node 1) sets RANK: it asked for one process
         nprocs = 1 if "RANK" in os.environ else resolve_num_processes(cfg.num_processes, cfg.device)
+        cfg = check_sizes(cfg, len(splits.train), nprocs)  # a batch larger than the data is lowered to it
         if nprocs > 1:
-            check_sizes(cfg, len(splits.train), nprocs)
             apply_config(cfg)
             result = launch(nprocs, cfg, splits, clip or load_model(cfg, "cpu"), out_dir, hooks, resume)
         else:
