@@ -15,8 +15,6 @@ from .runs import add_runs_parser, cmd_runs
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="JSON_FILE", help="JSON file of hyperparameters")
@@ -51,7 +49,9 @@ def _add_demo(sub: Any) -> None:
 def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="fine-tune on a Dataloop download, a train/validation folder or a table")
     p.add_argument("--data", required=True, help="Dataloop subset download, folder of subsets, or CSV/TSV/JSONL")
-    p.add_argument("--validation", help="validation data (default: the 'validation' subset of --data)")
+    p.add_argument("--validation", help="validation data, which picks the best epoch (default: the 'validation' "
+                   "subset of --data, else a held-out part of the training data)")
+    p.add_argument("--test", help="test data, scored once at the end (default: the 'test' subset of --data)")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (after a crash)")
     _config_args(p)
@@ -61,7 +61,7 @@ def _add_evaluate(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="retrieval metrics of a model on captioned data")
     p.add_argument("--model", help="saved model folder (default: the base model of --config/--set)")
     p.add_argument("--data", required=True)
-    p.add_argument("--subset", help="subset of --data to use (default: validation if present, else train)")
+    p.add_argument("--subset", help="subset of --data to use (default: test if present, else validation, else train)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.add_argument("--wise-ft", metavar="ALPHAS", help="WiSE-FT sweep: comma-separated alphas, e.g. 0,0.25,0.5,0.75,1; "
                    "each mixes alpha x --model + (1 - alpha) x its base model")
@@ -122,7 +122,7 @@ def _load_clip(args: argparse.Namespace):
     from ..model.clip import load_artifact, load_model
 
     cfg = _load_cfg(args)
-    return (load_artifact(args.model, cfg.device) if args.model else load_model(cfg)), cfg
+    return (load_artifact(args.model, cfg.device, cfg.precision) if args.model else load_model(cfg)), cfg
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -143,12 +143,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..training import finetune
 
     cfg = _load_cfg(args)  # validated before any data is read
-    splits = load_splits(args.data, args.validation, what="--data")
+    splits = load_splits(args.data, args.validation, test=args.test, cfg=cfg, what="--data")
     result = finetune(cfg, splits, args.out, resume=args.resume)  # also writes data_report.json
     if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 writes and prints for the run
         return 0
-    if splits.validation:
-        print(format_table(result.before, result.after))
+    if result.before:
+        where = {"test": "the test split (it chose nothing)",
+                 "selection": "the selection set (it also picked the epoch: optimistic)"}[result.scored_on]
+        print(f"scored on {where}:\n{format_table(result.before, result.after)}")
     print(f"\nbest epoch {result.best_epoch} ({cfg.early_stopping_metric}); model saved to {result.out_dir}")
     return 0
 
@@ -164,19 +166,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.save_mix and (alphas is None or len(alphas) != 1):
         raise ConfigError("--save-mix needs --wise-ft with exactly one alpha")
     clip, cfg = _load_clip(args)
-    subsets, _ = load_dataset(args.data)
-    name = args.subset or ("validation" if "validation" in subsets else next(iter(subsets)))
+    subsets, _ = load_dataset(args.data, label_template=cfg.label_templates[0])
+    # the test split never chose anything (an epoch, a WiSE-FT alpha): its scores are the honest ones
+    name = args.subset or next((s for s in ("test", "validation") if s in subsets), next(iter(subsets)))
     if name not in subsets:
         raise DataError(f"--subset {name!r} not found in {args.data!r}; subsets: {sorted(subsets)}")
     if alphas is None:
-        metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers)
+        metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers, templates=cfg.label_templates)
         print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
         return 0
     from ..retrieval.evaluate import base_model_of, save_wise_ft_mix, wise_ft_sweep
     from ..retrieval.formatting import format_sweep
 
     base = base_model_of(clip, args.base, cfg.device)
-    results = wise_ft_sweep(clip, base, alphas, subsets[name], cfg.batch_size, cfg.num_workers)
+    results = wise_ft_sweep(clip, base, alphas, subsets[name], cfg.batch_size, cfg.num_workers,
+                            cfg.label_templates)
     print(json.dumps({f"{a:g}": m for a, m in results.items()}, indent=2) if args.json else format_sweep(results))
     if args.save_mix:
         save_wise_ft_mix(clip, base, alphas[0], args.save_mix, results[alphas[0]])
@@ -198,6 +202,8 @@ def _parse_alphas(text: str) -> list[float]:
 def _list_images(source: str) -> list[str]:
     path = Path(source)
     if path.is_dir():
+        from ..data.labels import IMAGE_SUFFIXES
+
         return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     from ..data.tables import read_table
 
