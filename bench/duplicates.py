@@ -68,6 +68,15 @@ def run(train: Path, validation: Path, condition: dict, seed: int, epochs: int, 
     return {**{m: last[m] for m in METRICS}, "seconds": time.perf_counter() - t0}
 
 
+def table(results: dict[str, list[dict[str, float]]]) -> str:
+    """Mean ± sd over seeds of each metric, one row per condition."""
+    def cell(runs: list[dict[str, float]], m: str) -> str:
+        return f"{mean(r[m] for r in runs):.3f} ± {stdev(r[m] for r in runs) if len(runs) > 1 else 0:.3f}"
+
+    return markdown_table(["loss", *METRICS], [[name, *(cell(runs, m) for m in METRICS)]
+                                               for name, runs in results.items()])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -76,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=300, help="training images (each with --captions + a title)")
     parser.add_argument("--captions", type=int, default=4, help="written captions per image")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--from-json", help="print the table of an earlier run's --json file, train nothing")
     args = parser.parse_args(argv)
+    if args.from_json:
+        print(table(json.loads(Path(args.from_json).read_text())))
+        return 0
     logging.basicConfig(level=logging.WARNING)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in CONDITIONS}
     with tempfile.TemporaryDirectory(prefix="bench-duplicates-") as tmp:
@@ -88,11 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"seed {seed} {name}: {json.dumps(results[name][-1])}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    rows = [[name, *(f"{mean(r[m] for r in runs):.3f} ± {stdev(r[m] for r in runs) if len(runs) > 1 else 0:.3f}"
-                     for m in METRICS)] for name, runs in results.items()]
     print(f"\n{machine()}; {args.images} training images x {args.captions + 1} captions (one a shared title), "
           f"{args.epochs} epochs, batch {args.batch}, seeds {args.seeds}; mean ± sd over seeds\n")
-    print(markdown_table(["loss", *METRICS], rows))
+    print(table(results))
     return 0
 
 

@@ -61,12 +61,13 @@ def test_without_a_test_split_the_report_says_after_is_the_selection_set(tmp_pat
 
 
 def test_a_run_too_short_to_matter_says_so_and_still_warms_up(tmp_path, tiny_model_config, caplog) -> None:
-    cfg = build_config({**TINY_TRAINING, "model_name": str(tiny_model_config), "train_batch_size": 64})
+    cfg = build_config({**TINY_TRAINING, "model_name": str(tiny_model_config), "train_batch_size": 64,
+                        "num_epochs": 2})
     assert warmup_steps(cfg, 5) == 1 and warmup_steps(cfg, 90) == 9 and warmup_steps(cfg, 0) == 0
-    pairs = read_table(write_csv(tmp_path / "pairs.csv", 100, seed=24))
+    pairs = read_table(write_csv(tmp_path / "pairs.csv", 70, seed=24))
     with caplog.at_level("WARNING"):
         result = finetune(cfg, Splits(pairs), progress=False)
-    note = "only 5 optimisation steps (100 pairs in batches of 64, 5 epochs): too few to change a pretrained model"
+    note = "only 2 optimisation steps (70 pairs in batches of 64, 2 epochs): too few to change a pretrained model"
     assert any(n.startswith(note) for n in result.notes) and note in caplog.text
     assert str(MIN_USEFUL_STEPS) in result.notes[0]
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
@@ -133,7 +134,7 @@ def siglip_config(tmp_path_factory, tiny_model_config) -> Path:
 def test_siglip_models_train_with_the_sigmoid_loss_and_their_logit_bias(siglip_config, tmp_path, accum_freq,
                                                                         monkeypatch) -> None:
     cfg = build_config({**TINY_TRAINING, "model_name": str(siglip_config), "num_epochs": 1, "accum_freq": accum_freq})
-    pairs = read_table(write_csv(tmp_path / "pairs.csv", 64, seed=27))
+    pairs = read_table(write_csv(tmp_path / "pairs.csv", 32, seed=27))
     clip = load_model(cfg)
     losses = []
     real = train_module._make_loss
