@@ -508,8 +508,8 @@ def test_pixel_limit_can_be_lifted_for_trusted_images(tmp_path: Path, restore_pi
                                                     ("Train", "valid"), ("train", "dev")])
 def test_common_subset_spellings_are_the_train_and_validation_splits(tmp_path: Path, train: str,
                                                                      validation: str) -> None:
-    for folder, caption in ((train, "a red circle"), (validation, "a blue square")):
-        add_item(tmp_path / folder, oid(len(caption)), "/a.png", description=caption)
+    for n, (folder, caption) in enumerate(((train, "a red circle"), (validation, "a blue square"))):
+        add_item(tmp_path / folder, oid(n + 1), "/a.png", png_bytes((200, 40 * n, 40)), description=caption)
     splits = load_splits(tmp_path)
     assert [p.caption for p in splits.train] == ["a red circle"]
     assert [p.caption for p in splits.validation] == ["a blue square"]
@@ -517,16 +517,16 @@ def test_common_subset_spellings_are_the_train_and_validation_splits(tmp_path: P
 
 
 def test_two_spellings_of_one_split_are_refused(tmp_path: Path) -> None:
-    for folder in ("train", "training"):
-        add_item(tmp_path / folder, oid(1), "/a.png", description="a red circle")
+    for n, folder in enumerate(("train", "training")):
+        add_item(tmp_path / folder, oid(n + 1), "/a.png", png_bytes((200, 40 * n, 40)), description="a red circle")
     with pytest.raises(DataError, match=r"two subsets for the 'train' split: train/ and training/"):
         load_splits(tmp_path)
 
 
 def test_a_separate_validation_table_is_reported_as_validation(tmp_path: Path) -> None:
     train = tmp_path / "train"
-    add_item(train, oid(1), "/a.png", description="a red circle")
-    add_item(train, oid(2), "/b.png", description="a blue square")
+    add_item(train, oid(1), "/a.png", png_bytes((200, 0, 0)), description="a red circle")
+    add_item(train, oid(2), "/b.png", png_bytes((0, 0, 200)), description="a blue square")
     table = tmp_path / "val.csv"
     image = tmp_path / "c.png"
     image.write_bytes(png_bytes())

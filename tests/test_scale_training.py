@@ -38,7 +38,9 @@ TINY = {**TINY_TRAINING, "batch_size": 64, "num_epochs": 3, "warmup": 0.1, "earl
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[list, list, Path, Path]:
     root = tmp_path_factory.mktemp("scale")
-    train_csv, val_csv = write_csv(root / "train.csv", 128, seed=11), write_csv(root / "val.csv", 32, seed=12)
+    # each table in its own folder: write_csv puts its PNGs in images/ beside the table, and validation's would
+    # overwrite train's first 32 (the leakage guard of load_splits then drops all of validation)
+    train_csv, val_csv = write_csv(root / "train.csv", 128, seed=11), write_csv(root / "val" / "val.csv", 32, seed=12)
     return read_table(train_csv), read_table(val_csv), train_csv, val_csv
 
 

@@ -133,6 +133,18 @@ def test_same_seed_same_weights_on_cpu(tiny_cfg, splits) -> None:
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-def test_batch_larger_than_the_training_set_is_rejected_before_work(tiny_cfg, splits) -> None:
-    with pytest.raises(ConfigError, match=r"train_batch_size: 32 is larger than the training set \(10 pairs\)"):
-        finetune(tiny_cfg, Splits(splits[0][:10]))
+def test_batch_larger_than_the_training_set_is_lowered_to_it_with_a_warning(tiny_cfg, splits, tmp_path,
+                                                                              caplog) -> None:
+    # issue 13: a batch larger than the data was an error; it is now lowered to the data's size, said in the log
+    cfg = build_config(tiny_cfg.model_dump(), {"num_epochs": 1})
+    with caplog.at_level("WARNING"):
+        result = finetune(cfg, Splits(splits[0][:10]), tmp_path, progress=False)
+    assert "train_batch_size 32 is larger than the training set (10 pairs): using 10" in caplog.text
+    assert json.loads((tmp_path / "finetune_config.json").read_text())["train_batch_size"] == 10
+    assert len(result.history) == 1 and np.isfinite(result.history[0]["train_loss"])
+
+
+def test_a_batch_that_cannot_split_across_micro_batches_is_still_rejected(tiny_cfg, splits) -> None:
+    cfg = build_config(tiny_cfg.model_dump(), {"accum_freq": 4, "train_batch_size": 32})
+    with pytest.raises(ConfigError, match=r"too small for one batch of at least 4 pairs"):
+        finetune(cfg, Splits(splits[0][:3]))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -24,14 +23,28 @@ from pydantic import (
     model_validator,
 )
 
+from .architecture import (
+    _artifact_model_config,
+    architecture_config,
+    normalize_model_name,
+)
 from .errors import ConfigError
-from .inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
+from .inputs import MAX_CONFIG_BYTES, Unreadable, read_json
 
 # Metric names the early-stopping / best-checkpoint selection may use (see metrics.py for formulas).
 DIRECTIONS = ("text_to_image", "image_to_text")
 RANK_METRICS = ("mrr", "map", "r_precision")
 AT_K_METRICS = ("recall", "precision", "hit", "f1", "ndcg")
 EVAL_KS = (1, 5, 10)
+# CLIP's zero-shot prompts (Radford et al. 2021, ImageNet prompt ensemble): the first makes the training captions
+# of labelled images, all of them are averaged into each class's embedding for zero-shot classification.
+DEFAULT_LABEL_TEMPLATES = (
+    "a photo of a {label}.",
+    "a good photo of a {label}.",
+    "a close-up photo of the {label}.",
+    "a cropped photo of the {label}.",
+    "a bright photo of a {label}.",
+)
 
 
 def metric_names(ks: tuple[int, ...] = EVAL_KS) -> list[str]:
@@ -41,69 +54,6 @@ def metric_names(ks: tuple[int, ...] = EVAL_KS) -> list[str]:
         names += [f"{d}/{m}@{k}" for m in AT_K_METRICS for k in ks]
         names += [f"{d}/{m}" for m in (*RANK_METRICS, "median_rank", "mean_rank")]
     return names
-
-
-def normalize_model_name(name: str) -> str:
-    """Map the reference app's OpenAI-style spelling to open_clip's: 'ViT-B/32' -> 'ViT-B-32',
-    'ViT-L/14@336px' -> 'ViT-L-14-336'. Paths to a model-config JSON are returned unchanged."""
-    if name.endswith(".json"):
-        return name
-    name = re.sub(r"@(\d+)px$", r"-\1", name.strip())
-    return name.replace("/", "-")
-
-
-def architecture_config(model_name: str) -> dict[str, Any]:
-    """The open_clip model config (embed_dim, vision_cfg, text_cfg) of a name or a config-JSON path."""
-    if model_name.endswith(".json"):
-        cfg = _read_config_json(Path(model_name).expanduser(), "model_name: model-config file")
-        return model_cfg_of(cfg.get("model_cfg", cfg), f"model_name: {model_name!r}")  # an artifact's config too
-    import open_clip
-
-    cfg = open_clip.get_model_config(model_name)
-    if cfg is None:
-        known = open_clip.list_models()
-        close = difflib.get_close_matches(model_name, known, n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see open_clip.list_models()"
-        raise ConfigError(f"model_name: unknown architecture {model_name!r}{hint}")
-    return cfg
-
-
-def _artifact_model_config(pretrained: str | None) -> dict[str, Any] | None:
-    """If `pretrained` names a saved artifact folder, the architecture stored in it."""
-    if not pretrained:
-        return None
-    cfg_file = Path(pretrained).expanduser() / "open_clip_config.json"
-    problem = file_problem(cfg_file)
-    if problem is not None and problem[0] in ("missing", "unusable name"):
-        return None  # not a saved model folder: a pretrained tag or a weights file
-    cfg = _read_config_json(cfg_file, "pretrained: the saved model's")
-    return model_cfg_of(cfg.get("model_cfg"), f"pretrained: {str(cfg_file)!r}")
-
-
-def _read_config_json(path: Path, what: str) -> dict[str, Any]:
-    """A small JSON object file (size, depth and encoding bounded); ConfigError naming `what` and the file."""
-    try:
-        data = read_json(path, MAX_CONFIG_BYTES)
-    except Unreadable as e:
-        raise ConfigError(f"{what} {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {str(path)!r} holds JSON {type(data).__name__}, not an object")
-    return data
-
-
-def model_cfg_of(cfg: Any, what: str) -> dict[str, Any]:
-    """`cfg` when it looks like an open_clip model config (embed_dim, vision_cfg, text_cfg); ConfigError else."""
-    if not isinstance(cfg, dict) or "model_cfg" in cfg:
-        raise ConfigError(f"{what} has no model_cfg object; it is not an open_clip model config or a saved "
-                          "model's open_clip_config.json")
-    embed_dim = cfg.get("embed_dim")
-    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
-        raise ConfigError(f"{what} has no positive integer 'embed_dim' (got {embed_dim!r}); not an open_clip "
-                          "model config")
-    for key in ("vision_cfg", "text_cfg"):
-        if not isinstance(cfg.get(key), dict):
-            raise ConfigError(f"{what} has no {key} object; not an open_clip model config")
-    return cfg
 
 
 class FinetuneConfig(BaseModel):
@@ -143,7 +93,18 @@ class FinetuneConfig(BaseModel):
     )
     grad_clip_norm: float | None = Field(1.0, gt=0, description="clip gradients to this L2 norm; null: off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA if supported, else fp16 on CUDA, fp32 on CPU"
+        "auto", description="training, evaluation and embedding: auto = bf16 autocast on CUDA compute capability "
+        ">= 8 (A100, L4, H100), fp16 with loss scaling below (T4, V100), fp32 on CPU; bf16 asked on a GPU "
+        "below 8 runs fp16"
+    )
+    duplicate_aware_loss: bool = Field(
+        True, description="pairs of a batch that share an image (same file content) or a caption (normalised) are "
+        "not negatives of each other: masked out of the softmax (SigLIP: counted as positives); false: open_clip's "
+        "plain loss (docs/data.md has the measurement)"
+    )
+    unique_batches: bool = Field(
+        False, description="fill each batch with pairs of distinct images and captions where the data allows "
+        "(the rest of a batch is filled with the remaining pairs)"
     )
 
     # --- what trains, and memory (docs/scale.md) ------------------------------------------------
@@ -175,6 +136,24 @@ class FinetuneConfig(BaseModel):
     )
     export_onnx: bool = Field(
         False, description="also export the image and text towers to ONNX (onnx/ inside the saved model)"
+    )
+
+    # --- data: held-out split, leakage, labels (docs/data.md) ----------------------------------
+    holdout_fraction: float = Field(
+        0.1, ge=0.0, le=0.5, description="with no validation data: hold out this fraction of the training pairs "
+        "(seeded, whole groups of pairs sharing an image or a caption) to pick the best epoch; 0: off"
+    )
+    holdout_max_pairs: int = Field(
+        2000, ge=2, le=1_000_000, description="at most this many held-out pairs (evaluation runs every epoch)"
+    )
+    drop_train_overlap: bool = Field(
+        True, description="drop validation and test pairs whose item id, image path or image content is also in "
+        "train (counted in data_report.json); false: keep them, with the warning"
+    )
+    label_templates: list[str] = Field(
+        list(DEFAULT_LABEL_TEMPLATES), min_length=1, max_length=100, description="captions of labelled images "
+        "without a description: the first template makes the training caption, all of them are averaged for "
+        "zero-shot classification; each holds {label}"
     )
 
     # --- validation, best checkpoint, early stopping -------------------------------------------
@@ -254,6 +233,18 @@ class FinetuneConfig(BaseModel):
     def _warmup_steps_whole(cls, v: float) -> float:
         if v >= 1 and v != int(v):
             raise ValueError(f"a warmup of 1 or more is a number of steps and must be whole (got {v})")
+        return v
+
+    @field_validator("label_templates")
+    @classmethod
+    def _templates_name_the_label(cls, v: list[str]) -> list[str]:
+        for t in v:
+            try:
+                filled = t.format(label="x")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(f"template {t!r} may only hold {{label}} ({type(e).__name__}: {e})") from None
+            if filled == t:
+                raise ValueError(f"template {t!r} does not hold {{label}}")
         return v
 
     @field_validator("early_stopping_metric")

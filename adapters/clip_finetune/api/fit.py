@@ -53,6 +53,7 @@ def fit(
     eval_data: DataLike | None = None,
     run_name: str | None = None,
     *,
+    test_data: DataLike | None = None,
     wait: bool = False,
     runs_dir: str | os.PathLike | None = None,
     **hyperparameters: Any,
@@ -60,21 +61,24 @@ def fit(
     """Start a fine-tuning run and return it; with `wait=True` train in this process and return when done.
 
     model: an open_clip architecture name ('ViT-B-32'), a model-config JSON, or a saved model folder.
-    train_data / eval_data: a path (Dataloop download, folder of subsets, CSV/TSV/JSONL) or a list of
-    (image path or PIL image, caption) pairs. Without eval_data, a download's 'validation' subset evaluates.
+    train_data / eval_data / test_data: a path (Dataloop download, folder of subsets or of classes, CSV/TSV/JSONL)
+    or a list of (image path or PIL image, caption) pairs; one PIL image object given with several captions is
+    one image. eval_data picks the best epoch: without it, a download's 'validation' subset, else a held-out part
+    of train_data. test_data (else a download's 'test' subset) is scored once at the end: the result's 'after'.
     hyperparameters: FinetuneConfig fields, validated before anything starts (ConfigError, one line per field).
     In the background (default) a worker process the caller need not manage trains; a foreground run that
     fails raises after recording the failure.
     """
     cfg = build_config(_model_layer(model, hyperparameters), hyperparameters)
-    train_spec, eval_spec = _check_data(train_data, "train_data"), _check_data(eval_data, "eval_data")
+    specs = {"train_data": _check_data(train_data, "train_data"), "eval_data": _check_data(eval_data, "eval_data"),
+             "test_data": _check_data(test_data, "test_data")}
     root = runs_root(runs_dir)
     name = check_run_name(run_name) if run_name is not None else new_run_name()
-    request = {"config": cfg.model_dump(mode="json"), "train_data": None, "eval_data": None}
+    request: dict[str, Any] = {"config": cfg.model_dump(mode="json"), **dict.fromkeys(specs)}
     run_dir = create_run(root, name, request)
     try:
-        request["train_data"] = _materialise(train_spec, run_dir, "train")
-        request["eval_data"] = _materialise(eval_spec, run_dir, "eval")
+        for key, spec in specs.items():
+            request[key] = _materialise(spec, run_dir, key.removesuffix("_data"))
         write_json(run_dir / REQUEST_NAME, request)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # nothing started: leave no half-made run behind
@@ -144,17 +148,20 @@ def _unpack(pair: Any, what: str, i: int) -> tuple[Any, Any]:
 
 
 def _materialise(spec: str | list[tuple[Any, str]] | None, run_dir: Path, split: str) -> str | None:
-    """In-memory pairs become data/<split>.jsonl (+ PNGs for PIL images) that the worker reads."""
+    """In-memory pairs become data/<split>.jsonl (+ one PNG per PIL image object) that the worker reads."""
     if spec is None or isinstance(spec, str):
         return spec
     folder = run_dir / DATA_DIR
     (folder / split).mkdir(parents=True, exist_ok=True)
     table = folder / f"{split}.jsonl"
+    written: dict[int, Path] = {}  # id(PIL image) -> its PNG: an image given with 3 captions is 1 image, not 3
     with table.open("w", encoding="utf-8") as f:
         for i, (image, caption) in enumerate(spec):
             if isinstance(image, Image.Image):
-                path = folder / split / f"{i:06d}.png"
-                to_rgb(image).save(path)  # PNG: lossless, the worker decodes the very same pixels
+                path = written.get(id(image))  # the objects live in `spec` throughout: ids are not reused
+                if path is None:
+                    path = written[id(image)] = folder / split / f"{i:06d}.png"
+                    to_rgb(image).save(path)  # PNG: lossless, the worker decodes the very same pixels
             else:
                 path = Path(image).expanduser().resolve()
             f.write(json.dumps({"id": f"{split}[{i}]", "image": str(path), "caption": caption}) + "\n")

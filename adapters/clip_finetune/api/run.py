@@ -43,17 +43,18 @@ class Example:
     """One evaluation caption and the top-k images it retrieved before and after fine-tuning."""
 
     query: str
-    image: str  # the image the caption describes
+    image: str  # the image the caption describes (the first, when several images share the caption)
     before: list[tuple[str, float]]  # (image path, cosine similarity), best first
     after: list[tuple[str, float]]
+    relevant: tuple[str, ...] = ()  # every image the caption describes (duplicate-aware, docs/metrics.md)
 
     @property
     def hit_before(self) -> bool:
-        return any(path == self.image for path, _ in self.before)
+        return any(path in (self.image, *self.relevant) for path, _ in self.before)
 
     @property
     def hit_after(self) -> bool:
-        return any(path == self.image for path, _ in self.after)
+        return any(path in (self.image, *self.relevant) for path, _ in self.after)
 
 
 class Run:
@@ -163,12 +164,17 @@ class Run:
         for file in files:
             with np.load(file, allow_pickle=False) as d:
                 images, captions, owner = d["images"].tolist(), d["captions"].tolist(), d["text_to_image"]
+                links = d["relevant"].tolist() if "relevant" in d.files else list(enumerate(owner.tolist()))
                 idx, scores = top_k(d["text_features"] @ d["image_features"].T, k)  # [n_texts, k]
             top = [[(images[i], float(s)) for i, s in zip(row_i, row_s, strict=True)]
                    for row_i, row_s in zip(idx, scores, strict=True)]
-            ranked.append((captions, [images[o] for o in owner], top))
-        (captions, targets, before), (_, _, after) = ranked
-        return [Example(q, t, b, a) for q, t, b, a in zip(captions, targets, before, after, strict=True)]
+            relevant: list[list[str]] = [[] for _ in captions]
+            for t, i in links:
+                relevant[t].append(images[i])
+            ranked.append((captions, [images[o] for o in owner], top, relevant))
+        (captions, targets, before, relevant), (_, _, after, _) = ranked
+        return [Example(q, t, b, a, tuple(r))
+                for q, t, b, a, r in zip(captions, targets, before, after, relevant, strict=True)]
 
 
 @at_boundary

@@ -42,7 +42,7 @@ def save_pair_embeddings(path: Path, emb: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, images=np.asarray(emb.images, dtype=str), image_features=emb.image_features,
              captions=np.asarray(emb.captions, dtype=str), text_features=emb.text_features,
-             text_to_image=emb.text_to_image)
+             text_to_image=emb.text_to_image, relevant=emb.relevant)
 
 
 def execute(run_dir: Path) -> dict[str, Any]:
@@ -71,9 +71,11 @@ def _train(run_dir: Path) -> dict[str, Any]:
 
     request = read_json(run_dir / REQUEST_NAME)
     cfg = build_config(request["config"])
-    splits = load_splits(request["train_data"], request.get("eval_data"), what="train_data")
+    splits = load_splits(request["train_data"], request.get("eval_data"), test=request.get("test_data"), cfg=cfg,
+                         what="train_data")
     val = splits.validation
-    log.info("run %s: %d training pairs, %d evaluation pairs", run_dir.name, len(splits.train), len(val or []))
+    log.info("run %s: %d training pairs, %d evaluation pairs, %d test pairs", run_dir.name, len(splits.train),
+             len(val or []), len(splits.test or []))
 
     # heavy imports only now: a bad data path fails in a second, without loading torch
     from ..machine import apply_config

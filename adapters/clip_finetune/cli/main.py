@@ -17,8 +17,6 @@ from .runs import cmd_runs
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
 
 def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None):
     from ..config import build_config, load_config_file, parse_set_options
@@ -35,7 +33,7 @@ def _load_clip(args: argparse.Namespace, cfg: Any = None):
     from ..model.clip import load_artifact, load_model
 
     cfg = cfg or _load_cfg(args)
-    return (load_artifact(args.model, cfg.device) if args.model else load_model(cfg)), cfg
+    return (load_artifact(args.model, cfg.device, cfg.precision) if args.model else load_model(cfg)), cfg
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -59,12 +57,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_cfg(args)  # validated before any data is read
     if not int(os.environ.get("RANK", "0")):  # rank 0 writes --out (under torchrun the others find it in use)
         check_output_folder(args.out, (args.data, args.validation), overwrite=args.overwrite, resume=args.resume)
-    splits = load_splits(args.data, args.validation, what="--data")
+    splits = load_splits(args.data, args.validation, test=args.test, cfg=cfg, what="--data")
     result = finetune(cfg, splits, args.out, resume=args.resume)  # also writes data_report.json
     if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 writes and prints for the run
         return 0
-    if splits.validation:
-        print(format_table(result.before, result.after))
+    if result.before:
+        where = {"test": "the test split (it chose nothing)",
+                 "selection": "the selection set (it also picked the epoch: optimistic)"}[result.scored_on]
+        print(f"scored on {where}:\n{format_table(result.before, result.after)}")
     print(f"\nbest epoch {result.best_epoch} ({cfg.early_stopping_metric}); model saved to {result.out_dir}")
     if not result.improved:
         print(f"warning: {result.note}")  # the last line: a short run may have changed nothing
@@ -86,20 +86,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         check_output_folder(args.save_mix, (args.data,), overwrite=args.overwrite, flag="--save-mix")
     cfg = _load_cfg(args)
-    subsets, _ = load_dataset(args.data)  # the data before the model: a bad path fails before a model loads
-    name = args.subset or ("validation" if "validation" in subsets else next(iter(subsets)))
+    # the data before the model: a bad path fails before a model loads
+    subsets, _ = load_dataset(args.data, label_template=cfg.label_templates[0])
+    # the test split never chose anything (an epoch, a WiSE-FT alpha): its scores are the honest ones
+    name = args.subset or next((s for s in ("test", "validation") if s in subsets), next(iter(subsets)))
     if name not in subsets:
         raise DataError(f"--subset {name!r} not found in {args.data!r}; subsets: {sorted(subsets)}")
     clip, cfg = _load_clip(args, cfg)
     if alphas is None:
-        metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers, progress=not args.json)
+        metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers, progress=not args.json,
+                           templates=cfg.label_templates)
         print(json.dumps(metrics, indent=2) if args.json else format_scores(metrics, "model" if args.model else "base"))
         return 0
     from ..retrieval.evaluate import base_model_of, save_wise_ft_mix, wise_ft_sweep
     from ..retrieval.formatting import format_sweep
 
     base = base_model_of(clip, args.base, cfg.device)
-    results = wise_ft_sweep(clip, base, alphas, subsets[name], cfg.batch_size, cfg.num_workers)
+    results = wise_ft_sweep(clip, base, alphas, subsets[name], cfg.batch_size, cfg.num_workers,
+                            cfg.label_templates)
     print(json.dumps({f"{a:g}": m for a, m in results.items()}, indent=2) if args.json else format_sweep(results))
     if args.save_mix:
         save_wise_ft_mix(clip, base, alphas[0], args.save_mix, results[alphas[0]])
@@ -121,6 +125,8 @@ def _parse_alphas(text: str) -> list[float]:
 def _list_images(source: str) -> list[str]:
     path = Path(source)
     if path.is_dir():  # files that are not images (FIFOs, links to nothing) are skipped when decoded, and listed
+        from ..data.labels import IMAGE_SUFFIXES
+
         return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not path.exists():
         raise DataError(f"--images {source!r} does not exist; give a folder of images or a CSV/TSV/JSONL table")

@@ -68,8 +68,11 @@ def _add_train(sub: Any) -> None:
                        "stops early. Writes an open_clip model folder with metrics.json and data_report.json.")
     p.add_argument("--data", required=True, help="a Dataloop subset download (items/ + json/), a folder of subsets "
                    "(train/, validation/, test/; also training/, val/, valid/, dev/) or a CSV/TSV/JSONL table")
-    p.add_argument("--validation", metavar="DATA", help="validation data, any of the --data forms (default: the "
-                   "validation subset of --data)")
+    p.add_argument("--validation", metavar="DATA", help="validation data, which picks the best epoch; any of the "
+                   "--data forms (default: the validation subset of --data, else a held-out part of the training "
+                   "data: holdout_fraction)")
+    p.add_argument("--test", metavar="DATA", help="test data, scored once at the end and reported as the 'after' "
+                   "figure (default: the test subset of --data; none: 'after' is the validation set's)")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (after a crash); "
                    "refused when the data or hyperparameters differ from the checkpoint's")
@@ -83,7 +86,8 @@ def _add_evaluate(sub: Any) -> None:
                        "one model, or a WiSE-FT sweep of mixes of a fine-tuned model and its base.")
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--data", required=True, help="captioned data, any of the `train --data` forms")
-    p.add_argument("--subset", help="subset of --data to use (default: validation if present, else train)")
+    p.add_argument("--subset", help="subset of --data to use (default: test if present, else validation, else "
+                   "train)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.add_argument("--wise-ft", metavar="ALPHAS", help="WiSE-FT sweep: comma-separated alphas, e.g. 0,0.25,0.5,0.75,1; "
                    "each mixes alpha x --model + (1 - alpha) x its base model")

@@ -1,6 +1,6 @@
 """The reader of a Dataloop subset download (`items/` + `json/`, what `dataset.download` and a model's
-`train_model` give): plain image items captioned by their description, and prompt items captioned by
-free-text annotations.
+`train_model` give): plain image items captioned by their description (or, without one, by their class, box
+or polygon labels through a template), and prompt items captioned by free-text annotations.
 
 Platform-free on purpose (no dtlpy): the Dataloop adapter downloads, these functions only read files; the
 layouts are described in docs/dataloop.md. Items that cannot be used are skipped and counted in a
@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import DataError
 from ..inputs import MAX_JSON_BYTES, Unreadable, read_json
 from ..progress import progress as show_progress
+from .labels import DEFAULT_TEMPLATE, annotation_labels, label_leaf, label_pairs
 from .pairs import CaptionPair, DataReport
 from .safe_read import image_problem
 
@@ -92,11 +93,13 @@ class _PromptRequest:
 
 
 def read_subset(
-    folder: str | Path, resolver: ImageResolver | None = None, report: DataReport | None = None
+    folder: str | Path, resolver: ImageResolver | None = None, report: DataReport | None = None,
+    label_template: str = DEFAULT_TEMPLATE,
 ) -> list[CaptionPair]:
     """Pairs of a Dataloop subset download (`folder/items/...` and `folder/json/...`).
 
-    Plain image items give one pair (their description); prompt items give one pair per prompt and
+    Plain image items give one pair (their description; without one, a pair per distinct label of their
+    class/box/polygon annotations, captioned by `label_template`); prompt items give one pair per prompt and
     free-text annotation. Prompt images are looked up in the download first, then fetched with ONE
     `resolver` call. Image files are checked for existence, not decoded.
     """
@@ -107,7 +110,7 @@ def read_subset(
     entries: list[CaptionPair | _PromptRequest] = []
     uncaptioned: list[str] = []  # image items without a description: skipped unless a prompt shows them
     for r in records:
-        entries += _prompt_requests(r, report) if r.prompt is not None else _plain_pair(r, uncaptioned)
+        entries += _prompt_requests(r, report) if r.prompt is not None else _plain_pair(r, uncaptioned, label_template)
     requests = [e for e in entries if isinstance(e, _PromptRequest)]
     _skip_unused_images(uncaptioned, {q.ref for q in requests}, report)
     found = _resolve_refs(requests, local_images, resolver)
@@ -213,12 +216,15 @@ def _by_stem(items_root: Path, json_rel: Path) -> Path | None:
     return matches[0] if matches else None
 
 
-def _plain_pair(r: _Record, uncaptioned: list[str]) -> list[CaptionPair]:
+def _plain_pair(r: _Record, uncaptioned: list[str], label_template: str) -> list[CaptionPair]:
     caption = item_caption(r.data)
-    if caption is None:
+    labels = annotation_labels(r.data.get("annotations"))
+    if caption is not None:  # a description wins; its first label still scores zero-shot classification
+        return [CaptionPair(str(r.file), caption, r.item_id, label_leaf(labels[0]) if labels else "")]
+    pairs = label_pairs(str(r.file), labels, r.item_id, label_template)
+    if not pairs:
         uncaptioned.append(r.item_id)
-        return []
-    return [CaptionPair(str(r.file), caption, r.item_id)]
+    return pairs
 
 
 def _skip_unused_images(uncaptioned: list[str], prompt_refs: set[str], report: DataReport) -> None:

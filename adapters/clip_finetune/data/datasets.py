@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
@@ -89,12 +91,44 @@ def tokenize_all(tokenizer: Callable, texts: list[str], progress: bool = False) 
     return torch.cat([tokenizer(chunk) for chunk in shown])
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[tuple[int, int]]]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, keys: tuple[np.ndarray, np.ndarray] | None = None
+                  ) -> list[list[tuple[int, int]]]:
     """The batches of one epoch: a permutation seeded by (seed, epoch), cut into full batches (the last,
-    partial one is dropped: a contrastive step on a few pairs is noise). Keys are (epoch, index)."""
+    partial one is dropped: a contrastive step on a few pairs is noise). Keys are (epoch, index).
+
+    `keys` (image ids, caption ids per pair): reorder so each batch holds distinct images and captions where
+    the data allows (spread_duplicates); the number of batches stays the same."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=generator).tolist()
+    if keys is not None:
+        order = spread_duplicates(order, batch_size, *keys)
     return [[(epoch, i) for i in order[b * batch_size : (b + 1) * batch_size]] for b in range(n // batch_size)]
+
+
+def spread_duplicates(order: list[int], batch_size: int, image_ids: np.ndarray, caption_ids: np.ndarray,
+                      lookahead: int = 4) -> list[int]:
+    """`order` rearranged so that each batch takes the next pairs whose image and caption are not in it yet
+    (looking at most lookahead x batch_size pairs ahead), and is filled up with clashing pairs only when no
+    other is in reach (a label caption shared by a whole class cannot be avoided). Passed-over pairs come
+    first in the next batch, so every pair keeps its turn within the epoch."""
+    queue, out = deque(order), []
+    while len(queue) >= batch_size:
+        batch, deferred, images, captions = [], [], set(), set()
+        for _ in range(min(len(queue), lookahead * batch_size)):
+            i = queue.popleft()
+            if image_ids[i] in images or caption_ids[i] in captions:
+                deferred.append(i)
+            else:
+                batch.append(i)
+                images.add(image_ids[i])
+                captions.add(caption_ids[i])
+                if len(batch) == batch_size:
+                    break
+        fill = batch_size - len(batch)
+        batch += deferred[:fill]
+        queue.extendleft(reversed(deferred[fill:]))
+        out += batch
+    return out + list(queue)
 
 
 ImageSource = str | Path | bytes | Image.Image  # an image file, its bytes, or an image already decoded

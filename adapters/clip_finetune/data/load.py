@@ -1,9 +1,11 @@
-"""THE choice of training and validation data, for every entry point (CLI, Python API, Dataloop adapter).
+"""THE choice of training, validation and test data, for every entry point (CLI, Python API, Dataloop adapter).
 
-A data path is a table (.csv/.tsv/.jsonl), one Dataloop subset download (a folder with items/ and json/), or
-a folder of such subsets (train/, validation/, ...). `load_splits` reads it (and an optional separate
-validation path) into `Splits`: the training pairs, the validation pairs and, per split, a DataReport of
-what was used and skipped. Training writes those reports to data_report.json beside the model.
+A data path is a table (.csv/.tsv/.jsonl), one Dataloop subset download (a folder with items/ and json/), a
+folder of such subsets (train/, validation/, test/, ...), or a folder per class (`cat/*.jpg`, optionally under
+train/, validation/, test/). `load_splits` reads it (and optional separate validation and test paths) into
+`Splits`: the training pairs, the pairs that select the best epoch (validation, else a held-out part of train),
+the test pairs scored once at the end, and per split a DataReport of what was used and skipped (exact
+duplicates, pairs also in train). Training writes those reports to data_report.json beside the model.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import FinetuneConfig
 from ..errors import DataError
 from ..inputs import file_problem
 from .dataloop import ImageResolver, read_subset
+from .labels import DEFAULT_TEMPLATE, is_class_folder_layout, read_class_folders
 from .pairs import CaptionPair, DataReport
+from .split import SplitOptions, drop_duplicate_pairs, drop_train_overlap, hold_out
 from .tables import TABLE_SUFFIXES, read_table
 
 logger = logging.getLogger(__name__)
@@ -31,19 +36,22 @@ NO_PAIRS_HINT = "or point to other data"
 
 @dataclass
 class Splits:
-    """The pairs a run trains on and selects its best epoch with, and what reading each split used and
-    skipped (training adds the images it could not decode to the train report)."""
+    """The pairs a run trains on, selects its best epoch with (validation: given, or held out from train) and
+    scores once at the end (test), and what reading each split used and skipped (training adds the images it
+    could not decode to the train report)."""
 
     train: list[CaptionPair]
     validation: list[CaptionPair] | None = None
     reports: dict[str, DataReport] = field(default_factory=dict)
+    test: list[CaptionPair] | None = None
+    held_out: bool = False  # validation was held out from the training data (none was given)
 
     def report(self, name: str) -> DataReport:
         """The report of split `name`, created empty for in-memory pairs."""
         return self.reports.setdefault(name, DataReport(used=len(getattr(self, name) or [])))
 
     def report_dict(self) -> dict[str, Any]:
-        """What data_report.json holds: {split: {used, skipped, examples}}."""
+        """What data_report.json holds: {split: {used, skipped, examples[, note]}}."""
         return {name: r.to_dict() for name, r in self.reports.items()}
 
 
@@ -52,18 +60,24 @@ def load_splits(
     validation: str | Path | None = None,
     resolver: ImageResolver | None = None,
     *,
+    test: str | Path | None = None,
+    cfg: FinetuneConfig | SplitOptions | None = None,
     what: str = "data",
     no_pairs_hint: str = NO_PAIRS_HINT,
     no_train_hint: str = "name the training subset train/ or pass that subset's folder",
 ) -> Splits:
-    """Training and validation pairs of `data`: its 'train' subset (or its only one), and the 'validation'
-    subset of `validation` when given, else of `data` (none: no validation).
+    """Training, validation and test pairs of `data`: its 'train' subset (or its only one); the 'validation'
+    subset of `validation` when given, else of `data`, else a held-out part of train (cfg.holdout_fraction);
+    the 'test' subset of `test` when given, else of `data` (none: no test split).
 
+    Exact duplicate pairs are dropped in every split, and validation/test pairs also in train (item id, image
+    path or content) when cfg.drop_train_overlap; each is warned about and counted in the split's report.
     `what` names the data in errors (a CLI flag, an API argument); `no_pairs_hint` says how to fix a split
     with no usable pair, `no_train_hint` data without a training subset. Raises DataError for data that is
-    not a dataset, has no training subset, or whose training or validation split has no usable pair.
+    not a dataset, has no training subset, or whose training, validation or test split has no usable pair.
     """
-    subsets, reports = load_dataset(data, resolver)
+    opts = cfg if isinstance(cfg, SplitOptions) else SplitOptions.of(cfg)
+    subsets, reports = load_dataset(data, resolver, label_template=opts.label_template)
     if TRAIN in subsets:
         train = subsets[TRAIN]
     elif len(subsets) == 1:
@@ -71,32 +85,64 @@ def load_splits(
         reports = {TRAIN: reports.pop(name), **reports}
     else:
         raise DataError(f"{what} {str(data)!r}: no 'train' subset among {sorted(subsets)}; {no_train_hint}")
-    val = subsets.get(VALIDATION)
-    if validation is not None:
-        val_sets, val_reports = load_dataset(validation, resolver, single_name=VALIDATION)
-        name = VALIDATION if VALIDATION in val_sets else next(iter(val_sets))
-        val, reports[VALIDATION] = val_sets[name], val_reports[name]
-    splits = Splits(train, val, reports)
-    for name in (TRAIN, VALIDATION):
-        if name in reports and getattr(splits, name) is not None:
-            source = validation if name == VALIDATION and validation is not None else data
-            require_pairs(name, getattr(splits, name), reports[name], _subset_folder(source, name), no_pairs_hint)
+    parts: dict[str, list[CaptionPair] | None] = {TRAIN: train}
+    sources: dict[str, str | Path] = {TRAIN: data}
+    for name, path in ((VALIDATION, validation), (TEST, test)):
+        parts[name], sources[name] = subsets.get(name), data
+        if path is not None:
+            extra_sets, extra_reports = load_dataset(path, resolver, single_name=name,
+                                                     label_template=opts.label_template)
+            chosen = name if name in extra_sets else next(iter(extra_sets))
+            parts[name], reports[name], sources[name] = extra_sets[chosen], extra_reports[chosen], path
+    if parts[TEST] is not None and not parts[TEST] and not reports[TEST].total_skipped:
+        logger.warning("test: the subset is empty; no test split (the report's 'after' is the selection set)")
+        parts[TEST] = None
+        reports.pop(TEST)
+    for name, pairs in parts.items():
+        if pairs is not None and name in reports:
+            require_pairs(name, pairs, reports[name], _subset_folder(sources[name], name), no_pairs_hint)
+            parts[name] = drop_duplicate_pairs(name, pairs, reports[name])
+    return _guard(Splits(parts[TRAIN] or [], parts[VALIDATION], reports, parts[TEST]), opts)
+
+
+def _guard(splits: Splits, opts: SplitOptions) -> Splits:
+    """Hold out a validation split when none was given; drop validation/test pairs that are also in train."""
+    if splits.validation is None and (held := hold_out(splits.train, opts, splits.report(TRAIN))) is not None:
+        splits.train, splits.validation, splits.reports[VALIDATION] = held
+        splits.held_out = True
+    for name in (VALIDATION, TEST):
+        pairs = getattr(splits, name)
+        if pairs is None or splits.held_out and name == VALIDATION:
+            continue
+        kept = drop_train_overlap(name, splits.train, pairs, splits.report(name), opts.drop_train_overlap)
+        if not kept:
+            raise DataError(f"{name}: all {len(pairs)} pairs are also in train (the same items or images), so it "
+                            "cannot score the model honestly; give it other items, or set drop_train_overlap to "
+                            "false to score on them anyway")
+        setattr(splits, name, kept)
     return splits
 
 
 def load_dataset(
-    path: str | Path, resolver: ImageResolver | None = None, single_name: str = TRAIN
+    path: str | Path, resolver: ImageResolver | None = None, single_name: str = TRAIN,
+    label_template: str = DEFAULT_TEMPLATE,
 ) -> tuple[dict[str, list[CaptionPair]], dict[str, DataReport]]:
-    """Read a table, one subset download, or a folder of subset downloads into {split: pairs}; a table or a
-    single subset is split `single_name`. Returns the pairs and a DataReport per split (also logged)."""
+    """Read a table, one subset download, a folder of subset downloads, or a folder per class (itself or under
+    subset folders) into {split: pairs}; a table, a single subset or a class folder is split `single_name`.
+    Returns the pairs and a DataReport per split (also logged)."""
     path = Path(path)
     readers: dict[str, Callable[[DataReport], list[CaptionPair]]]
     if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
-        readers = {single_name: lambda r: read_table(path, r)}
+        readers = {single_name: lambda r: read_table(path, r, label_template)}
     elif path.is_dir() and _is_subset(path):
-        readers = {single_name: lambda r: read_subset(path, resolver, r)}
+        readers = {single_name: lambda r: read_subset(path, resolver, r, label_template)}
     elif path.is_dir() and (subsets := sorted(d for d in path.iterdir() if d.is_dir() and _is_subset(d))):
-        readers = {name: _subset_reader(d, resolver) for name, d in _split_names(path, subsets).items()}
+        named = _split_names(path, subsets)
+        readers = {name: _subset_reader(d, resolver, label_template) for name, d in named.items()}
+    elif path.is_dir() and (classes := _class_folder_subsets(path)):
+        readers = {name: _class_reader(d, label_template) for name, d in classes.items()}
+    elif path.is_dir() and is_class_folder_layout(path):
+        readers = {single_name: _class_reader(path, label_template)}
     else:
         raise DataError(_layout_message(path))
     splits, reports = {}, {}
@@ -145,8 +191,19 @@ def _split_names(root: Path, folders: list[Path]) -> dict[str, Path]:
     return named
 
 
-def _subset_reader(folder: Path, resolver: ImageResolver | None) -> Callable[[DataReport], list[CaptionPair]]:
-    return lambda report: read_subset(folder, resolver, report)
+def _subset_reader(folder: Path, resolver: ImageResolver | None, label_template: str
+                   ) -> Callable[[DataReport], list[CaptionPair]]:
+    return lambda report: read_subset(folder, resolver, report, label_template)
+
+
+def _class_reader(folder: Path, label_template: str) -> Callable[[DataReport], list[CaptionPair]]:
+    return lambda report: read_class_folders(folder, report, label_template)
+
+
+def _class_folder_subsets(path: Path) -> dict[str, Path]:
+    """{train/validation/test: folder} when `path` holds such subsets, each a folder per class."""
+    found = {name: path / name for name in (TRAIN, VALIDATION, TEST) if (path / name).is_dir()}
+    return found if TRAIN in found and all(is_class_folder_layout(d) for d in found.values()) else {}
 
 
 def _is_subset(folder: Path) -> bool:
@@ -164,6 +221,6 @@ def _layout_message(path: Path) -> str:
         found = f"it holds {names}" if names else "it is empty"
     return (
         f"data path {str(path)!r} is not a dataset ({found}); give one of: a .csv/.tsv/.jsonl table with "
-        "image and caption columns; a Dataloop subset download (a folder with items/ and json/); or a "
-        "folder of such subsets (train/, validation/, ...)"
+        "image and caption (or label) columns; a Dataloop subset download (a folder with items/ and json/); a "
+        "folder of such subsets (train/, validation/, ...); or a folder per class (cat/, dog/, ...)"
     )

@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
+
+_ROW_ID = re.compile(r"row \d+")
+
+
+def row_id(n: int) -> str:
+    """The id of a table row without an id column: its number (the same number in two tables is no link)."""
+    return f"row {n}"
+
+
+def has_item_id(pair: CaptionPair) -> bool:
+    """True when the pair's item_id names an item (a Dataloop id, a table's id column), not a row number."""
+    return bool(pair.item_id) and not _ROW_ID.fullmatch(pair.item_id)
 
 
 @dataclass(frozen=True)
@@ -16,6 +29,8 @@ class CaptionPair:
     image: str  # path of a local image file
     caption: str
     item_id: str = ""  # id of the item (or CSV row) the pair came from, for reports
+    label: str = ""  # the class label of the image (leaf of a hierarchy), for zero-shot classification
+    templated: bool = False  # the caption was made from `label` by a template, not written for this image
 
 
 @dataclass
@@ -26,12 +41,18 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 5
+    note: str = ""  # where the split came from when it was not read as is (held out from train)
 
     def skip(self, reason: str, example: str) -> None:
         self.skipped[reason] += 1
         ex = self.examples.setdefault(reason, [])
         if len(ex) < self.max_examples:
             ex.append(example)
+
+    def drop(self, reason: str, example: str) -> None:
+        """A pair read and counted as used, then left out (a duplicate, an overlap with train)."""
+        self.skip(reason, example)
+        self.used -= 1
 
     @property
     def total_skipped(self) -> int:
@@ -45,4 +66,5 @@ class DataReport:
         return f"{self.used} pairs used, {self.total_skipped} skipped: {parts}"
 
     def to_dict(self) -> dict:
-        return {"used": self.used, "skipped": dict(self.skipped), "examples": self.examples}
+        out = {"used": self.used, "skipped": dict(self.skipped), "examples": self.examples}
+        return {**out, "note": self.note} if self.note else out

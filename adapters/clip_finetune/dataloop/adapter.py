@@ -79,7 +79,8 @@ class ClipAdapter(dl.BaseModelAdapter):
         if self._cfg_model_id != self.model_entity.id:  # load() called without load_from_model
             self._validate_config(self.model_entity)
         self._artifacts_dir = Path(local_path)
-        self.clip = load_artifact(local_path, self.cfg.device) if is_artifact_dir(local_path) else load_model(self.cfg)
+        self.clip = load_artifact(local_path, self.cfg.device, self.cfg.precision) if is_artifact_dir(local_path) \
+            else load_model(self.cfg)
         self.model = self.clip.model
         sync_embedding_keys(self.model_entity, self.clip, self.cfg)
 
@@ -132,7 +133,8 @@ class ClipAdapter(dl.BaseModelAdapter):
         """Read and check the downloaded subsets (prepare_data calls this right after downloading), so a subset
         with no usable pairs fails here, before training starts."""
         root = Path(data_path)
-        self._splits = load_splits(root, resolver=item_resolver(root / PROMPT_IMAGES), what="the model's subsets",
+        self._splits = load_splits(root, resolver=item_resolver(root / PROMPT_IMAGES), cfg=self.cfg,
+                                   what="the model's subsets",
                                    no_pairs_hint=SUBSETS_HINT, no_train_hint="define metadata.system.subsets.train "
                                    "on the model")
         self.data_reports = self._splits.reports
@@ -153,10 +155,12 @@ class ClipAdapter(dl.BaseModelAdapter):
         except BaseException:
             self._sync.finish()  # the last checkpoint reaches the artifacts: a restart resumes from it
             raise
-        publish(self.model_entity, plot_samples(0, self.result.before))  # the base model, at epoch 0
+        # the base model at epoch 0 of the validation curves (result.before is the test split's when there is one)
+        publish(self.model_entity, plot_samples(0, self.result.selection.get("before", {})))
         self._trained_dir = Path(output_path).resolve()
         self._failed = False
-        logger.info("best epoch %d; validation before/after:\n%s", self.result.best_epoch,
+        logger.info("best epoch %d; before/after on the %s subset:\n%s", self.result.best_epoch,
+                    "test" if self.result.scored_on == "test" else "validation",
                     format_table(self.result.before, self.result.after) if self.result.before else "(none)")
 
     def _epoch_reporter(self, progress: Callable[[int, int], None] | None) -> Callable[[int, dict[str, float]], None]:
@@ -243,13 +247,15 @@ class ClipAdapter(dl.BaseModelAdapter):
                                         annotation_options=dl.ViewAnnotationOptions.JSON))  # a lazy generator
             name = f"dataset {dataset.name!r}"
             pairs, report = self._read_evaluation_set(folder, Path(tmp) / PROMPT_IMAGES, name)
-            self.evaluation = retrieval_metrics(self.clip, pairs, self.cfg.batch_size, self.cfg.num_workers)
+            self.evaluation = retrieval_metrics(self.clip, pairs, self.cfg.batch_size, self.cfg.num_workers,
+                                                templates=self.cfg.label_templates)
         logger.info("evaluation on %s (%s):\n%s", dataset.name, report.summary(), format_table(self.evaluation))
         publish(model, evaluation_samples(self.evaluation, dataset.name), dataset.id)
         return model
 
     def _read_evaluation_set(self, folder: Path, prompt_images: Path, name: str) -> tuple[list, DataReport]:
-        subsets, reports = load_dataset(folder, item_resolver(prompt_images), single_name="evaluation") \
+        subsets, reports = load_dataset(folder, item_resolver(prompt_images), single_name="evaluation",
+                                        label_template=self.cfg.label_templates[0]) \
             if folder.is_dir() else ({"evaluation": []}, {"evaluation": DataReport()})
         pairs, report = subsets["evaluation"], reports["evaluation"]
         self.data_reports["evaluation"] = report

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,13 @@ from open_clip.tokenizer import HFTokenizer
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..config import FinetuneConfig, architecture_config, model_cfg_of
+from ..architecture import architecture_config, model_cfg_of
+from ..config import FinetuneConfig
 from ..errors import ConfigError, ModelError
 from ..files import atomic_write
 from ..inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
 from .hub import weights_available
+from .precision import resolve_precision
 from .safe_load import check_device, check_safetensors, is_pickle_refusal, refused_pickle, weights_mismatch
 from .weights import unwrap
 
@@ -55,6 +58,11 @@ class ClipModel:
     model_cfg: dict[str, Any]  # open_clip model config (embed_dim, vision_cfg, text_cfg, ...)
     source: str  # what it was loaded from, for logs
     extra: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # resolved for its device (precision.resolve_precision): training, evaluation, embedding
+
+    def use_precision(self, requested: str) -> None:
+        """Resolve `requested` (a FinetuneConfig.precision) for the device the model is on now."""
+        self.precision = resolve_precision(requested, self.device)
 
     @property
     def embed_dim(self) -> int:
@@ -82,7 +90,7 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
     config (JSON path or name) with random init under `cfg.seed` when `pretrained` is null."""
     device = pick_device(str(device) if device else cfg.device)
     if is_artifact_dir(cfg.pretrained):
-        return load_artifact(cfg.pretrained, device)
+        return load_artifact(cfg.pretrained, device, cfg.precision)
     model_cfg = copy.deepcopy(architecture_config(cfg.model_name))
     name = _register(cfg.model_name, model_cfg)
     kwargs: dict[str, Any] = {}
@@ -95,8 +103,10 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
     if cfg.pretrained:
         tag_cfg = open_clip.get_pretrained_cfg(name, cfg.pretrained)
         # open_clip 3.x builds e.g. ViT-B-32 with GELU even for the 'openai' tag, trained with QuickGELU,
-        # and only warns: force the activation the weights were trained with.
-        if tag_cfg.get("quick_gelu") and not model_cfg.get("quick_gelu"):
+        # and only warns: force the activation the weights were trained with. A weights FILE has no tag to ask:
+        # OpenAI's own files (and files named for them) get QuickGELU too.
+        quick_gelu = tag_cfg.get("quick_gelu") or (not tag_cfg and is_openai_weights_file(cfg.pretrained))
+        if quick_gelu and not model_cfg.get("quick_gelu"):
             model_cfg["quick_gelu"] = True
             kwargs["force_quick_gelu"] = True
         if not tag_cfg and not Path(cfg.pretrained).is_file():
@@ -124,7 +134,25 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
     arch = f"{name} from {cfg.model_name}" if cfg.model_name.endswith(".json") else name
     source = f"{arch} ({cfg.pretrained or 'random init'})"
     log.info("loaded %s on %s", source, device)
-    return ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, source)
+    clip = ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, source)
+    clip.use_precision(cfg.precision)
+    return clip
+
+
+def is_openai_weights_file(path: str) -> bool:
+    """A local file of OpenAI's CLIP weights (trained with QuickGELU): named for them ('...openai...'), or a
+    TorchScript archive, the form OpenAI released them in (ViT-B-32.pt; a zip holding constants.pkl, which a
+    plain torch.save zip never has)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return False
+    if "openai" in file.name.lower():
+        return True
+    try:
+        with zipfile.ZipFile(file) as z:
+            return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def _weights_for(name: str, pretrained: str | None) -> contextlib.AbstractContextManager:
@@ -223,8 +251,9 @@ def _register(model_name: str, model_cfg: dict[str, Any]) -> str:
     return name
 
 
-def load_artifact(path: str | Path, device: torch.device | str | None = None) -> ClipModel:
-    """Load a saved model folder exactly as stock open_clip does (`local-dir:` schema)."""
+def load_artifact(path: str | Path, device: torch.device | str | None = None, precision: str = "auto") -> ClipModel:
+    """Load a saved model folder exactly as stock open_clip does (`local-dir:` schema); `precision` (a
+    FinetuneConfig.precision) is resolved for the device."""
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
         found = "a file" if folder.exists() else "it does not exist"
@@ -265,7 +294,9 @@ def load_artifact(path: str | Path, device: torch.device | str | None = None) ->
         except Unreadable as e:  # only the WiSE-FT sweep reads it; the model itself is whole
             log.warning("ignoring %s", e)
     log.info("loaded saved model %s on %s", folder, device)
-    return ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, str(folder), extra)
+    clip = ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, str(folder), extra)
+    clip.use_precision(precision)
+    return clip
 
 
 def _saved_model_cfg(folder: Path) -> dict[str, Any]:

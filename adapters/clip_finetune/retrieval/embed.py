@@ -35,7 +35,7 @@ def image_input(clip: ClipModel, source: ImageSource, name: str | None = None) -
 def encode_image_tensors(clip: ClipModel, images: torch.Tensor) -> np.ndarray:
     """Preprocessed images [n, 3, H, W] -> float32 [n, d], unit norm."""
     clip.model.eval()
-    with torch.inference_mode(), autocast_for(clip.device):
+    with torch.inference_mode(), autocast_for(clip.device, clip.precision):
         features = clip.model.encode_image(images.to(clip.device, non_blocking=True))
     return _unit(features)
 
@@ -94,7 +94,7 @@ def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 256, p
     out: np.ndarray | None = None
     context = (clip.model_cfg.get("text_cfg") or {}).get("context_length")
     clip.model.eval()
-    with torch.inference_mode(), autocast_for(clip.device):
+    with torch.inference_mode(), autocast_for(clip.device, clip.precision):
         for start in show_progress(range(0, len(texts), batch_size), desc, unit="batch", enabled=progress):
             tokens = clip.tokenizer(cap_captions(texts[start : start + batch_size], context)).to(clip.device)
             features = _unit(clip.model.encode_text(tokens))

@@ -9,47 +9,77 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import EVAL_KS, build_config
+from ..config import DEFAULT_LABEL_TEMPLATES, EVAL_KS, build_config
+from ..data.identity import content_key, normalise_caption
 from ..data.pairs import CaptionPair
 from ..errors import DataError, ModelError
 from ..model.clip import ClipModel, load_artifact, load_model, save_artifact
 from ..model.weights import cpu_state, wise_ft
 from .embed import encode_images, encode_texts
 from .metrics import retrieval_metrics
+from .zero_shot import class_vectors, labelled_classes, zero_shot_metrics
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PairEmbeddings:
-    """Embeddings of an evaluation set: each distinct image once, each caption once."""
+    """Embeddings of an evaluation set: each distinct image once (by file content), each distinct caption once
+    (normalised), and which captions are relevant to which images (duplicate-aware, docs/metrics.md)."""
 
-    images: list[str]  # distinct image paths, in order of first appearance
+    images: list[str]  # one path per distinct image content, in order of first appearance
     image_features: np.ndarray  # [n_images, d]
-    captions: list[str]
+    captions: list[str]  # the first spelling of each distinct normalised caption
     text_features: np.ndarray  # [n_texts, d]
-    text_to_image: np.ndarray  # [n_texts] index into images of the image each caption describes
+    text_to_image: np.ndarray  # [n_texts] the first image each caption was given to
+    relevant: np.ndarray  # [n_links, 2] (text, image): the caption was given to an image of that content
+    image_labels: list[tuple[str, ...]]  # [n_images] the class labels of each image (zero-shot), maybe none
+
+    def relevance(self) -> np.ndarray:
+        """[n_texts, n_images] bool: a caption is relevant to every image it was given to, so images sharing a
+        caption are all relevant to it, and an image to every caption any copy of it was given."""
+        out = np.zeros((len(self.captions), len(self.images)), dtype=bool)
+        out[self.relevant[:, 0], self.relevant[:, 1]] = True
+        return out
 
 
 def embed_pairs(
     clip: ClipModel, pairs: Sequence[CaptionPair], batch_size: int = 64, num_workers: int | None = None,
     progress: bool = True,
 ) -> PairEmbeddings:
-    """Embed the distinct images and the captions of `pairs` (several captions of one image share it)."""
-    images = list(dict.fromkeys(p.image for p in pairs))
-    vectors, kept = encode_images(clip, images, batch_size, num_workers, progress=progress,
+    """Embed the distinct images (by content: one photo under two paths is one image) and the distinct
+    captions (normalised) of `pairs`."""
+    content = {p.image: content_key(p.image) for p in pairs}
+    first_path = {}
+    for p in pairs:
+        first_path.setdefault(content[p.image], p.image)
+    vectors, kept = encode_images(clip, list(first_path.values()), batch_size, num_workers, progress=progress,
                                   desc="evaluate: embed images")
     # images that failed to decode are dropped, and the captions that describe them with them
-    images = [images[i] for i in kept]
-    index = {path: i for i, path in enumerate(images)}
-    usable = [p for p in pairs if p.image in index]
+    all_keys = list(first_path)
+    keys = [all_keys[i] for i in kept]
+    image_index = {key: i for i, key in enumerate(keys)}
+    usable = [p for p in pairs if content[p.image] in image_index]
     if not usable:
         raise DataError(f"none of the {len(pairs)} evaluation pairs has a decodable image")
-    captions = [p.caption for p in usable]
+    text_index: dict[str, int] = {}
+    captions, links, labels = [], {}, [set() for _ in keys]
+    for p in usable:
+        t = text_index.setdefault(normalise_caption(p.caption), len(text_index))
+        if t == len(captions):
+            captions.append(p.caption)
+        i = image_index[content[p.image]]
+        links.setdefault((t, i), None)
+        if p.label:
+            labels[i].add(p.label)
     text_features = encode_texts(clip, captions, batch_size=max(batch_size, 256), progress=progress,
                                  desc="evaluate: embed captions")
-    text_to_image = np.array([index[p.image] for p in usable], dtype=np.int64)
-    return PairEmbeddings(images, vectors, captions, text_features, text_to_image)
+    relevant = np.array(list(links), dtype=np.int64).reshape(-1, 2)
+    text_to_image = np.full(len(captions), -1, dtype=np.int64)
+    for t, i in reversed(relevant.tolist()):  # the first link of each text wins
+        text_to_image[t] = i
+    return PairEmbeddings([first_path[k] for k in keys], vectors, captions, text_features, text_to_image, relevant,
+                          [tuple(sorted(s)) for s in labels])
 
 
 def evaluate(
@@ -59,10 +89,18 @@ def evaluate(
     num_workers: int | None = None,
     ks: Sequence[int] = EVAL_KS,
     progress: bool = True,
+    templates: Sequence[str] = DEFAULT_LABEL_TEMPLATES,
 ) -> dict[str, float]:
-    """Text->image and image->text retrieval metrics of `clip` on `pairs` (flat 'direction/metric' keys)."""
+    """Text->image and image->text retrieval metrics of `clip` on `pairs` (flat 'direction/metric' keys), with
+    duplicates sharing relevance; with two or more class labels among the images, also zero-shot classification
+    accuracy ('zero_shot/...', each class the mean of its `templates`)."""
     emb = embed_pairs(clip, pairs, batch_size, num_workers, progress)
-    return retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image, ks)
+    out = retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image, ks, relevance=emb.relevance())
+    classes = labelled_classes(emb.image_labels)
+    if len(classes) >= 2:
+        vectors = class_vectors(clip, classes, templates, max(batch_size, 256))
+        out.update(zero_shot_metrics(emb.image_features, emb.image_labels, classes, vectors))
+    return out
 
 
 def wise_ft_sweep(
@@ -72,6 +110,7 @@ def wise_ft_sweep(
     pairs: Sequence[CaptionPair],
     batch_size: int = 64,
     num_workers: int | None = None,
+    templates: Sequence[str] = DEFAULT_LABEL_TEMPLATES,
 ) -> dict[float, dict[str, float]]:
     """Retrieval metrics of the WiSE-FT mix `alpha * fine_tuned + (1 - alpha) * base` for each alpha.
 
@@ -82,7 +121,7 @@ def wise_ft_sweep(
     try:
         for alpha in alphas:
             fine_tuned.model.load_state_dict(wise_ft(base_state, own, alpha))
-            results[alpha] = evaluate(fine_tuned, pairs, batch_size, num_workers)
+            results[alpha] = evaluate(fine_tuned, pairs, batch_size, num_workers, templates=templates)
     finally:
         fine_tuned.model.load_state_dict(own)
     return results

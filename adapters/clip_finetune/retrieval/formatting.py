@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 
 from ..config import DIRECTIONS
 from .metrics import LOWER_IS_BETTER
+from .zero_shot import ACCURACY_KS, ZERO_SHOT
 
 # Rows format_table shows when not told otherwise, for each direction. hit@k is what CLIP papers call
 # image->text "R@k" (any caption in the top k); our recall@k divides by the true number of captions.
@@ -25,6 +26,8 @@ DEFAULT_TABLE_METRICS = (
     "median_rank",
     "mean_rank",
 )
+# Zero-shot classification rows, shown when the data had class labels (per-class accuracy stays in the JSON)
+ZERO_SHOT_TABLE_METRICS = tuple(f"top{k}_accuracy" for k in ACCURACY_KS)
 
 def _is_rank(name: str) -> bool:
     return name.rsplit("/", 1)[-1] in LOWER_IS_BETTER
@@ -75,6 +78,7 @@ def _table(columns: list[tuple[str, Mapping[str, float]]], metrics: Sequence[str
     if metrics is None:
         for d in DIRECTIONS:
             rows += [(d, m, f"{d}/{m}") for m in DEFAULT_TABLE_METRICS if f"{d}/{m}" in present]
+        rows += [(ZERO_SHOT, m, f"{ZERO_SHOT}/{m}") for m in ZERO_SHOT_TABLE_METRICS if f"{ZERO_SHOT}/{m}" in present]
         if not rows:
             rows = [(None, m, m) for m in DEFAULT_TABLE_METRICS if m in present]
         if not rows:

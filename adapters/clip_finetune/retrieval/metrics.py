@@ -244,15 +244,18 @@ def retrieval_metrics(
     text_features: np.ndarray,
     text_to_image: np.ndarray,
     ks: Sequence[int] = EVAL_KS,
+    *,
+    relevance: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Text->image and image->text metrics of paired embeddings (similarity = dot product).
 
     image_features [n_images, d] and text_features [n_texts, d] are assumed L2-normalised;
     text_to_image [n_texts] is the index of the image each caption describes (several captions may share
-    an image). Returns "text_to_image/<metric>" (queries = texts, candidates = all images, exactly one
-    relevant) and "image_to_text/<metric>" (queries = images with at least one caption, candidates = all
-    texts, relevant = every caption of the image). Images without a caption stay text->image distractors.
-    Metric definitions: ranking_metrics.
+    an image). `relevance` [n_texts, n_images] (bool), when given, says instead which images each text is
+    relevant to (several: duplicate-aware evaluation, docs/metrics.md). Returns "text_to_image/<metric>"
+    (queries = texts, candidates = all images) and "image_to_text/<metric>" (queries = images with at least
+    one relevant text, candidates = all texts, relevant = every text relevant to the image). Images that no
+    text is relevant to stay text->image distractors. Metric definitions: ranking_metrics.
     """
     images = np.asarray(image_features)
     texts = np.asarray(text_features)
@@ -265,6 +268,24 @@ def retrieval_metrics(
             f"image and text features differ in dimension ({images.shape[1]} vs {texts.shape[1]})"
         )
     n_images, n_texts = images.shape[0], texts.shape[0]
+    if relevance is None:
+        relevance = _owner_relevance(text_to_image, n_images, n_texts)
+    else:
+        relevance = _as_relevance(relevance, (n_texts, n_images))
+    if n_texts == 0:
+        raise ValueError("need at least one text")
+
+    dtype = np.result_type(images.dtype, texts.dtype, np.float32)
+    sim = texts.astype(dtype, copy=False) @ images.astype(dtype, copy=False).T  # [n_texts, n_images]
+    out = {f"{DIRECTIONS[0]}/{key}": v for key, v in ranking_metrics(sim, relevance, ks).items()}
+    captioned = np.flatnonzero(relevance.any(axis=0))  # images no text is relevant to would have no answer
+    i2t = ranking_metrics(sim.T[captioned], relevance.T[captioned], ks)
+    out.update({f"{DIRECTIONS[1]}/{key}": v for key, v in i2t.items()})
+    return out
+
+
+def _owner_relevance(text_to_image: np.ndarray, n_images: int, n_texts: int) -> np.ndarray:
+    """[n_texts, n_images] relevance of one owner image per text, after checking the owners."""
     owner = np.asarray(text_to_image)
     if owner.shape != (n_texts,):
         raise ValueError(f"text_to_image must have shape ({n_texts},) (got {owner.shape})")
@@ -277,16 +298,6 @@ def retrieval_metrics(
             f"{int(bad.sum())} text_to_image entries are outside [0, {n_images}) "
             f"(e.g. text {int(np.flatnonzero(bad)[0])} -> {int(owner[bad][0])})"
         )
-    if n_texts == 0:
-        raise ValueError("need at least one text")
-
-    dtype = np.result_type(images.dtype, texts.dtype, np.float32)
-    sim = texts.astype(dtype, copy=False) @ images.astype(dtype, copy=False).T  # [n_texts, n_images]
     relevance = np.zeros((n_texts, n_images), dtype=bool)
     relevance[np.arange(n_texts), owner] = True
-
-    out = {f"{DIRECTIONS[0]}/{key}": v for key, v in ranking_metrics(sim, relevance, ks).items()}
-    captioned = np.unique(owner)  # images with no caption would be queries without an answer
-    i2t = ranking_metrics(sim.T[captioned], relevance.T[captioned], ks)
-    out.update({f"{DIRECTIONS[1]}/{key}": v for key, v in i2t.items()})
-    return out
+    return relevance

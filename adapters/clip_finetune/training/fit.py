@@ -40,12 +40,14 @@ def finetune(
     progress: bool = True,
     resume: bool = False,
 ) -> TrainResult:
-    """Fine-tune a CLIP model on `splits.train`; pick the best epoch on `splits.validation`.
+    """Fine-tune a CLIP model on `splits.train`; pick the best epoch on `splits.validation`; score the final
+    weights on `splits.test` once (the result's 'after', when there is one).
 
     The best epoch's weights (by `cfg.early_stopping_metric` on validation) end up in `clip.model` and,
     when `out_dir` is given, in an open_clip local-dir artifact there with finetune_config.json, metrics.json
     and data_report.json; the artifact is rewritten at each new best, so a crash keeps the best so far.
-    Without validation pairs the last epoch counts as the best and nothing stops early. With
+    Without validation pairs (load_splits holds some out of the training data when it can) the last epoch
+    counts as the best and nothing stops early. A train_batch_size larger than the data is lowered to it. With
     `cfg.wise_ft_alpha` below 1 the saved weights are that mix of the best epoch's and the starting weights.
 
     With `out_dir`, out_dir/checkpoint.pt holds the whole training state, written atomically at every epoch end
@@ -69,17 +71,22 @@ def finetune(
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     # one writer per output folder: a second training into it is refused while this one runs (guard.py)
     with writer_lock(Path(out_dir)) if writes else contextlib.nullcontext():
-        if ctx is not None:  # a torchrun rank
-            result = train_rank(cfg, splits, out_dir, clip, hooks, resume, ctx)
-        else:
-            # a launcher's single process (torchrun --nproc_per_node 1) sets RANK: it asked for one process
-            nprocs = 1 if "RANK" in os.environ else resolve_num_processes(cfg.num_processes, cfg.device)
-            if nprocs > 1:
-                check_sizes(cfg, len(splits.train), nprocs)
-                apply_config(cfg)
-                result = launch(nprocs, cfg, splits, clip or load_model(cfg, "cpu"), out_dir, hooks, resume)
-            else:
-                result = train_rank(cfg, splits, out_dir, clip, hooks, resume)
+        result = _run(cfg, splits, out_dir, clip, hooks, resume, ctx)
         if writes:
             write_json(Path(out_dir) / DATA_REPORT_NAME, splits.report_dict())
     return result
+
+
+def _run(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip: ClipModel | None, hooks: Hooks,
+         resume: bool, ctx: DistContext | None) -> TrainResult:
+    """Train as a torchrun rank, as the one process, or as rank 0 of ranks started here."""
+    if ctx is not None:
+        return train_rank(check_sizes(cfg, len(splits.train), ctx.world_size), splits, out_dir, clip, hooks,
+                          resume, ctx)
+    # a launcher's single process (torchrun --nproc_per_node 1) sets RANK: it asked for one process
+    nprocs = 1 if "RANK" in os.environ else resolve_num_processes(cfg.num_processes, cfg.device)
+    cfg = check_sizes(cfg, len(splits.train), nprocs)  # a batch larger than the data is lowered to it
+    if nprocs > 1:
+        apply_config(cfg)
+        return launch(nprocs, cfg, splits, clip or load_model(cfg, "cpu"), out_dir, hooks, resume)
+    return train_rank(cfg, splits, out_dir, clip, hooks, resume)

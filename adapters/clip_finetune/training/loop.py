@@ -18,16 +18,17 @@ from torch.utils.data import DataLoader
 from ..config import FinetuneConfig
 from ..data.datasets import PairDataset, collate_skipping_bad, default_num_workers, epoch_batches
 from ..data.decode_cache import train_cache
+from ..data.identity import pair_keys
 from ..data.load import TRAIN, Splits
 from ..machine import apply_config
 from ..model.clip import ClipModel, load_model, save_artifact
-from ..model.precision import resolve_precision
 from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
 from ..progress import progress as show_progress
 from ..retrieval.evaluate import evaluate
 from .distributed import DistContext, broadcast, process_group
 from .guard import identity_differences, run_identity
-from .optim import apply_locks, check_sizes, make_optimizer, make_scheduler
+from .loss import ContrastiveLoss
+from .optim import apply_locks, check_sizes, make_optimizer, make_scheduler, step_budget_note
 from .state import (
     CHECKPOINT_NAME,
     CheckpointCallback,
@@ -71,14 +72,11 @@ def train_rank(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, 
 def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip: ClipModel | None, hooks: Hooks,
            resume: bool, ctx: DistContext | None, device: torch.device | None) -> TrainResult:
     run, dataset = _setup(cfg, splits, out_dir, clip, ctx, device, hooks.progress)
-    loss_fn = open_clip.ClipLoss(local_loss=ctx is not None, gather_with_grad=ctx is not None, cache_labels=True,
-                                 rank=ctx.rank if ctx else 0, world_size=run.world_size)
+    cfg = run.cfg  # train_batch_size fitted to the data
+    loss_fn = _make_loss(unwrap(run.clip.model), cfg.duplicate_aware_loss, ctx.rank if ctx else 0, run.world_size)
     out = Path(out_dir) if out_dir is not None else None
     best_state = _start(run, splits, out, resume, hooks.progress)
     p = run.progress
-    if not splits.validation and run.is_main:
-        log.warning("no validation data: nothing picks the best epoch or stops early; the last epoch's weights are "
-                    "saved (give a validation subset, or --validation, to keep the best)")
     log.info("training %d pairs, %d steps/epoch, %d epochs, %s on %s%s", len(splits.train),
              len(splits.train) // cfg.train_batch_size, cfg.num_epochs, run.precision, run.clip.device,
              f", {run.world_size} processes" if ctx is not None else "")
@@ -98,15 +96,28 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     return _finish(run, splits, out, best_state)
 
 
+def _make_loss(model: torch.nn.Module, duplicate_aware: bool, rank: int, world_size: int) -> ContrastiveLoss:
+    """The loss `model` was made for: open_clip's SigLipLoss when it has a logit_bias (SigLIP), else its ClipLoss
+    (with several processes: local loss over features gathered with gradients, as open_clip's trainer)."""
+    if getattr(model, "logit_bias", None) is not None:
+        return ContrastiveLoss(open_clip.loss.SigLipLoss(rank=rank, world_size=world_size), True, duplicate_aware, rank,
+                               world_size)
+    distributed = world_size > 1
+    base = open_clip.ClipLoss(local_loss=distributed, gather_with_grad=distributed, cache_labels=True, rank=rank,
+                              world_size=world_size)
+    return ContrastiveLoss(base, False, duplicate_aware, rank, world_size)
+
+
 def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip: ClipModel | None,
            ctx: DistContext | None, device: torch.device | None, progress: bool) -> tuple[RunState, PairDataset]:
     """Check sizes, seed, build the model, its optimizer, schedule and dataset, before any training."""
     world = ctx.world_size if ctx is not None else 1
-    check_sizes(cfg, len(splits.train), world)
+    cfg = check_sizes(cfg, len(splits.train), world)
     apply_config(cfg)
     clip = clip or load_model(cfg, device)
     if device is not None:
         clip.model.to(device)
+    clip.use_precision(cfg.precision)  # for the device it trains on: steps, validation and embedding alike
     model, device = clip.model, clip.device
     apply_locks(unwrap(model), cfg)
     workers = default_num_workers(cfg.num_workers, device, ctx.local_world_size if ctx is not None else 1)
@@ -117,7 +128,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(model, cfg, device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = clip.precision
     train_model = model
     if ctx is not None:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -127,8 +138,30 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
                    torch.amp.GradScaler(device.type, enabled=precision == "fp16"), Progress(),
                    out / CHECKPOINT_NAME if out is not None else None, train_model, precision, ctx,
                    cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, workers,
-                   run_identity(cfg, splits) if out is not None else None)
+                   run_identity(cfg, splits) if out is not None else None,
+                   pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches else None,
+                   _notes(cfg, splits, total_steps) if is_main else [])
     return run, dataset
+
+
+def _notes(cfg: FinetuneConfig, splits: Splits, total_steps: int) -> list[str]:
+    """What the result's reader should know about its figures and its budget (also logged)."""
+    notes = [note] if (note := step_budget_note(cfg, len(splits.train), total_steps)) else []
+    if splits.held_out:
+        notes.append(f"no validation data was given: {len(splits.validation or [])} pairs were held out of the "
+                     "training data to pick the best epoch")
+    if splits.test:
+        notes.append(f"'after' is the test split ({len(splits.test)} pairs), scored once at the end; it chose "
+                     "nothing")
+    elif splits.validation:
+        notes.append(f"'after' is the selection set ({len(splits.validation)} pairs), which also picked the best "
+                     "epoch, so it flatters the model; a test split gives an unbiased figure")
+    else:
+        notes.append("no validation data (none given, none held out): nothing picks the best epoch or stops early; "
+                     "the last epoch's weights are saved and there is no 'after' figure")
+    for note in notes:
+        log.log(logging.WARNING if note.startswith(("only", "no validation")) else logging.INFO, note)
+    return notes
 
 
 def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progress: bool
@@ -145,6 +178,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     if run.checkpoint is not None and run.checkpoint.is_file() and run.is_main:
         log.warning("%s exists: starting over (resume=True continues it)", run.checkpoint)
     run.progress.before = _validate(run, splits, progress)
+    run.progress.test_before = _score(run, splits.test, progress)
     run.progress.best_score = run.progress.before.get(run.cfg.early_stopping_metric, -math.inf)
     if out is not None and keep_best:  # the base is the best so far: a crash from here keeps a model
         save_artifact(run.clip, out, run.cfg)
@@ -156,7 +190,8 @@ def _train_epoch(run: RunState, dataset: PairDataset, loss_fn: Callable, splits:
     """One pass over the training data, from where a resumed run stopped."""
     cfg, p = run.cfg, run.progress
     run.train_model.train()
-    batches = epoch_batches(len(splits.train), cfg.train_batch_size, cfg.seed, p.epoch)
+    batches = epoch_batches(len(splits.train), cfg.train_batch_size, cfg.seed, p.epoch,
+                            run.keys if cfg.unique_batches else None)
     per_epoch = len(batches)
     batches = batches[p.batches_done:]
     if run.ctx is not None:  # this rank's slice of each global batch
@@ -193,8 +228,16 @@ def _validate(run: RunState, splits: Splits, progress: bool) -> dict[str, float]
     if run.is_main:
         if not weights_are_finite(unwrap(run.clip.model)):
             raise run.diverged("the weights became non-finite")
-        scores = evaluate(run.clip, splits.validation, run.cfg.batch_size, run.cfg.num_workers, progress=progress)
+        scores = _score(run, splits.validation, progress)
     return broadcast(scores) if run.ctx is not None else scores
+
+
+def _score(run: RunState, pairs: list | None, progress: bool = False) -> dict[str, float]:
+    """Metrics of the model as it is now on `pairs` (rank 0 only; {} for none)."""
+    if not pairs or not run.is_main:
+        return {}
+    cfg = run.cfg
+    return evaluate(run.clip, pairs, cfg.batch_size, cfg.num_workers, progress=progress, templates=cfg.label_templates)
 
 
 def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[str, torch.Tensor] | None
@@ -213,10 +256,13 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
         unwrap(model).load_state_dict(wise_ft(run.base_state, cpu_state(model), cfg.wise_ft_alpha))
         if splits.validation:
             result.after_fine_tuned = result.after
-            result.after = evaluate(run.clip, splits.validation, cfg.batch_size, cfg.num_workers, progress=False)
+            result.after = result.selection["after"] = _score(run, splits.validation, progress=False)
         log.info("WiSE-FT: saved weights are %.2f x fine-tuned + %.2f x base", cfg.wise_ft_alpha, 1 - cfg.wise_ft_alpha)
     if run.is_main:
         _count_bad_images(splits, p.bad_pairs)
+        if splits.test:  # the one look at the test split: the weights are final
+            result.test = {"before": p.test_before, "after": _score(run, splits.test)}
+            result.before, result.after, result.scored_on = result.test["before"], result.test["after"], "test"
     if out is not None and run.is_main:
         result.out_dir = save_artifact(run.clip, out, cfg, result.to_dict())
         if cfg.export_onnx:

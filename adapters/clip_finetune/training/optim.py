@@ -4,6 +4,7 @@ schedule (linear warmup, then cosine / linear decay, or constant)."""
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -15,20 +16,39 @@ from ..errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 
-def check_sizes(cfg: FinetuneConfig, n_train: int, world_size: int = 1) -> None:
-    """Reject a run that cannot make one full contrastive batch before any work is done."""
+MIN_USEFUL_STEPS = 50  # fewer optimisation steps barely move a pretrained model at fine-tuning learning rates
+
+
+def check_sizes(cfg: FinetuneConfig, n_train: int, world_size: int = 1) -> FinetuneConfig:
+    """`cfg` fitted to the training set before any work: a train_batch_size larger than the set is lowered to
+    it (to a multiple of processes x accum_freq, with a warning); a batch that cannot be split evenly, or a set
+    too small for one contrastive batch, is an error."""
     if n_train == 0:
         raise DataError("the training set has no usable image-caption pairs")
+    unit = world_size * cfg.accum_freq
     if cfg.train_batch_size > n_train:
-        raise ConfigError(
-            f"train_batch_size: {cfg.train_batch_size} is larger than the training set ({n_train} pairs); "
-            f"set it to at most {n_train}"
-        )
-    if cfg.train_batch_size % (world_size * cfg.accum_freq):
+        fitted = n_train // unit * unit
+        if fitted < max(2, unit):
+            raise ConfigError(f"train_batch_size: the training set ({n_train} pairs) is too small for one batch of "
+                              f"at least {max(2, unit)} pairs ({world_size} processes x accum_freq {cfg.accum_freq})")
+        log.warning("train_batch_size %d is larger than the training set (%d pairs): using %d", cfg.train_batch_size,
+                    n_train, fitted)
+        cfg = cfg.model_copy(update={"train_batch_size": fitted})
+    if cfg.train_batch_size % unit:
         raise ConfigError(
             f"train_batch_size: {cfg.train_batch_size} pairs cannot be split evenly across {world_size} processes "
-            f"x accum_freq {cfg.accum_freq}; use a multiple of {world_size * cfg.accum_freq}"
+            f"x accum_freq {cfg.accum_freq}; use a multiple of {unit}"
         )
+    return cfg
+
+
+def step_budget_note(cfg: FinetuneConfig, n_train: int, total_steps: int) -> str | None:
+    """A warning for a run too short to do anything (it would still look successful), else None."""
+    if total_steps >= MIN_USEFUL_STEPS:
+        return None
+    return (f"only {total_steps} optimisation steps ({n_train} pairs in batches of {cfg.train_batch_size}, "
+            f"{cfg.num_epochs} epochs): too few to change a pretrained model much; lower train_batch_size or "
+            f"raise num_epochs (at least {MIN_USEFUL_STEPS} steps)")
 
 
 def apply_locks(model: torch.nn.Module, cfg: FinetuneConfig) -> None:
@@ -63,8 +83,9 @@ def make_optimizer(model: torch.nn.Module, cfg: FinetuneConfig, device: torch.de
 
 
 def warmup_steps(cfg: FinetuneConfig, total_steps: int) -> int:
-    """Warmup length: a fraction of the run when `warmup` < 1, else that many steps (at most the run)."""
-    steps = round(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    """Warmup length: a fraction of the run when `warmup` < 1 (rounded up: a short run still warms up for a
+    step rather than starting at the peak rate), else that many steps (at most the run)."""
+    steps = math.ceil(cfg.warmup * total_steps - 1e-9) if cfg.warmup < 1 else int(cfg.warmup)  # 0.1 * 90 is 9.000...2
     return min(steps, total_steps)
 
 

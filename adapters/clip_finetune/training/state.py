@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -39,7 +40,11 @@ class TrainingDiverged(ClipFinetuneError):
 
 @dataclass
 class TrainResult:
-    """What a run produced: the best epoch, metrics before and after, and the per-epoch history."""
+    """What a run produced: the best epoch, metrics before and after, and the per-epoch history.
+
+    `before`/`after` are the headline figures: on the test split when there is one (scored at the start and once
+    at the end, never used to choose), else on the selection set (validation, or held out from train), which
+    picked the best epoch and so flatters `after`; `scored_on` says which. `selection` and `test` keep both."""
 
     best_epoch: int  # 0 means no epoch beat the base model; the saved weights are then the base's
     metric: str
@@ -57,6 +62,10 @@ class TrainResult:
     def improved(self) -> bool:
         """Whether an epoch beat the base model (else the saved weights are the base model's)."""
         return self.best_epoch > 0
+    scored_on: str = "selection"  # "test", "selection" (validation or held-out) or "none" (no evaluation data)
+    selection: dict[str, dict[str, float]] = field(default_factory=dict)  # {"before", "after"} on the selection set
+    test: dict[str, dict[str, float]] = field(default_factory=dict)  # {"before", "after"} on the test split
+    notes: list[str] = field(default_factory=list)  # what a reader of the figures should know
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "out_dir"}
@@ -76,6 +85,7 @@ class Progress:
     best_epoch: int = 0
     stale: int = 0  # epochs since the best
     before: dict[str, float] = field(default_factory=dict)
+    test_before: dict[str, float] = field(default_factory=dict)  # the base model on the test split
     history: list[dict[str, float]] = field(default_factory=list)
     bad_pairs: list[int] = field(default_factory=list)  # indices of training pairs whose image failed
     skipped_steps: int = 0
@@ -114,6 +124,8 @@ class RunState:
     base_state: dict[str, torch.Tensor] | None = None  # the starting weights, kept for WiSE-FT (alpha < 1)
     num_workers: int = 0  # DataLoader worker processes decoding the training images
     identity: dict[str, Any] | None = None  # the data and hyperparameters a checkpoint must match (guard.py)
+    keys: tuple[np.ndarray, np.ndarray] | None = None  # (image ids, caption ids) per training pair (duplicates)
+    notes: list[str] = field(default_factory=list)  # for the result: what a reader of the figures should know
 
     @property
     def is_main(self) -> bool:
@@ -233,13 +245,15 @@ def judge_epoch(run: RunState, record: dict[str, float], has_validation: bool) -
 
 
 def result_of(run: RunState) -> TrainResult:
-    """The run's result from its progress: the best epoch's validation scores are the 'after' figures."""
+    """The run's result from its progress: the best epoch's validation scores are the selection set's 'after'
+    figures, and the headline ones until a test split replaces them (loop._finish)."""
     p, cfg = run.progress, run.cfg
     best = p.history[p.best_epoch - 1] if p.best_epoch else p.before
     after = {k: v for k, v in best.items() if "/" in k}
     result = TrainResult(p.best_epoch, cfg.early_stopping_metric, p.before, after, p.history,
                          skipped_images=len(p.bad_pairs), skipped_steps=p.skipped_steps,
-                         wise_ft_alpha=cfg.wise_ft_alpha)
+                         wise_ft_alpha=cfg.wise_ft_alpha, scored_on="selection" if p.before else "none",
+                         selection={"before": p.before, "after": after} if p.before else {}, notes=list(run.notes))
     if not result.improved:
         result.note = no_gain_note(cfg, p.before.get(cfg.early_stopping_metric, math.nan), len(p.history))
     return result

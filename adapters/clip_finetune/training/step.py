@@ -1,4 +1,5 @@
-"""One optimisation step: forward under autocast, open_clip's contrastive loss, backward, clip, AdamW.
+"""One optimisation step: forward under autocast, the contrastive loss (loss.py: open_clip's, duplicate-aware),
+backward, clip, AdamW.
 
 A non-finite loss or gradient norm skips the update and is counted (Progress.skip_step); the run stops after
 `max_bad_steps` in a row (loop.py).
@@ -16,10 +17,12 @@ import torch
 from ..model.precision import autocast_for
 from ..model.weights import unwrap
 from .distributed import all_reduce_min, mean_over_ranks
+from .loss import Keys
 from .state import RunState
 
 MAX_LOGIT_SCALE = math.log(100)  # as in CLIP: the temperature may not go below 1/100
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (image_features, text_features, logit_scale, logit_bias, keys) -> loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, Keys | None], torch.Tensor]
 
 
 def train_step(run: RunState, loss_fn: LossFn, batch: Any) -> float | None:
@@ -39,18 +42,33 @@ def train_step(run: RunState, loss_fn: LossFn, batch: Any) -> float | None:
         return None  # a contrastive step needs two pairs
     images = images[:n].to(device, non_blocking=True)
     tokens = tokens[:n].to(device, non_blocking=True)
+    keys = _batch_keys(run, batch[2][:n]) if run.keys is not None else None
     run.optimizer.zero_grad(set_to_none=True)
     backward = _whole_batch if k == 1 else _micro_batches
-    value = backward(run, loss_fn, images, tokens, k)
+    value = backward(run, lambda *out: loss_fn(*out, keys), images, tokens, k)
     if value is None:
         return None
     return value if _apply(run) else None
 
 
-def _whole_batch(run: RunState, loss_fn: LossFn, images: torch.Tensor, tokens: torch.Tensor, k: int) -> float | None:
+def _batch_keys(run: RunState, indices: torch.Tensor) -> Keys:
+    """(image ids, caption ids) of the batch's pairs, on the model's device."""
+    idx = indices.numpy()
+    image_ids, caption_ids = run.keys
+    device = run.clip.device
+    return torch.from_numpy(image_ids[idx]).to(device), torch.from_numpy(caption_ids[idx]).to(device)
+
+
+def _bias(out: tuple) -> torch.Tensor | None:
+    """The logit_bias of a forward's output (SigLIP models return it fourth), else None."""
+    return out[3] if len(out) > 3 else None
+
+
+def _whole_batch(run: RunState, loss_fn: Callable, images: torch.Tensor, tokens: torch.Tensor, k: int
+                 ) -> float | None:
     with autocast_for(run.clip.device, run.precision):
-        image_features, text_features, logit_scale = run.train_model(images, tokens)[:3]
-        loss = loss_fn(image_features, text_features, logit_scale)
+        out = run.train_model(images, tokens)
+        loss = loss_fn(out[0], out[1], out[2], _bias(out))
     value = _global_loss(run, loss.detach())
     if not math.isfinite(value):
         run.progress.skip_step()
@@ -59,7 +77,7 @@ def _whole_batch(run: RunState, loss_fn: LossFn, images: torch.Tensor, tokens: t
     return value
 
 
-def _micro_batches(run: RunState, loss_fn: LossFn, images: torch.Tensor, tokens: torch.Tensor, k: int
+def _micro_batches(run: RunState, loss_fn: Callable, images: torch.Tensor, tokens: torch.Tensor, k: int
                    ) -> float | None:
     """`accum_freq` k > 1: the batch runs as k micro-batches with open_clip's feature caching.
 
@@ -74,7 +92,8 @@ def _micro_batches(run: RunState, loss_fn: LossFn, images: torch.Tensor, tokens:
     with torch.no_grad(), autocast_for(device, run.precision):
         cached = [model(i, t)[:2] for i, t in zip(image_chunks, token_chunks, strict=True)]
         cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
-        loss = loss_fn(torch.cat(cached_images), torch.cat(cached_texts), unwrap(model).logit_scale.exp())
+        loss = loss_fn(torch.cat(cached_images), torch.cat(cached_texts), unwrap(model).logit_scale.exp(),
+                       unwrap(model).logit_bias)
     value = _global_loss(run, loss)
     if not math.isfinite(value):
         run.progress.skip_step()
@@ -85,10 +104,15 @@ def _micro_batches(run: RunState, loss_fn: LossFn, images: torch.Tensor, tokens:
         sync = model.no_sync() if run.ctx is not None and not last else nullcontext()
         with sync:
             with autocast_for(device, run.precision):
-                image_j, text_j, logit_scale = model(image_chunks[j], token_chunks[j])[:3]
+                out = model(image_chunks[j], token_chunks[j])
+                image_j, text_j, logit_scale, logit_bias = out[0], out[1], out[2], _bias(out)
                 all_images = torch.cat([*cached_images[:j], image_j, *cached_images[j + 1 :]])
                 all_texts = torch.cat([*cached_texts[:j], text_j, *cached_texts[j + 1 :]])
-                micro_loss = loss_fn(all_images, all_texts, logit_scale if last else logit_scale.detach())
+                # the scale and bias take their gradients from the last pass only
+                if not last:
+                    logit_scale = logit_scale.detach()
+                    logit_bias = logit_bias.detach() if logit_bias is not None else None
+                micro_loss = loss_fn(all_images, all_texts, logit_scale, logit_bias)
             run.scaler.scale(micro_loss).backward()
     return value
 
