@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data.datasets import ImageDataset, ImageSource, collate_skipping_bad, default_num_workers, model_input
-from ..data.decode_cache import transform_size
+from ..data.decode_cache import InputCache, transform_size
 from ..model.clip import ClipModel
 from ..model.precision import autocast_for
 
@@ -51,16 +51,19 @@ def encode_images(
     num_workers: int | None = None,
     progress: bool = True,
     draft: bool = True,
+    inputs: InputCache | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """Embed images (files, bytes or PIL images). Returns (vectors [n_ok, d] float32, unit norm; indices of
     `sources` embedded). Images that cannot be decoded are skipped (logged); their indices are absent.
 
     `draft=False` decodes JPEGs in full (only to measure what draft decoding changes: embeddings stay within
-    cosine 0.999, tests/test_fast_paths.py; 2-3x faster on photos, docs/performance.md)."""
+    cosine 0.999, tests/test_fast_paths.py; 2-3x faster on photos, docs/performance.md). `inputs`: an
+    InputCache of clip.preprocess that keeps the decoded, preprocessed images for the next call."""
     loader = DataLoader(
-        ImageDataset(sources, clip.preprocess, transform_size(clip.preprocess) if draft else None),
+        ImageDataset(sources, clip.preprocess, transform_size(clip.preprocess) if draft else None, inputs),
         batch_size=batch_size,
-        num_workers=default_num_workers(num_workers, clip.device),
+        # what an InputCache keeps must live in this process: no worker processes (threads still decode)
+        num_workers=0 if inputs is not None else default_num_workers(num_workers, clip.device),
         collate_fn=collate_skipping_bad,
         pin_memory=clip.device.type == "cuda",
     )

@@ -15,6 +15,7 @@ from ..errors import DataError, ModelError
 from ..model.clip import ClipModel, load_artifact, load_model, save_artifact
 from ..model.weights import cpu_state, wise_ft
 from .embed import encode_images, encode_texts
+from .eval_cache import EvalCache
 from .metrics import retrieval_metrics
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,16 @@ class PairEmbeddings:
 
 
 def embed_pairs(
-    clip: ClipModel, pairs: Sequence[CaptionPair], batch_size: int = 64, num_workers: int | None = None
+    clip: ClipModel, pairs: Sequence[CaptionPair], batch_size: int = 64, num_workers: int | None = None,
+    cache: EvalCache | None = None,
 ) -> PairEmbeddings:
-    """Embed the distinct images and the captions of `pairs` (several captions of one image share it)."""
+    """Embed the distinct images and the captions of `pairs` (several captions of one image share it).
+    `cache`: a training run's EvalCache (the same embeddings, reused where nothing changed)."""
     images = list(dict.fromkeys(p.image for p in pairs))
-    vectors, kept = encode_images(clip, images, batch_size, num_workers, progress=False)
+    if cache is not None:
+        vectors, kept = cache.images(clip, images, batch_size, num_workers)
+    else:
+        vectors, kept = encode_images(clip, images, batch_size, num_workers, progress=False)
     # images that failed to decode are dropped, and the captions that describe them with them
     images = [images[i] for i in kept]
     index = {path: i for i, path in enumerate(images)}
@@ -44,7 +50,11 @@ def embed_pairs(
     if not usable:
         raise DataError(f"none of the {len(pairs)} evaluation pairs has a decodable image")
     captions = [p.caption for p in usable]
-    text_features = encode_texts(clip, captions, batch_size=max(batch_size, 256))
+    text_batch = max(batch_size, 256)
+    if cache is not None:
+        text_features = cache.texts(clip, captions, text_batch)
+    else:
+        text_features = encode_texts(clip, captions, batch_size=text_batch)
     text_to_image = np.array([index[p.image] for p in usable], dtype=np.int64)
     return PairEmbeddings(images, vectors, captions, text_features, text_to_image)
 
@@ -55,9 +65,11 @@ def evaluate(
     batch_size: int = 64,
     num_workers: int | None = None,
     ks: Sequence[int] = EVAL_KS,
+    cache: EvalCache | None = None,
 ) -> dict[str, float]:
-    """Text->image and image->text retrieval metrics of `clip` on `pairs` (flat 'direction/metric' keys)."""
-    emb = embed_pairs(clip, pairs, batch_size, num_workers)
+    """Text->image and image->text retrieval metrics of `clip` on `pairs` (flat 'direction/metric' keys);
+    `cache`: see embed_pairs."""
+    emb = embed_pairs(clip, pairs, batch_size, num_workers, cache)
     return retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image, ks)
 
 

@@ -18,6 +18,7 @@ from ..errors import ClipFinetuneError
 from ..files import atomic_write
 from ..model.clip import ClipModel
 from ..model.weights import unwrap
+from ..retrieval.eval_cache import EvalCache
 from .distributed import DistContext, all_gather_lists
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class RunState:
     ctx: DistContext | None = None  # None: a single process
     base_state: dict[str, torch.Tensor] | None = None  # the starting weights, kept for WiSE-FT (alpha < 1)
     num_workers: int = 0  # DataLoader worker processes decoding the training images
+    eval_cache: EvalCache | None = None  # what this run's evaluations reuse (rank 0 with validation pairs)
 
     @property
     def is_main(self) -> bool:
