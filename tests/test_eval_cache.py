@@ -18,7 +18,6 @@ from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.data.datasets import ImageDataset
 from adapters.clip_finetune.data.decode_cache import InputCache, transform_size
 from adapters.clip_finetune.data.load import Splits, load_dataset
-from adapters.clip_finetune.data.pairs import CaptionPair
 from adapters.clip_finetune.data.synthetic import write_dataloop_download
 from adapters.clip_finetune.model.clip import load_model
 from adapters.clip_finetune.retrieval.eval_cache import BaseEvalStore, EvalCache, frozen_state

@@ -45,18 +45,21 @@ class _FirstCallGuard:
         try:
             out = self.compiled(*args, **kwargs)
         except Exception as e:  # torch raises assorted types (BackendCompilerFailed, InductorError, ...)
-            log.warning("compile: torch.compile could not compile %s (%s: %s)%s; running it uncompiled "
-                        "(set compile: false to skip the attempt)", self.what, type(e).__name__,
-                        _first_line(e), _hint(self.module))
+            log.warning("compile: torch.compile could not compile %s (%s)%s; running it uncompiled "
+                        "(set compile: false to skip the attempt)", self.what, _reason(e), _hint(self.module))
             self.module._compiled_call_impl = None  # nn.Module.__call__ then runs the module as it is
             return self.module(*args, **kwargs)
         self.proven = True
         return out
 
 
-def _first_line(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[0][:300] if lines else ""
+def _reason(e: BaseException) -> str:
+    """The root cause, one line: torch wraps the backend's own error (BackendCompilerFailed, InductorError)."""
+    root = e
+    while getattr(root, "inner_exception", None) or root.__cause__:
+        root = getattr(root, "inner_exception", None) or root.__cause__
+    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
+    return f"{type(root).__name__}: {lines[0][:300]}" if lines else type(root).__name__
 
 
 def _hint(module: torch.nn.Module) -> str:
