@@ -35,7 +35,7 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 
 
 def cores() -> int:
-    from adapters.clip_finetune.data.decode_cache import cpu_cores
+    from adapters.clip_finetune.machine import cpu_cores
 
     return cpu_cores()
 
