@@ -132,8 +132,7 @@ class BaseEvalStore:
         settings = {"format": STORE_FORMAT, "tower": tower, "weights": self._model_hash, "model": clip.model_cfg,
                     "transform": repr(clip.preprocess), "draft": transform_size(clip.preprocess),
                     "precision": resolve_precision("auto", clip.device), "device": clip.device.type,
-                    "batch_size": batch_size, "torch": torch.__version__, "open_clip": open_clip.__version__,
-                    "tokenizer": type(clip.tokenizer).__name__}
+                    "batch_size": batch_size, "torch": torch.__version__, "open_clip": open_clip.__version__}
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
         try:
             for item in items:  # images by content (the same files elsewhere give the same key), texts as text
