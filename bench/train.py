@@ -142,21 +142,24 @@ def child_open_clip(spec: dict) -> dict:
         return out
 
     oc_main.train_one_epoch = timed
-    logs = Path(spec["out"])
+    logs, run_name = Path(spec["out"]), f"run-{time.time_ns()}"  # open_clip refuses a name it has logged before
     precision = "amp_bf16" if spec["system"] == "open_clip-bf16" else "fp32"
-    argv = ["--train-data", spec["csv"], "--val-data", spec["valid_csv"], "--dataset-type", "csv",
+    argv = ["--train-data", spec["csv"], *(["--val-data", spec["valid_csv"]] if spec.get("valid_csv") else []),
+            "--dataset-type", "csv",
             "--csv-separator", ",", "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", name,
             "--pretrained", spec["init"], "--batch-size", str(spec["batch"]), "--lr", str(spec["lr"]),
             "--warmup", str(spec["warmup"]), "--epochs", str(spec["epochs"]), "--wd", str(spec["wd"]),
             "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--grad-clip-norm", "1.0",
             "--workers", str(spec["workers"]), "--precision", precision, "--device", spec["device"],
-            "--seed", str(spec["seed"]), "--logs", str(logs), "--name", "run", "--save-frequency", "1",
+            "--seed", str(spec["seed"]), "--logs", str(logs), "--name", run_name, "--save-frequency", "1",
             "--log-every-n-steps", "1000", "--zeroshot-frequency", "0", "--report-to", ""]
     oc_main.main(argv)
     rss = _rss()
-    ckpt = logs / "run" / "checkpoints" / f"epoch_{spec['epochs']}.pt"
+    ckpt = logs / run_name / "checkpoints" / f"epoch_{spec['epochs']}.pt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not spec.get("val"):
+        return {"epoch_s": seconds, "peak_rss_mb": rss}
     return {"epoch_s": seconds, "peak_rss_mb": rss, **_held_out_score(spec, state_dict=state)}
 
 
