@@ -27,14 +27,15 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("flags, faster", [
     ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", True),  # Sapphire Rapids and later: AMX
-    ("fpu avx512f avx512_bf16", False),  # Cooper Lake, Zen 4: bf16 dot products, no AMX (measured: not faster)
+    ("fpu avx512f avx512_bf16", False),  # Cooper Lake, Zen 4: bf16 dot products, no AMX
     ("fpu avx2 fma", False),
 ])
 def test_cpu_bf16_rule_reads_the_cpu_flags(tmp_path, flags, faster):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n")
-    assert cpu_bf16_is_faster(info) is faster
-    assert cpu_bf16_is_faster(tmp_path / "absent") is False
+    assert cpu_bf16_is_faster(info, ("amx_bf16",)) is faster
+    assert cpu_bf16_is_faster(tmp_path / "absent", ("amx_bf16",)) is False
+    assert cpu_bf16_is_faster(info) is (bool(precision.CPU_BF16_FASTER_FLAGS) and faster)  # none measured faster yet
 
 
 @pytest.mark.parametrize("faster", [True, False])

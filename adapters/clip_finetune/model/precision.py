@@ -10,9 +10,11 @@ import torch
 
 Precision = str  # "auto" | "fp32" | "bf16" | "fp16" (FinetuneConfig.precision)
 
-# CPU flags (/proc/cpuinfo) of the matrix units that bf16 autocast uses through oneDNN; measured faster than
-# fp32 in training and embedding only where AMX is there (docs/performance.md, "bf16 on the CPU")
-CPU_BF16_FASTER_FLAGS = ("amx_bf16",)
+# CPU flags (/proc/cpuinfo) of the CPUs on which bf16 autocast trained measurably faster than fp32: none yet.
+# The candidates are AMX (amx_bf16) and avx512_bf16 CPUs, whose bf16 matrix products oneDNN runs natively; the
+# benchmark that decides (`python -m bench.train --systems limit,ours,ours-bf16`, docs/performance.md, "bf16 on
+# the CPU") could not be run on a quiet machine yet, and on a busy one the tiny model trained slower in bf16.
+CPU_BF16_FASTER_FLAGS: tuple[str, ...] = ()
 
 
 def resolve_precision(requested: Precision, device: torch.device) -> str:
@@ -28,18 +30,18 @@ def resolve_precision(requested: Precision, device: torch.device) -> str:
 
 
 @lru_cache(maxsize=1)
-def cpu_bf16_is_faster(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """True on a CPU where bf16 autocast was measured faster than fp32: one with AMX tiles for bf16.
-
-    CPUs with avx512_bf16 but no AMX (Cooper Lake, Zen 4), measured here with oneDNN limited to
-    AVX512_CORE_BF16, were not faster: they stay in fp32. Reads the Linux CPU flags; False elsewhere.
-    """
+def cpu_bf16_is_faster(cpuinfo: Path = Path("/proc/cpuinfo"), flags_needed: tuple[str, ...] | None = None) -> bool:
+    """True on a CPU that has every flag of CPU_BF16_FASTER_FLAGS (where bf16 was measured faster); False while
+    that list is empty, and off Linux."""
+    needed = CPU_BF16_FASTER_FLAGS if flags_needed is None else flags_needed
+    if not needed:
+        return False
     try:
         flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.read_text().splitlines()
                       if ln.startswith("flags")), [])
     except OSError:
         return False
-    return all(f in flags for f in CPU_BF16_FASTER_FLAGS)
+    return all(f in flags for f in needed)
 
 
 def autocast_for(device: torch.device, precision: Precision | None = None) -> AbstractContextManager:
