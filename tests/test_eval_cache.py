@@ -112,7 +112,8 @@ def test_training_with_the_cache_gives_the_same_history_and_reuses_the_text_feat
     assert cached.before == plain.before and cached.after == plain.after
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in cached.history]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in plain.history]
-    assert cached.after["text_to_image/recall@5"] > cached.before["text_to_image/recall@5"]  # it did train
+    # the image tower trained, and each epoch's evaluation saw it (its features were not reused)
+    assert all(r["text_to_image/mrr"] != cached.before["text_to_image/mrr"] for r in cached.history)
 
 
 def test_the_base_evaluation_is_stored_and_read_back_by_content(cfg, splits, monkeypatch, tmp_path):

@@ -47,6 +47,24 @@ class TokenizerLater:
     spec: str
 
 
+class _Tokenizer:
+    """ClipModel.tokenizer: what was given, a TokenizerLater made into the tokenizer at the first read."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = f"_{name}"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Callable:
+        if obj is None:
+            raise AttributeError("tokenizer")  # a required field, without a default
+        tokenizer = obj.__dict__[self.slot]
+        if isinstance(tokenizer, TokenizerLater):
+            tokenizer = obj.__dict__[self.slot] = open_clip.get_tokenizer(tokenizer.spec)
+        return tokenizer
+
+    def __set__(self, obj: Any, tokenizer: Callable) -> None:
+        obj.__dict__[self.slot] = tokenizer
+
+
 @dataclass
 class ClipModel:
     """An open_clip model with everything needed to feed it: transforms, tokenizer and its config."""
@@ -54,20 +72,10 @@ class ClipModel:
     model: torch.nn.Module
     preprocess_train: Callable
     preprocess: Callable  # evaluation/embedding transform (resize, centre crop, normalise)
-    _tokenizer: Callable  # the tokenizer, or a TokenizerLater that makes it when first used
+    tokenizer: Callable = _Tokenizer()  # given as the tokenizer, or a TokenizerLater; read: the tokenizer
     model_cfg: dict[str, Any]  # open_clip model config (embed_dim, vision_cfg, text_cfg, ...)
     source: str  # what it was loaded from, for logs
     extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def tokenizer(self) -> Callable:
-        if isinstance(self._tokenizer, TokenizerLater):
-            self._tokenizer = open_clip.get_tokenizer(self._tokenizer.spec)
-        return self._tokenizer
-
-    @tokenizer.setter
-    def tokenizer(self, tokenizer: Callable) -> None:
-        self._tokenizer = tokenizer
 
     @property
     def embed_dim(self) -> int:
