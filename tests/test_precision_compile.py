@@ -25,23 +25,28 @@ from adapters.clip_finetune.training import finetune
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("flags, faster", [
-    ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", True),  # Sapphire Rapids and later: AMX
-    ("fpu avx512f avx512_bf16", False),  # Cooper Lake, Zen 4: bf16 dot products, no AMX
-    ("fpu avx2 fma", False),
+VIT_B_32 = {"vision_cfg": {"width": 768}, "text_cfg": {"width": 512}}
+
+
+@pytest.mark.parametrize("flags, model_cfg, faster", [
+    ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", VIT_B_32, True),  # Sapphire Rapids and later: AMX
+    ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", {"vision_cfg": {"width": 96}, "text_cfg": {"width": 64}}, False),
+    ("fpu avx512f avx512_bf16 amx_bf16", {"vision_cfg": {"width": 768}, "text_cfg": {"hf_model_name": "x"}}, False),
+    ("fpu avx512f avx512_bf16", VIT_B_32, False),  # Cooper Lake, Zen 4: bf16 dot products, no AMX
+    ("fpu avx2 fma", VIT_B_32, False),
 ])
-def test_cpu_bf16_rule_reads_the_cpu_flags(tmp_path, flags, faster):
+def test_cpu_bf16_rule_reads_the_cpu_flags_and_the_model_size(tmp_path, flags, model_cfg, faster):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n")
-    assert cpu_bf16_is_faster(info, ("amx_bf16",)) is faster
-    assert cpu_bf16_is_faster(tmp_path / "absent", ("amx_bf16",)) is False
-    assert cpu_bf16_is_faster(info) is (bool(precision.CPU_BF16_FASTER_FLAGS) and faster)  # none measured faster yet
+    assert cpu_bf16_is_faster(model_cfg, info) is faster
+    assert cpu_bf16_is_faster(VIT_B_32, tmp_path / "absent") is False
+    assert cpu_bf16_is_faster(None, info) is False
 
 
 @pytest.mark.parametrize("faster", [True, False])
 def test_auto_precision_on_the_cpu_follows_the_rule(monkeypatch, faster):
-    monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda: faster)
-    assert resolve_precision("auto", CPU) == ("bf16" if faster else "fp32")
+    monkeypatch.setattr(precision, "cpu_bf16_is_faster", lambda model_cfg: faster)
+    assert resolve_precision("auto", CPU, VIT_B_32) == ("bf16" if faster else "fp32")
     assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
     assert resolve_precision("fp16", CPU) == "fp32"
     with autocast_for(CPU):  # embedding and evaluation: fp32 on a CPU whatever the rule (stock open_clip's vectors)

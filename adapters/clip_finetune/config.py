@@ -124,7 +124,8 @@ class FinetuneConfig(BaseModel):
     grad_clip_norm: float | None = Field(1.0, gt=0, description="clip gradients to this L2 norm; null: off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA if supported, else fp16 on CUDA; on a CPU, bf16 autocast "
-        "where it was measured faster (CPUs with AMX bf16 units, docs/performance.md), else fp32"
+        "where it trained measurably faster (CPUs with AMX bf16 units, models at least as wide as ViT-B-32; "
+        "docs/performance.md), else fp32; embedding and evaluation on a CPU always run fp32"
     )
     compile: bool = Field(
         False, description="torch.compile the model for training (and the `embed` command): faster steps after a "

@@ -5,23 +5,25 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
 Precision = str  # "auto" | "fp32" | "bf16" | "fp16" (FinetuneConfig.precision)
 
-# CPU flags (/proc/cpuinfo) of the CPUs on which bf16 autocast trained measurably faster than fp32: none yet.
-# The candidates are AMX (amx_bf16) and avx512_bf16 CPUs, whose bf16 matrix products oneDNN runs natively; the
-# benchmark that decides (`python -m bench.train --systems limit,ours,ours-bf16`, docs/performance.md, "bf16 on
-# the CPU") could not be run on a quiet machine yet, and on a busy one the tiny model trained slower in bf16.
-CPU_BF16_FASTER_FLAGS: tuple[str, ...] = ()
+# Where bf16 autocast trained measurably faster than fp32 on a CPU (docs/performance.md, "bf16 on the CPU"):
+# a CPU with AMX bf16 tiles, and a model whose narrower tower is at least as wide as ViT-B-32's (768 image,
+# 512 text: 1.76x the fp32 samples/s). On the same CPU the tiny test model (96 / 64) trained slower in bf16
+# (0.89x): its matrix products are too small for the tiles to pay for autocast's casts.
+CPU_BF16_FASTER_FLAGS = ("amx_bf16",)
+CPU_BF16_MIN_WIDTH = 512
 
 
-def resolve_precision(requested: Precision, device: torch.device) -> str:
-    """The precision actually used. CPU: 'auto' is bf16 where cpu_bf16_is_faster(), else fp32; 'bf16' is
-    honoured; 'fp16' runs fp32. CUDA: 'auto' means bf16 if supported, else fp16."""
+def resolve_precision(requested: Precision, device: torch.device, model_cfg: dict[str, Any] | None = None) -> str:
+    """The precision actually used. CPU: 'auto' is bf16 where cpu_bf16_is_faster(model_cfg), else fp32; 'bf16'
+    is honoured; 'fp16' runs fp32. CUDA: 'auto' means bf16 if supported, else fp16."""
     if device.type != "cuda":
-        if requested == "bf16" or (requested == "auto" and cpu_bf16_is_faster()):
+        if requested == "bf16" or (requested == "auto" and cpu_bf16_is_faster(model_cfg)):
             return "bf16"
         return "fp32"
     if requested == "auto":
@@ -29,19 +31,24 @@ def resolve_precision(requested: Precision, device: torch.device) -> str:
     return requested
 
 
-@lru_cache(maxsize=1)
-def cpu_bf16_is_faster(cpuinfo: Path = Path("/proc/cpuinfo"), flags_needed: tuple[str, ...] | None = None) -> bool:
-    """True on a CPU that has every flag of CPU_BF16_FASTER_FLAGS (where bf16 was measured faster); False while
-    that list is empty, and off Linux."""
-    needed = CPU_BF16_FASTER_FLAGS if flags_needed is None else flags_needed
-    if not needed:
+def cpu_bf16_is_faster(model_cfg: dict[str, Any] | None, cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True where bf16 autocast was measured faster than fp32 for training: a CPU with every flag of
+    CPU_BF16_FASTER_FLAGS, and an open_clip model config whose towers are both at least CPU_BF16_MIN_WIDTH wide
+    (a tower of unknown width, e.g. a Hugging Face text tower, was not measured: fp32)."""
+    widths = [(model_cfg or {}).get(tower, {}).get("width") for tower in ("vision_cfg", "text_cfg")]
+    if not all(isinstance(w, int) and w >= CPU_BF16_MIN_WIDTH for w in widths):
         return False
+    return set(CPU_BF16_FASTER_FLAGS) <= cpu_flags(cpuinfo)
+
+
+@lru_cache(maxsize=4)
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
     try:
-        flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.read_text().splitlines()
-                      if ln.startswith("flags")), [])
+        return frozenset(next((ln.split(":", 1)[1].split() for ln in cpuinfo.read_text().splitlines()
+                               if ln.startswith("flags")), []))
     except OSError:
-        return False
-    return all(f in flags for f in needed)
+        return frozenset()
 
 
 def autocast_for(device: torch.device, precision: Precision | None = None) -> AbstractContextManager:

@@ -119,7 +119,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
     optimizer = make_optimizer(model, cfg, device)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, clip.model_cfg)
     train_model = model
     if ctx is not None:
         train_model = torch.nn.parallel.DistributedDataParallel(
