@@ -1,12 +1,16 @@
-"""Training throughput, memory and quality: this project's `fit` vs open_clip's own trainer (open_clip_train).
+"""Training throughput, memory and quality: this project's `finetune` vs open_clip's own trainer (open_clip_train).
 
-Both train the same architecture from the same initial weights on the same synthetic photo-sized JPEGs
-with the same hyperparameters (batch, lr, warmup, epochs, weight decay, betas, eps, grad clipping, fp32,
-DataLoader workers, torch threads), each in its own process, alternating. Both final models are scored
-by this project's evaluate() on the same held-out JPEGs. Prints a markdown table (docs/performance.md).
+Both train the same architecture from the same initial weights on the same synthetic photo-sized JPEGs with the
+same hyperparameters (batch, lr, warmup, epochs, weight decay, betas, eps, grad clipping, precision, DataLoader
+workers, torch threads) and the same validation set evaluated after every epoch, each in its own process started
+from the shell, alternating. Both final models are scored by this project's evaluate() on held-out JPEGs.
+Prints a markdown table (docs/performance.md): samples/s of the epochs alone, of the epochs after the first
+(steady state), and of the whole process (start-up, data reading, evaluation included), beside the matrix-product
+limit of the model's training step on this machine (bench/limits.py).
 
-    python -m bench.train                       # tiny CLIP, about 5 minutes on 2 CPU cores
-    python -m bench.train --model ViT-B-32      # on a GPU
+    python -m bench.train                       # decode-bound: 640x480 JPEGs, batch 32 (2 CPU cores: ~10 min)
+    python -m bench.train --preset compute      # compute-bound: 2,000 pairs of 320x240 JPEGs, batch 128
+    python -m bench.train --model ViT-B-32 --device cuda
 """
 
 from __future__ import annotations
@@ -21,30 +25,35 @@ from statistics import median
 
 from bench.common import TINY_MODEL, cores, emit, load_spec, machine, markdown_table, parse_size, run_child, write_jpegs
 
-# ours-no*: this project with one optimisation turned off, to measure what each one gives (ours-nothreads: since
-# training no longer decodes on threads, it only changes the held-out evaluation, outside train_s); ours-nodraft: no
-# cache and full-size decoding every epoch (the image path open_clip's trainer takes); ours-plain: every
-# optimisation off (nodraft + nothreads + nofused), the loop itself against open_clip's
-SYSTEMS = ("ours", "open_clip", "ours-nocache", "ours-nodraft", "ours-nothreads", "ours-nofused", "ours-plain")
+# ours-no*: this project with one optimisation turned off (ours-nothreads: only the evaluation's decode threads;
+# ours-nodraft: no cache and full-size decoding every epoch, the image path of open_clip's trainer; ours-plain:
+# nodraft + nothreads + nofused + noevalcache); -bf16 / -compile: one setting turned on; limit: the step's matrix
+# products alone (not a trainer)
+SYSTEMS = ("ours", "open_clip", "ours-bf16", "open_clip-bf16", "ours-compile", "ours-noevalcache", "ours-nocache",
+           "ours-nodraft", "ours-nothreads", "ours-nofused", "ours-plain", "limit")
+PRESETS = {
+    "decode": {"train": 1024, "valid": 250, "val": 500, "image_size": "640x480", "batch": 32, "epochs": 5},
+    "compute": {"train": 2000, "valid": 250, "val": 500, "image_size": "320x240", "batch": 128, "epochs": 10},
+}
 
 
 def _model_arg(name: str) -> str:
     return str(TINY_MODEL) if name == "clip-tiny" else name
 
 
-def _config(spec: dict, pretrained: str | None, cache_mb: int):
+def _config(spec: dict, pretrained: str | None, cache_mb: int, **extra):
     from adapters.clip_finetune.config import FinetuneConfig
 
-    return FinetuneConfig(
-        model_name=spec["model"], pretrained=pretrained, train_batch_size=spec["batch"], num_epochs=spec["epochs"],
-        learning_rate=spec["lr"], warmup=spec["warmup"], weight_decay=spec["wd"], grad_clip_norm=1.0,
-        precision="fp32", num_workers=spec["workers"], early_stopping=False, checkpoint_every_steps=0,
-        seed=spec["seed"], device=spec["device"], batch_size=64, image_cache_mb=cache_mb,
-    )
+    return FinetuneConfig(**{
+        "model_name": spec["model"], "pretrained": pretrained, "train_batch_size": spec["batch"],
+        "num_epochs": spec["epochs"], "learning_rate": spec["lr"], "warmup": spec["warmup"], "weight_decay": spec["wd"],
+        "grad_clip_norm": 1.0, "precision": "fp32", "num_workers": spec["workers"], "early_stopping": False,
+        "checkpoint_every_steps": 0, "seed": spec["seed"], "device": spec["device"], "batch_size": 64,
+        "image_cache_mb": cache_mb, "base_eval_cache": False, **extra})
 
 
 def _held_out_score(spec: dict, state_dict: dict | None = None, artifact: str | None = None) -> dict[str, float]:
-    """Text->image R@1 / R@5 of a trained model on the held-out pairs, by this project's evaluate()."""
+    """Text->image R@1 / R@5 of a trained model on the held-out pairs, by this project's evaluate() (fp32)."""
     from adapters.clip_finetune.data.pairs import CaptionPair
     from adapters.clip_finetune.model.clip import load_artifact, load_model
     from adapters.clip_finetune.retrieval.evaluate import evaluate
@@ -59,33 +68,49 @@ def _held_out_score(spec: dict, state_dict: dict | None = None, artifact: str | 
     return {"R@1": m["text_to_image/recall@1"], "R@5": m["text_to_image/recall@5"]}
 
 
-def child_ours(spec: dict) -> dict:
-    from adapters.clip_finetune.data.load import Splits
-    from adapters.clip_finetune.data.pairs import CaptionPair
-    from adapters.clip_finetune.training import finetune
+def _switch_off(system: str) -> None:
+    """Turn off the optimisation an ours-no* system names (patched in this child process only)."""
+    import adapters.clip_finetune.training.loop as loop
 
-    system = spec["system"]
     if system in ("ours-nothreads", "ours-plain"):
         import adapters.clip_finetune.machine as machine
 
         machine.decode_threads = lambda: 1
     if system in ("ours-nodraft", "ours-plain"):
-        import adapters.clip_finetune.training.loop as train_module
-
-        train_module.train_cache = lambda *args, **kwargs: None  # PairDataset then decodes each image in full
+        loop.train_cache = lambda *args, **kwargs: None  # PairDataset then decodes each image in full
+    if system in ("ours-noevalcache", "ours-plain"):
+        loop.eval_cache_for = lambda cfg, clip, n: (None, float(cfg.image_cache_mb))
     if system in ("ours-nofused", "ours-plain"):
         import torch
 
         adamw = torch.optim.AdamW
         # finetune() passes fused=True itself: override the keyword (functools.partial's default would lose to it)
         torch.optim.AdamW = lambda *args, **kwargs: adamw(*args, **{**kwargs, "fused": False})
-    cache_mb = 0 if system == "ours-nocache" else spec["cache_mb"]
-    cfg = _config(spec, spec["init"], cache_mb)
+
+
+def child_ours(spec: dict) -> dict:
+    import adapters.clip_finetune.training.loop as loop
+    from adapters.clip_finetune.data.load import Splits
+    from adapters.clip_finetune.data.pairs import CaptionPair
+    from adapters.clip_finetune.training import finetune
+
+    system = spec["system"]
+    _switch_off(system)
+    seconds: list[float] = []
+    train_epoch = loop._train_epoch
+
+    def timed(*args, **kwargs):  # the epoch's steps, data loading included; not the evaluation after it
+        t0 = time.perf_counter()
+        train_epoch(*args, **kwargs)
+        seconds.append(time.perf_counter() - t0)
+
+    loop._train_epoch = timed
+    extra = {"precision": "bf16"} if system == "ours-bf16" else {"compile": True} if system == "ours-compile" else {}
+    cfg = _config(spec, spec["init"], 0 if system == "ours-nocache" else spec["cache_mb"], **extra)
     out = Path(spec["out"])
-    result = finetune(cfg, Splits([CaptionPair(p, c) for p, c in spec["train"]]), out, progress=False)
-    train_s = sum(r["seconds"] for r in result.history)
-    rss = _rss()
-    return {"train_s": train_s, "peak_rss_mb": rss, **_held_out_score(spec, artifact=str(out))}
+    pairs = [CaptionPair(p, c) for p, c in spec["train"]]
+    finetune(cfg, Splits(pairs, [CaptionPair(p, c) for p, c in spec["valid"]]), out, progress=False)
+    return {"epoch_s": seconds, "peak_rss_mb": _rss(), **_held_out_score(spec, artifact=str(out))}
 
 
 def child_open_clip(spec: dict) -> dict:
@@ -100,28 +125,71 @@ def child_open_clip(spec: dict) -> dict:
     seconds: list[float] = []
     train_one_epoch = oc_main.train_one_epoch
 
-    def timed(*args, **kwargs):  # the epoch's steps, data loading included, as fit's epoch seconds
+    def timed(*args, **kwargs):  # the epoch's steps, data loading included, as ours
         t0 = time.perf_counter()
         out = train_one_epoch(*args, **kwargs)
         seconds.append(time.perf_counter() - t0)
         return out
 
     oc_main.train_one_epoch = timed
-    logs = Path(spec["out"])
-    argv = ["--train-data", spec["csv"], "--dataset-type", "csv", "--csv-separator", ",",
-            "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", name,
+    logs, run_name = Path(spec["out"]), f"run-{time.time_ns()}"  # open_clip refuses a name it has logged before
+    precision = "amp_bf16" if spec["system"] == "open_clip-bf16" else "fp32"
+    argv = ["--train-data", spec["csv"], *(["--val-data", spec["valid_csv"]] if spec.get("valid_csv") else []),
+            "--dataset-type", "csv",
+            "--csv-separator", ",", "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", name,
             "--pretrained", spec["init"], "--batch-size", str(spec["batch"]), "--lr", str(spec["lr"]),
             "--warmup", str(spec["warmup"]), "--epochs", str(spec["epochs"]), "--wd", str(spec["wd"]),
             "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--grad-clip-norm", "1.0",
-            "--workers", str(spec["workers"]), "--precision", "fp32", "--device", spec["device"],
-            "--seed", str(spec["seed"]), "--logs", str(logs), "--name", "run", "--save-frequency", "1",
+            "--workers", str(spec["workers"]), "--precision", precision, "--device", spec["device"],
+            "--seed", str(spec["seed"]), "--logs", str(logs), "--name", run_name, "--save-frequency", "1",
             "--log-every-n-steps", "1000", "--zeroshot-frequency", "0", "--report-to", ""]
     oc_main.main(argv)
     rss = _rss()
-    ckpt = logs / "run" / "checkpoints" / f"epoch_{spec['epochs']}.pt"
+    ckpt = logs / run_name / "checkpoints" / f"epoch_{spec['epochs']}.pt"
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    return {"train_s": sum(seconds), "peak_rss_mb": rss, **_held_out_score(spec, state_dict=state)}
+    if not spec.get("val"):
+        return {"epoch_s": seconds, "peak_rss_mb": rss}
+    return {"epoch_s": seconds, "peak_rss_mb": rss, **_held_out_score(spec, state_dict=state)}
+
+
+def child_limit(spec: dict) -> dict:
+    """The model's training step at the benchmark's batch: its matrix products alone (fp32, bf16) and FLOPs."""
+    import open_clip
+    import torch
+
+    from adapters.clip_finetune.data.decode_cache import transform_size
+    from adapters.clip_finetune.model.clip import load_model
+    from bench.limits import matmul_limit, step_flops
+
+    clip = load_model(_config(spec, None, 0))
+    side, n = transform_size(clip.preprocess), spec["batch"]
+    images = torch.randn(n, 3, side, side, device=clip.device)
+    tokens = clip.tokenizer(["a photo of a red circle on the left"] * n).to(clip.device)
+    loss_fn = open_clip.ClipLoss()
+
+    def step(bf16: bool = False) -> None:
+        with torch.autocast(clip.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(*clip.model(images, tokens)[:3])
+        loss.backward()
+
+    optimizer = torch.optim.AdamW(clip.model.parameters(), lr=1e-5, fused=True)
+
+    def whole_step(bf16: bool) -> float:  # the whole step (with the optimizer), as the trainer runs it
+        t0 = time.perf_counter()
+        step(bf16)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    steps: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(1 + spec.get("limit_steps", 4)):  # alternating; the first pair warms up
+        for bf16 in (False, True) if r % 2 == 0 else (True, False):
+            seconds = whole_step(bf16)
+            if r:
+                steps[bf16].append(seconds)
+    return {"fp32_s": matmul_limit(step), "bf16_s": matmul_limit(lambda: step(True)), "flops": step_flops(step),
+            "step_fp32_s": median(steps[False]), "step_bf16_s": median(steps[True])}
 
 
 def _rss() -> float:
@@ -142,16 +210,19 @@ def make_init(model: str, path: Path, seed: int) -> None:
     torch.save(clip.model.state_dict(), path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", choices=PRESETS, default="decode", help="decode: 1024 pairs of 640x480 JPEGs, "
+                        "batch 32, 5 epochs; compute: 2000 pairs of 320x240, batch 128, 10 epochs")
     parser.add_argument("--model", default="clip-tiny", help="open_clip name or config JSON; clip-tiny: the "
                         "project's 64-px test architecture (default, for CPUs); ViT-B-32 on a GPU")
-    parser.add_argument("--train", type=int, default=1024, help="training pairs (synthetic JPEGs)")
-    parser.add_argument("--val", type=int, default=500, help="held-out pairs")
-    parser.add_argument("--image-size", default="640x480", help="JPEG width x height")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--train", type=int, help="training pairs (synthetic JPEGs; default: the preset's)")
+    parser.add_argument("--valid", type=int, help="validation pairs, evaluated after every epoch by both")
+    parser.add_argument("--val", type=int, help="held-out pairs, scored once at the end")
+    parser.add_argument("--image-size", help="JPEG width x height")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--epochs", type=int)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak lr (random init: high)")
     parser.add_argument("--warmup", type=int, default=20, help="warmup steps")
     parser.add_argument("--wd", type=float, default=0.1)
@@ -159,63 +230,95 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=cores(), help="torch threads, both systems")
     parser.add_argument("--cache-mb", type=int, default=2048, help="this project's image_cache_mb")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per system")
-    parser.add_argument("--systems", default="ours,open_clip", help=f"comma-separated, of {','.join(SYSTEMS)}")
+    parser.add_argument("--systems", default="ours,open_clip,limit", help=f"comma-separated, of {','.join(SYSTEMS)}")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help="keep the generated JPEGs here (default: a temporary folder)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.child:
         spec = load_spec(args.child)
-        emit((child_open_clip if spec["system"] == "open_clip" else child_ours)(spec))
+        system = spec["system"]
+        emit((child_limit if system == "limit" else child_open_clip if system.startswith("open_clip")
+              else child_ours)(spec))
         return 0
-
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     systems = [s.strip() for s in args.systems.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.data_dir or tmp)
-        w, h = parse_size(args.image_size)
-        t0 = time.perf_counter()
-        train = write_jpegs(root / f"train-{w}x{h}", args.train, args.seed, w, h)
-        val = write_jpegs(root / f"val-{w}x{h}", args.val, args.seed + 1, w, h)
-        csv = root / "train.csv"
-        csv.write_text("filepath,title\n" + "".join(f"{p},{c.replace(',', ' ')}\n" for p, c in train))
-        print(f"data: {args.train} + {args.val} JPEGs {w}x{h} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        init = root / "init.pt"
-        make_init(_model_arg(args.model), init, args.seed)
-        spec = {"model": _model_arg(args.model), "init": str(init), "train": train, "val": val, "csv": str(csv),
-                "batch": args.batch, "epochs": args.epochs, "lr": args.lr, "warmup": args.warmup, "wd": args.wd,
-                "workers": args.workers, "cache_mb": args.cache_mb, "device": args.device, "seed": args.seed}
+        spec = _data(Path(args.data_dir or tmp), args)
         runs: dict[str, list[dict]] = {s: [] for s in systems}
         for r in range(args.repeats):
             for s in systems if r % 2 == 0 else systems[::-1]:  # alternate the order: A B, B A, ...
-                out = root / f"run-{s}-{r}"
+                if s == "limit" and r > 0:
+                    continue  # measured once: it does not depend on the order
+                out = Path(spec["root"]) / f"run-{s}-{r}"
                 res = run_child("bench.train", {**spec, "system": s, "out": str(out)}, args.threads)
                 print(f"{s} run {r + 1}: {json.dumps(res)}", file=sys.stderr)
                 runs[s].append(res)
-    samples = args.epochs * (args.train // args.batch) * args.batch
-    print(report(runs, samples, args, argv))
+    print(report(runs, args, argv))
     return 0
 
 
-def report(runs: dict[str, list[dict]], samples: int, args: argparse.Namespace, argv: list[str] | None) -> str:
+def _data(root: Path, args: argparse.Namespace) -> dict:
+    w, h = parse_size(args.image_size)
+    t0 = time.perf_counter()
+    train = write_jpegs(root / f"train-{w}x{h}", args.train, args.seed, w, h)
+    valid = write_jpegs(root / f"valid-{w}x{h}", args.valid, args.seed + 2, w, h)
+    val = write_jpegs(root / f"val-{w}x{h}", args.val, args.seed + 1, w, h)
+    for name, pairs in (("train.csv", train), ("valid.csv", valid)):
+        (root / name).write_text("filepath,title\n" + "".join(f"{p},{c.replace(',', ' ')}\n" for p, c in pairs))
+    print(f"data: {args.train} + {args.valid} + {args.val} JPEGs {w}x{h} in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
+    init = root / "init.pt"
+    make_init(_model_arg(args.model), init, args.seed)
+    return {"root": str(root), "model": _model_arg(args.model), "init": str(init), "train": train, "valid": valid,
+            "val": val, "csv": str(root / "train.csv"), "valid_csv": str(root / "valid.csv"), "batch": args.batch,
+            "epochs": args.epochs, "lr": args.lr, "warmup": args.warmup, "wd": args.wd, "workers": args.workers,
+            "cache_mb": args.cache_mb, "device": args.device, "seed": args.seed}
+
+
+def report(runs: dict[str, list[dict]], args: argparse.Namespace, argv: list[str] | None) -> str:
+    per_epoch = (args.train // args.batch) * args.batch
+    samples = args.epochs * per_epoch
+    limit = runs.pop("limit", [None])[0]
     rows, summary = [], {}
     for s, rs in runs.items():
-        sps = median(samples / r["train_s"] for r in rs)
-        summary[s] = {"sps": sps, "wall": median(r["wall_s"] for r in rs), "rss": max(r["peak_rss_mb"] for r in rs),
-                      "r1": median(r["R@1"] for r in rs), "r5": median(r["R@5"] for r in rs)}
-        m = summary[s]
-        rows.append([s, f"{sps:.1f}", f"{m['wall']:.1f}", f"{m['rss']:.0f}", f"{m['r1']:.3f}", f"{m['r5']:.3f}",
-                     " / ".join(f"{samples / r['train_s']:.1f}" for r in rs)])
-    if "ours" in summary and "open_clip" in summary:
-        a, b = summary["ours"], summary["open_clip"]
-        rows.append(["ours / open_clip", f"{a['sps'] / b['sps']:.2f}x", f"{a['wall'] / b['wall']:.2f}x",
-                     f"{a['rss'] / b['rss']:.2f}x", f"{a['r1'] - b['r1']:+.3f}", f"{a['r5'] - b['r5']:+.3f}", ""])
+        steady = median(per_epoch / median(r["epoch_s"][1:] or r["epoch_s"]) for r in rs)
+        m = summary[s] = {"sps": median(samples / sum(r["epoch_s"]) for r in rs), "steady": steady,
+                          "whole": median(samples / r["wall_s"] for r in rs), "wall": median(r["wall_s"] for r in rs),
+                          "rss": max(r["peak_rss_mb"] for r in rs), "r1": median(r["R@1"] for r in rs),
+                          "r5": median(r["R@5"] for r in rs)}
+        of_limit = f"{steady * limit['fp32_s'] / args.batch:.0%}" if limit else ""
+        rows.append([s, f"{m['sps']:.1f}", f"{steady:.1f}", of_limit, f"{m['whole']:.1f}", f"{m['wall']:.1f}",
+                     f"{m['rss']:.0f}", f"{m['r1']:.3f}", f"{m['r5']:.3f}",
+                     " / ".join(f"{samples / r['wall_s']:.1f}" for r in rs)])
+    for a, b in (("ours", "open_clip"), ("ours-bf16", "open_clip-bf16"), ("ours-bf16", "ours")):
+        if a in summary and b in summary:
+            x, y = summary[a], summary[b]
+            rows.append([f"{a} / {b}", f"{x['sps'] / y['sps']:.2f}x", f"{x['steady'] / y['steady']:.2f}x", "",
+                         f"{x['whole'] / y['whole']:.2f}x", f"{x['wall'] / y['wall']:.2f}x",
+                         f"{x['rss'] / y['rss']:.2f}x",
+                         f"{x['r1'] - y['r1']:+.3f}", f"{x['r5'] - y['r5']:+.3f}", ""])
     cmd = "python -m bench.train" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    head = (f"`{cmd}`: {args.model}, {args.train} training pairs ({args.image_size} JPEGs), {args.val} held-out, "
-            f"batch {args.batch}, {args.epochs} epochs, lr {args.lr:g}, warmup {args.warmup}, wd {args.wd:g}, fp32, "
+    head = (f"`{cmd}`: {args.model}, {args.train} training pairs ({args.image_size} JPEGs), {args.valid} validation "
+            f"pairs evaluated after every epoch by both, {args.val} held-out, batch {args.batch}, "
+            f"{args.epochs} epochs, lr {args.lr:g}, warmup {args.warmup}, wd {args.wd:g}, fp32 unless named, "
             f"{args.workers} workers, {args.threads} torch threads, median of {args.repeats} alternating runs.\n"
             f"Machine: {machine()}\n")
-    headers = ["system", "train samples/s", "wall s (process)", "peak RSS MiB", "t->i R@1", "t->i R@5",
-               "samples/s per run"]
+    if limit:
+        head += (f"\nMatrix-product limit of the training step at batch {args.batch} (bench/limits.py): fp32 "
+                 f"{args.batch / limit['fp32_s']:.1f} samples/s, bf16 {args.batch / limit['bf16_s']:.1f} samples/s; "
+                 f"{limit['flops'] / args.batch / 1e9:.3f} GFLOP per sample (forward + backward). The whole step "
+                 f"(forward, backward, fused AdamW) in the same process, alternating: fp32 "
+                 f"{args.batch / limit['step_fp32_s']:.1f} samples/s, bf16 autocast "
+                 f"{args.batch / limit['step_bf16_s']:.1f} samples/s.\n")
+    headers = ["system", "train samples/s (epochs)", "steady samples/s (epochs 2+)", "steady / fp32 limit",
+               "whole-process samples/s", "wall s", "peak RSS MiB", "t->i R@1", "t->i R@5", "whole-process per run"]
     return head + "\n" + markdown_table(headers, rows)
 
 

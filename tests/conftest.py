@@ -6,13 +6,19 @@ helpers.py.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 # dtlpy writes cookie.json and logs under $DATALOOP_PATH at import time: never touch the user's ~/.dataloop.
 os.environ["DATALOOP_PATH"] = tempfile.mkdtemp(prefix="dataloop-test-")
+# training stores the base model's validation embeddings (base_eval_cache): never in the user's ~/.cache
+os.environ["CLIP_FINETUNE_CACHE"] = tempfile.mkdtemp(prefix="clip-finetune-cache-test-")
+for _folder in (os.environ["DATALOOP_PATH"], os.environ["CLIP_FINETUNE_CACHE"]):
+    atexit.register(shutil.rmtree, _folder, True)  # removed when the test run ends
 
 import pytest  # noqa: E402
 from helpers import TINY_MODEL  # noqa: E402

@@ -93,9 +93,10 @@ class FinetuneConfig(BaseModel):
     )
     grad_clip_norm: float | None = Field(1.0, gt=0, description="clip gradients to this L2 norm; null: off")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="training, evaluation and embedding: auto = bf16 autocast on CUDA compute capability "
-        ">= 8 (A100, L4, H100), fp16 with loss scaling below (T4, V100), fp32 on CPU; bf16 asked on a GPU "
-        "below 8 runs fp16"
+        "auto", description="auto = bf16 autocast on CUDA compute capability >= 8 (A100, L4, H100), fp16 with loss "
+        "scaling below (T4, V100); on a CPU, bf16 autocast for training where it trained measurably faster (CPUs "
+        "with AMX bf16 units, models at least as wide as ViT-B-32; docs/performance.md), else fp32; bf16 asked on "
+        "a GPU below 8 runs fp16; embedding and evaluation on a CPU always run fp32"
     )
     duplicate_aware_loss: bool = Field(
         True, description="pairs of a batch that share an image (same file content) or a caption (normalised) are "
@@ -105,6 +106,11 @@ class FinetuneConfig(BaseModel):
     unique_batches: bool = Field(
         False, description="fill each batch with pairs of distinct images and captions where the data allows "
         "(the rest of a batch is filled with the remaining pairs)"
+    )
+    compile: bool = Field(
+        False, description="torch.compile the model for training (and the `embed` command): faster steps after a "
+        "one-off compile of tens of seconds; where it cannot compile, a warning says why and the model runs "
+        "uncompiled"
     )
 
     # --- what trains, and memory (docs/scale.md) ------------------------------------------------
@@ -183,8 +189,14 @@ class FinetuneConfig(BaseModel):
     )
     device: str | None = Field(None, description="torch device; null: cuda if available, else cpu")
     image_cache_mb: int = Field(
-        2048, ge=0, description="memory for training images decoded once and kept across epochs (uint8, short "
-        "side 1.25x the model input); images past it are decoded each epoch; 0: off; unused with num_workers > 0"
+        2048, ge=0, description="memory for images decoded once and kept across epochs (uint8): the validation "
+        "images, preprocessed, first; then the training images (short side 1.25x the model input); images past "
+        "it are decoded each time; 0: off; the training images are not kept with num_workers > 0"
+    )
+    base_eval_cache: bool = Field(
+        True, description="keep the base model's validation embeddings on disk ($CLIP_FINETUNE_CACHE, else "
+        "~/.cache/clip-finetune), keyed by a hash of the weights, images, captions and settings: a rerun from "
+        "the same base model on the same data reads its 'before' evaluation instead of computing it"
     )
 
     @field_validator("*", mode="before")

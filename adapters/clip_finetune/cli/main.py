@@ -161,6 +161,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
         check_embeddings_out(args.out)  # suffix, folder, packages: before the work, not after it
     clip, cfg = _load_clip(args)
     kind = "images" if args.images else "texts"
+    if cfg.compile and args.images:
+        from ..model.compiling import compile_module
+
+        compile_module(clip.model.visual, "the image tower")
     items = _list_images(args.images) if args.images else _list_texts(args.texts)
     if args.images and not items:
         raise DataError(f"--images {args.images!r}: no images found")

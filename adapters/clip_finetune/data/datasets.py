@@ -17,8 +17,8 @@ from ..errors import DataError
 from ..inputs import cap_captions
 from ..machine import cpu_cores, thread_map
 from ..progress import progress as show_progress
-from .decode_cache import DecodedCache
-from .images import load_image, to_rgb
+from .decode_cache import DecodedCache, InputCache
+from .images import decode, load_image
 from .pairs import CaptionPair
 
 log = logging.getLogger(__name__)
@@ -139,23 +139,27 @@ def model_input(source: ImageSource, transform: Callable, draft: int | None = No
     """An image as the model takes it: decoded (load_image; a PIL image gets the same orientation and RGB
     conversion) and transformed. `draft`: JPEGs are decoded at reduced scale, never below `draft` pixels a
     side (the transform's size), so the transform still only shrinks."""
-    image = to_rgb(source) if isinstance(source, Image.Image) else load_image(source, name, draft=draft)
-    return transform(image)
+    return transform(decode(source, name, draft))
 
 
 class ImageDataset(Dataset):
-    """(image tensor, index) per image (path, bytes or PIL image); a BadSample where it cannot be decoded."""
+    """(image tensor, index) per image (path, bytes or PIL image); a BadSample where it cannot be decoded.
+    With `inputs` (an InputCache of the same transform and draft size) images are made through it."""
 
-    def __init__(self, sources: Sequence[ImageSource], transform: Callable, draft: int | None = None) -> None:
+    def __init__(self, sources: Sequence[ImageSource], transform: Callable, draft: int | None = None,
+                 inputs: InputCache | None = None) -> None:
         self.sources = list(sources)
         self.transform = transform
         self.draft = draft
+        self.inputs = inputs
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | BadSample:
         try:
+            if self.inputs is not None:
+                return self.inputs(self.sources[i]), i
             return model_input(self.sources[i], self.transform, self.draft), i
         except DataError as e:
             log.warning("skipping image %s: %s", _label(self.sources[i], i), e)

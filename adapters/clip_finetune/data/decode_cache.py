@@ -1,5 +1,6 @@
-"""Faster image input, measured in docs/performance.md: JPEG draft decoding at reduced scale, and a
-decode-once uint8 cache of training images with a memory budget (over it, images are decoded each epoch).
+"""Faster image input, measured in docs/performance.md: JPEG draft decoding at reduced scale, a decode-once
+uint8 cache of training images with a memory budget (over it, images are decoded each epoch), and one of
+evaluation inputs (InputCache: validation images decoded and preprocessed once per training run).
 
 Each keeps the result of the straightforward path, exactly or within tolerance (tests/test_fast_paths.py):
 draft mode decodes a JPEG at 1/2, 1/4 or 1/8 scale in the DCT domain, never below the size the model's transform
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torchvision import transforms as T
 
-from .images import load_image
+from .images import decode, load_image
 
 log = logging.getLogger(__name__)
 
@@ -91,3 +95,47 @@ def train_cache(transform: Callable, budget_mb: float, num_workers: int) -> Deco
     if budget_mb <= 0 or num_workers > 0:
         return DecodedCache(math.ceil(size * TRAIN_SIDE_FACTOR), 0)  # same pixels, nothing kept
     return DecodedCache(math.ceil(size * TRAIN_SIDE_FACTOR), budget_mb)
+
+
+class InputCache:
+    """Evaluation inputs made once: each image decoded and taken through the PIL steps of a deterministic
+    transform (open_clip's resize, centre crop, RGB), kept as uint8 up to `budget_mb`; the tensor steps
+    (ToTensor, Normalize) run at each use, so a tensor from the cache is bit-identical to a fresh one and
+    costs a quarter of a float copy. Images past the budget are made afresh each time by the same code.
+
+    Keyed by file path: only images given as paths are kept. Thread-safe (batches decode on threads).
+    """
+
+    def __init__(self, transform: Callable, budget_mb: float, draft: int | None = None) -> None:
+        steps = list(getattr(transform, "transforms", ()))
+        cut = next((i for i, t in enumerate(steps) if isinstance(t, T.ToTensor | T.PILToTensor)), None)
+        # a transform that is not a Compose ending in tensor steps is applied whole and nothing is kept
+        self.head = T.Compose(steps[:cut]) if cut is not None else None
+        self.tail = T.Compose(steps[cut:]) if cut is not None else transform
+        self.transform, self.draft = transform, draft
+        self.budget, self.used = int(budget_mb * 2**20), 0
+        self._arrays: dict[str, tuple[np.ndarray, str]] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __call__(self, source: str | Path | bytes | Image.Image, name: str | None = None) -> torch.Tensor:
+        """The model input of `source` ([3, H, W]), as transform(decode(source)) gives it."""
+        key = str(source) if isinstance(source, str | Path) else None
+        kept = self._arrays.get(key) if key is not None else None
+        if kept is None:
+            image = decode(source, name, self.draft)
+            if self.head is None:
+                return self.transform(image)
+            image = self.head(image)
+            kept = (np.array(image), image.mode)
+            if key is not None:
+                self._keep(key, kept)
+        return self.tail(Image.fromarray(*kept))
+
+    def _keep(self, key: str, kept: tuple[np.ndarray, str]) -> None:
+        with self._lock:
+            if key not in self._arrays and self.used + kept[0].nbytes <= self.budget:
+                self._arrays[key] = kept
+                self.used += kept[0].nbytes

@@ -16,7 +16,7 @@ from ..machine import PILLOW_MAX_IMAGE_PIXELS, set_max_image_pixels
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PILLOW_MAX_IMAGE_PIXELS", "ImageDecodeError", "load_image", "set_max_image_pixels", "to_rgb"]
+__all__ = ["PILLOW_MAX_IMAGE_PIXELS", "ImageDecodeError", "decode", "load_image", "set_max_image_pixels", "to_rgb"]
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -62,6 +62,13 @@ def load_image(source: str | Path | bytes, name: str | None = None, draft: int |
         raise ImageDecodeError(
             f"cannot decode image {label!r}: {type(e).__name__}: {e}; re-export the file or remove it"
         ) from e
+
+
+def decode(source: str | Path | bytes | Image.Image, name: str | None = None, draft: int | None = None
+           ) -> Image.Image:
+    """An image file, its bytes or a PIL image as an upright RGB image (load_image; a PIL image gets the same
+    orientation and RGB conversion, to_rgb)."""
+    return to_rgb(source) if isinstance(source, Image.Image) else load_image(source, name, draft=draft)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -36,6 +36,7 @@ from ..errors import ConfigError, ModelError
 from ..files import atomic_write
 from ..inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
 from .hub import weights_available
+from .lazy_tokenizer import LazyTokenizer, TokenizerLater
 from .precision import resolve_precision
 from .safe_load import check_device, check_safetensors, is_pickle_refusal, refused_pickle, weights_mismatch
 from .weights import unwrap
@@ -54,15 +55,21 @@ class ClipModel:
     model: torch.nn.Module
     preprocess_train: Callable
     preprocess: Callable  # evaluation/embedding transform (resize, centre crop, normalise)
-    tokenizer: Callable
+    tokenizer: Callable = LazyTokenizer()  # given as the tokenizer, or a TokenizerLater; read: the tokenizer
     model_cfg: dict[str, Any]  # open_clip model config (embed_dim, vision_cfg, text_cfg, ...)
     source: str  # what it was loaded from, for logs
     extra: dict[str, Any] = field(default_factory=dict)
-    precision: str = "fp32"  # resolved for its device (precision.resolve_precision): training, evaluation, embedding
+    precision: str = "fp32"  # resolved for its device and model (precision.resolve_precision): training
 
     def use_precision(self, requested: str) -> None:
         """Resolve `requested` (a FinetuneConfig.precision) for the device the model is on now."""
-        self.precision = resolve_precision(requested, self.device)
+        self.precision = resolve_precision(requested, self.device, self.model_cfg)
+
+    @property
+    def inference_precision(self) -> str:
+        """What embedding and evaluation run in: the model's precision on CUDA; fp32 on a CPU, where the vectors
+        then equal stock open_clip's (CPU bf16 is a training choice, docs/performance.md)."""
+        return self.precision if self.device.type == "cuda" else "fp32"
 
     @property
     def embed_dim(self) -> int:
@@ -278,7 +285,8 @@ def load_artifact(path: str | Path, device: torch.device | str | None = None, pr
         model, pp_train, pp_val = open_clip.create_model_and_transforms(
             spec, device=device, weights_only=True, **kwargs
         )
-        tokenizer = open_clip.get_tokenizer(spec)  # an HF tokenizer is read from the folder itself
+        # an HF tokenizer is read from the folder itself (now: a missing file is this error, not a later one)
+        tokenizer = open_clip.get_tokenizer(spec) if hf_text is not None else TokenizerLater(spec)
     except OSError as e:  # transformers: a missing config or tokenizer file, an unreachable hub
         raise ModelError(f"cannot load the saved model {str(folder)!r}: {e}{_hf_hint(hf_text)}") from e
     except RuntimeError as e:  # load_state_dict: weights of another architecture

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ..data.datasets import ImageDataset, ImageSource, collate_skipping_bad, default_num_workers, model_input
-from ..data.decode_cache import transform_size
+from ..data.decode_cache import InputCache, transform_size
 from ..inputs import cap_captions
 from ..model.clip import ClipModel
 from ..model.precision import autocast_for
@@ -35,7 +35,7 @@ def image_input(clip: ClipModel, source: ImageSource, name: str | None = None) -
 def encode_image_tensors(clip: ClipModel, images: torch.Tensor) -> np.ndarray:
     """Preprocessed images [n, 3, H, W] -> float32 [n, d], unit norm."""
     clip.model.eval()
-    with torch.inference_mode(), autocast_for(clip.device, clip.precision):
+    with torch.inference_mode(), autocast_for(clip.device, clip.inference_precision):
         features = clip.model.encode_image(images.to(clip.device, non_blocking=True))
     return _unit(features)
 
@@ -53,16 +53,19 @@ def encode_images(
     progress: bool = True,
     draft: bool = True,
     desc: str = "embed images",
+    inputs: InputCache | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """Embed images (files, bytes or PIL images). Returns (vectors [n_ok, d] float32, unit norm; indices of
     `sources` embedded). Images that cannot be decoded are skipped (logged); their indices are absent.
 
     `draft=False` decodes JPEGs in full (only to measure what draft decoding changes: embeddings stay within
-    cosine 0.999, tests/test_fast_paths.py; 2-3x faster on photos, docs/performance.md)."""
+    cosine 0.999, tests/test_fast_paths.py; 2-3x faster on photos, docs/performance.md). `inputs`: an
+    InputCache of clip.preprocess that keeps the decoded, preprocessed images for the next call."""
     loader = DataLoader(
-        ImageDataset(sources, clip.preprocess, transform_size(clip.preprocess) if draft else None),
+        ImageDataset(sources, clip.preprocess, transform_size(clip.preprocess) if draft else None, inputs),
         batch_size=batch_size,
-        num_workers=default_num_workers(num_workers, clip.device),
+        # what an InputCache keeps must live in this process: no worker processes (threads still decode)
+        num_workers=0 if inputs is not None else default_num_workers(num_workers, clip.device),
         collate_fn=collate_skipping_bad,
         pin_memory=clip.device.type == "cuda",
     )
@@ -94,7 +97,7 @@ def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 256, p
     out: np.ndarray | None = None
     context = (clip.model_cfg.get("text_cfg") or {}).get("context_length")
     clip.model.eval()
-    with torch.inference_mode(), autocast_for(clip.device, clip.precision):
+    with torch.inference_mode(), autocast_for(clip.device, clip.inference_precision):
         for start in show_progress(range(0, len(texts), batch_size), desc, unit="batch", enabled=progress):
             tokens = clip.tokenizer(cap_captions(texts[start : start + batch_size], context)).to(clip.device)
             features = _unit(clip.model.encode_text(tokens))

@@ -16,6 +16,7 @@ from ..errors import DataError, ModelError
 from ..model.clip import ClipModel, load_artifact, load_model, save_artifact
 from ..model.weights import cpu_state, wise_ft
 from .embed import encode_images, encode_texts
+from .eval_cache import EvalCache
 from .metrics import retrieval_metrics
 from .zero_shot import class_vectors, labelled_classes, zero_shot_metrics
 
@@ -46,15 +47,20 @@ class PairEmbeddings:
 def embed_pairs(
     clip: ClipModel, pairs: Sequence[CaptionPair], batch_size: int = 64, num_workers: int | None = None,
     progress: bool = True,
+    cache: EvalCache | None = None,
 ) -> PairEmbeddings:
     """Embed the distinct images (by content: one photo under two paths is one image) and the distinct
-    captions (normalised) of `pairs`."""
+    captions (normalised) of `pairs`. `cache`: a training run's EvalCache (the same embeddings, reused where
+    nothing changed)."""
     content = {p.image: content_key(p.image) for p in pairs}
     first_path = {}
     for p in pairs:
         first_path.setdefault(content[p.image], p.image)
-    vectors, kept = encode_images(clip, list(first_path.values()), batch_size, num_workers, progress=progress,
-                                  desc="evaluate: embed images")
+    if cache is not None:
+        vectors, kept = cache.images(clip, list(first_path.values()), batch_size, num_workers)
+    else:
+        vectors, kept = encode_images(clip, list(first_path.values()), batch_size, num_workers, progress=progress,
+                                      desc="evaluate: embed images")
     # images that failed to decode are dropped, and the captions that describe them with them
     all_keys = list(first_path)
     keys = [all_keys[i] for i in kept]
@@ -72,8 +78,11 @@ def embed_pairs(
         links.setdefault((t, i), None)
         if p.label:
             labels[i].add(p.label)
-    text_features = encode_texts(clip, captions, batch_size=max(batch_size, 256), progress=progress,
-                                 desc="evaluate: embed captions")
+    if cache is not None:
+        text_features = cache.texts(clip, captions, max(batch_size, 256))
+    else:
+        text_features = encode_texts(clip, captions, batch_size=max(batch_size, 256), progress=progress,
+                                     desc="evaluate: embed captions")
     relevant = np.array(list(links), dtype=np.int64).reshape(-1, 2)
     text_to_image = np.full(len(captions), -1, dtype=np.int64)
     for t, i in reversed(relevant.tolist()):  # the first link of each text wins
@@ -90,11 +99,12 @@ def evaluate(
     ks: Sequence[int] = EVAL_KS,
     progress: bool = True,
     templates: Sequence[str] = DEFAULT_LABEL_TEMPLATES,
+    cache: EvalCache | None = None,
 ) -> dict[str, float]:
     """Text->image and image->text retrieval metrics of `clip` on `pairs` (flat 'direction/metric' keys), with
     duplicates sharing relevance; with two or more class labels among the images, also zero-shot classification
-    accuracy ('zero_shot/...', each class the mean of its `templates`)."""
-    emb = embed_pairs(clip, pairs, batch_size, num_workers, progress)
+    accuracy ('zero_shot/...', each class the mean of its `templates`). `cache`: see embed_pairs."""
+    emb = embed_pairs(clip, pairs, batch_size, num_workers, progress, cache)
     out = retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image, ks, relevance=emb.relevance())
     classes = labelled_classes(emb.image_labels)
     if len(classes) >= 2:

@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +23,10 @@ from ..data.identity import pair_keys
 from ..data.load import TRAIN, Splits
 from ..machine import apply_config
 from ..model.clip import ClipModel, load_model, save_artifact
+from ..model.compiling import compile_module
 from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
 from ..progress import progress as show_progress
+from ..retrieval.eval_cache import EvalCache, eval_cache_for
 from ..retrieval.evaluate import evaluate
 from .distributed import DistContext, broadcast, process_group
 from .guard import identity_differences, run_identity
@@ -121,9 +124,12 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     model, device = clip.model, clip.device
     apply_locks(unwrap(model), cfg)
     workers = default_num_workers(cfg.num_workers, device, ctx.local_world_size if ctx is not None else 1)
-    dataset = PairDataset(splits.train, clip.preprocess_train, clip.tokenizer, seed=cfg.seed,
-                          cache=train_cache(clip.preprocess_train, cfg.image_cache_mb, workers), progress=progress)
     is_main = ctx is None or ctx.is_main
+    eval_cache, train_mb = None, float(cfg.image_cache_mb)
+    if splits.validation and is_main:  # rank 0 evaluates; its validation inputs come out of the same budget
+        eval_cache, train_mb = eval_cache_for(cfg, clip, len({p.image for p in splits.validation}))
+    dataset = PairDataset(splits.train, clip.preprocess_train, clip.tokenizer, seed=cfg.seed,
+                          cache=train_cache(clip.preprocess_train, train_mb, workers), progress=progress)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +139,8 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     if ctx is not None:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = compile_module(train_model, "the training model")
     total_steps = cfg.num_epochs * (len(splits.train) // cfg.train_batch_size)
     run = RunState(cfg, clip, optimizer, make_scheduler(optimizer, cfg, total_steps),
                    torch.amp.GradScaler(device.type, enabled=precision == "fp16"), Progress(),
@@ -140,7 +148,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
                    cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, workers,
                    run_identity(cfg, splits) if out is not None else None,
                    pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches else None,
-                   _notes(cfg, splits, total_steps) if is_main else [])
+                   _notes(cfg, splits, total_steps) if is_main else [], eval_cache)
     return run, dataset
 
 
@@ -177,7 +185,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
         return cpu_state_from_artifact(out) if keep_best else None
     if run.checkpoint is not None and run.checkpoint.is_file() and run.is_main:
         log.warning("%s exists: starting over (resume=True continues it)", run.checkpoint)
-    run.progress.before = _validate(run, splits, progress)
+    run.progress.before = _validate(run, splits, progress, base=True)
     run.progress.test_before = _score(run, splits.test, progress)
     run.progress.best_score = run.progress.before.get(run.cfg.early_stopping_metric, -math.inf)
     if out is not None and keep_best:  # the base is the best so far: a crash from here keeps a model
@@ -220,24 +228,30 @@ def _train_epoch(run: RunState, dataset: PairDataset, loss_fn: Callable, splits:
     run.sync_bad_pairs()
 
 
-def _validate(run: RunState, splits: Splits, progress: bool) -> dict[str, float]:
-    """The validation metrics (computed on rank 0, sent to all ranks so their bookkeeping agrees)."""
+def _validate(run: RunState, splits: Splits, progress: bool, base: bool = False) -> dict[str, float]:
+    """The validation metrics (computed on rank 0, sent to all ranks so their bookkeeping agrees). `base`: the
+    base model's, whose embeddings may be stored across runs (base_eval_cache)."""
     if not splits.validation:
         return {}
     scores: dict[str, float] | None = None
     if run.is_main:
         if not weights_are_finite(unwrap(run.clip.model)):
             raise run.diverged("the weights became non-finite")
-        scores = _score(run, splits.validation, progress)
+        cache = run.eval_cache
+        with cache.storing() if base and cache is not None else nullcontext():
+            scores = _score(run, splits.validation, progress, cache)
     return broadcast(scores) if run.ctx is not None else scores
 
 
-def _score(run: RunState, pairs: list | None, progress: bool = False) -> dict[str, float]:
-    """Metrics of the model as it is now on `pairs` (rank 0 only; {} for none)."""
+def _score(run: RunState, pairs: list | None, progress: bool = False, cache: EvalCache | None = None
+           ) -> dict[str, float]:
+    """Metrics of the model as it is now on `pairs` (rank 0 only; {} for none); `cache`: the validation
+    pairs' EvalCache."""
     if not pairs or not run.is_main:
         return {}
     cfg = run.cfg
-    return evaluate(run.clip, pairs, cfg.batch_size, cfg.num_workers, progress=progress, templates=cfg.label_templates)
+    return evaluate(run.clip, pairs, cfg.batch_size, cfg.num_workers, progress=progress, templates=cfg.label_templates,
+                    cache=cache)
 
 
 def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[str, torch.Tensor] | None
@@ -256,7 +270,7 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
         unwrap(model).load_state_dict(wise_ft(run.base_state, cpu_state(model), cfg.wise_ft_alpha))
         if splits.validation:
             result.after_fine_tuned = result.after
-            result.after = result.selection["after"] = _score(run, splits.validation, progress=False)
+            result.after = result.selection["after"] = _score(run, splits.validation, cache=run.eval_cache)
         log.info("WiSE-FT: saved weights are %.2f x fine-tuned + %.2f x base", cfg.wise_ft_alpha, 1 - cfg.wise_ft_alpha)
     if run.is_main:
         _count_bad_images(splits, p.bad_pairs)

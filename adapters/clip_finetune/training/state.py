@@ -21,6 +21,7 @@ from ..files import atomic_write
 from ..model.clip import ClipModel
 from ..model.safe_load import refused_pickle
 from ..model.weights import unwrap
+from ..retrieval.eval_cache import EvalCache
 from .distributed import DistContext, all_gather_lists
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class RunState:
     identity: dict[str, Any] | None = None  # the data and hyperparameters a checkpoint must match (guard.py)
     keys: tuple[np.ndarray, np.ndarray] | None = None  # (image ids, caption ids) per training pair (duplicates)
     notes: list[str] = field(default_factory=list)  # for the result: what a reader of the figures should know
+    eval_cache: EvalCache | None = None  # what this run's evaluations reuse (rank 0 with validation pairs)
 
     @property
     def is_main(self) -> bool:
