@@ -99,3 +99,5 @@ def test_doctor_is_content_with_a_random_init_model(capsys) -> None:
     assert main(["doctor", "--set", f"model_name={TINY_MODEL}", "--set", "pretrained=null"]) == 0
     out = capsys.readouterr().out
     assert "random init (nothing to download)" in out and out.rstrip().endswith("no problems found")
+    # the tiny model is narrower than the CPU bf16 rule's width: fp32 on any CPU, as training will run it
+    assert f"{TINY_MODEL} trains in fp32 on cpu, embeds in fp32" in out

@@ -8,7 +8,9 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from ..architecture import architecture_config
 from ..config import FinetuneConfig
+from ..errors import ClipFinetuneError
 from ..machine import cpu_cores
 
 # (distribution, what needs it) for the packages a run may use; the first group is always installed
@@ -67,10 +69,11 @@ def _version(distribution: str) -> str | None:
 def _device(checks: Checks, cfg: FinetuneConfig) -> None:
     import torch
 
-    from ..model.precision import resolve_precision
+    from ..model.precision import cpu_flags, resolve_precision
 
     cores = cpu_cores()
-    checks.add("ok", "cpu", f"{cores} cores usable ({platform.machine()}; {_cpu_flags() or 'no bf16/AMX flags'})")
+    flags = ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in cpu_flags())
+    checks.add("ok", "cpu", f"{cores} cores usable ({platform.machine()}; {flags or 'no bf16/AMX flags'})")
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_properties(0)
         capability = f"{gpu.major}.{gpu.minor}"
@@ -80,15 +83,14 @@ def _device(checks: Checks, cfg: FinetuneConfig) -> None:
         checks.add("warning" if cfg.device == "cuda" else "ok", "cuda", "no GPU visible: training runs on the CPU "
                    "(fine for the demo and small runs; a GPU is ~50x faster for ViT-B-32)")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    checks.add("ok", "precision", f"{cfg.precision!r} runs as {resolve_precision(cfg.precision, device)} on {device}")
-
-
-def _cpu_flags() -> str:
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return ""
-    return ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags.split())
+    try:  # the CPU bf16 rule depends on the model's width
+        model_cfg = architecture_config(cfg.model_name)
+    except ClipFinetuneError:
+        model_cfg = None
+    training = resolve_precision(cfg.precision, device, model_cfg)
+    embedding = training if device.type == "cuda" else "fp32"
+    checks.add("ok", "precision", f"{cfg.precision!r}: {cfg.model_name} trains in {training} on {device}, embeds in "
+               f"{embedding}")
 
 
 def _weights(checks: Checks, cfg: FinetuneConfig) -> None:
