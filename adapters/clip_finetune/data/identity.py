@@ -18,6 +18,7 @@ from .pairs import CaptionPair, has_item_id
 _SPACES = re.compile(r"\s+")
 _EDGE_PUNCTUATION = " \t\n.,;:!?\"'()[]"
 _CHUNK = 1 << 20
+UNREADABLE = "path:"  # content_key's prefix for a file it could not read: keyed by its path instead
 
 
 def normalise_caption(text: str) -> str:
@@ -33,7 +34,7 @@ def content_key(path: str) -> str:
     try:
         st = os.stat(path)
     except OSError:
-        return f"path:{os.path.normpath(path)}"
+        return f"{UNREADABLE}{os.path.normpath(path)}"
     return _digest(os.path.normpath(path), st.st_size, st.st_mtime_ns)
 
 
@@ -45,7 +46,7 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
     except OSError:
-        return f"path:{path}"
+        return f"{UNREADABLE}{path}"
     return h.hexdigest()
 
 

@@ -27,10 +27,12 @@ import torch
 
 from ..config import FinetuneConfig
 from ..data.decode_cache import InputCache, transform_size
+from ..data.identity import UNREADABLE, content_key
 from ..files import atomic_write
 from ..model.clip import ClipModel
 from ..model.weights import unwrap
 from .embed import encode_images, encode_texts
+from .shards import model_sha256
 
 log = logging.getLogger(__name__)
 
@@ -127,17 +129,18 @@ class BaseEvalStore:
         """The content hash of what this embedding depends on; None when an image is not a readable file."""
         digest = hashlib.blake2b(digest_size=20)
         if self._model_hash is None:
-            self._model_hash = _weights_hash(clip.model)
+            self._model_hash = model_sha256(clip)
         settings = {"format": STORE_FORMAT, "tower": tower, "weights": self._model_hash, "model": clip.model_cfg,
                     "transform": repr(clip.preprocess), "draft": transform_size(clip.preprocess),
                     "precision": clip.inference_precision, "device": clip.device.type,
                     "batch_size": batch_size, "torch": torch.__version__, "open_clip": open_clip.__version__}
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
-        try:
-            for item in items:  # images by content (the same files elsewhere give the same key), texts as text
-                digest.update(_file_hash(item) if tower == "image" else item.encode() + b"\0")
-        except OSError:
-            return None
+        for item in items:  # images by content (the same files elsewhere give the same key), texts as text
+            if tower == "image":
+                item = content_key(item)  # already computed for evaluation (embed_pairs): cached, not re-read
+                if item.startswith(UNREADABLE):
+                    return None
+            digest.update(item.encode() + b"\0")
         return digest.hexdigest()
 
     def load(self, key: str) -> Encoded | None:
@@ -161,24 +164,6 @@ class BaseEvalStore:
                 old.unlink(missing_ok=True)
         except OSError as e:  # a read-only or full disk costs the next run time, not this one its result
             log.warning("could not store the base model's embeddings in %s: %s", self.folder, e)
-
-
-def _weights_hash(model: torch.nn.Module) -> str:
-    digest = hashlib.blake2b(digest_size=20)
-    for name, t in unwrap(model).state_dict().items():
-        t = t.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
-    return digest.hexdigest()
-
-
-def _file_hash(path: str) -> bytes:
-    digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.digest()
 
 
 def _write_npz(path: Path, vectors: np.ndarray, kept: np.ndarray) -> None:
