@@ -76,7 +76,7 @@ def _bf16(on: bool) -> None:
     import adapters.clip_finetune.retrieval.embed as embed
     from adapters.clip_finetune.model.precision import autocast_for
 
-    embed.autocast_for = lambda device, precision=None: autocast_for(device, "bf16" if on else precision)
+    embed.autocast_for = lambda device, precision: autocast_for(device, "bf16" if on else precision)
 
 
 def _compiled_copy(clip, batch: int) -> tuple[object, float]:

@@ -56,7 +56,7 @@ def child_ours(spec: dict) -> dict:
     if not s["fused"]:
         adamw = torch.optim.AdamW
         torch.optim.AdamW = lambda *args, **kwargs: adamw(*args, **{**kwargs, "fused": False})
-    embed.autocast_for = lambda device, precision="auto": autocast_for(device, "bf16" if s["bf16"] else "fp32")
+    embed.autocast_for = lambda device, precision: autocast_for(device, "bf16" if s["bf16"] else "fp32")
     if spec.get("eager_compile"):  # the smoke mode: the wiring, without minutes of CPU compilation
         import functools
 

@@ -76,7 +76,7 @@ def test_the_model_carries_its_precision_and_embedding_and_evaluation_use_it(tin
     assert clip.precision == "fp32"
     seen = []
     real = embed_module.autocast_for
-    monkeypatch.setattr(embed_module, "autocast_for", lambda device, p="auto": seen.append(p) or real(device, p))
+    monkeypatch.setattr(embed_module, "autocast_for", lambda device, p: seen.append(p) or real(device, p))
     from adapters.clip_finetune.data.synthetic import render, sample_specs
 
     render(sample_specs(1, 0)[0]).save(tmp_path / "x.png")

@@ -17,7 +17,7 @@ from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.data.load import Splits
 from adapters.clip_finetune.data.pairs import CaptionPair
 from adapters.clip_finetune.data.synthetic import render, sample_specs
-from adapters.clip_finetune.model.clip import load_model
+from adapters.clip_finetune.model.clip import ClipModel, load_model
 from adapters.clip_finetune.model.compiling import compile_module
 from adapters.clip_finetune.model.precision import autocast_for, cpu_bf16_is_faster, resolve_precision
 from adapters.clip_finetune.training import finetune
@@ -49,7 +49,11 @@ def test_auto_precision_on_the_cpu_follows_the_rule(monkeypatch, faster):
     assert resolve_precision("auto", CPU, VIT_B_32) == ("bf16" if faster else "fp32")
     assert resolve_precision("fp32", CPU) == "fp32" and resolve_precision("bf16", CPU) == "bf16"
     assert resolve_precision("fp16", CPU) == "fp32"
-    with autocast_for(CPU):  # embedding and evaluation: fp32 on a CPU whatever the rule (stock open_clip's vectors)
+    clip = ClipModel(torch.nn.Linear(1, 1), None, None, None, VIT_B_32, "test")
+    clip.use_precision("auto")
+    assert clip.precision == ("bf16" if faster else "fp32")
+    # embedding and evaluation: fp32 on a CPU whatever the rule (stock open_clip's vectors)
+    with autocast_for(CPU, clip.inference_precision):
         assert not torch.is_autocast_enabled("cpu")
     with autocast_for(CPU, "auto"):  # training under 'auto'
         assert torch.is_autocast_enabled("cpu") is faster

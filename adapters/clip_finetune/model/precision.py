@@ -1,5 +1,6 @@
 """Which numeric precision a device runs in, and the autocast context for it: training, evaluation and
-embedding all go through here (ClipModel.precision carries the resolved choice)."""
+embedding all go through here (ClipModel.precision carries the resolved training choice,
+ClipModel.inference_precision what embedding and evaluation run in)."""
 
 from __future__ import annotations
 
@@ -70,17 +71,10 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
         return frozenset()
 
 
-def autocast_for(device: torch.device, precision: Precision | None = None) -> AbstractContextManager:
-    """Mixed-precision context for `precision` on `device`: bf16 or fp16 autocast, nothing with fp32.
-
-    None (embedding and evaluation): 'auto' on CUDA, fp32 on a CPU, where the vectors equal stock open_clip's
-    (bf16 there is a training choice; its embeddings are within cosine 0.999, docs/performance.md)."""
-    resolved = embedding_precision(device) if precision is None else resolve_precision(precision, device)
+def autocast_for(device: torch.device, precision: Precision) -> AbstractContextManager:
+    """Mixed-precision context for `precision` on `device`: bf16 or fp16 autocast, nothing with fp32. Training
+    passes its resolved precision, embedding and evaluation ClipModel.inference_precision (fp32 on a CPU)."""
+    resolved = resolve_precision(precision, device)
     if resolved == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if resolved == "bf16" else torch.float16)
-
-
-def embedding_precision(device: torch.device) -> str:
-    """The precision embedding and evaluation run in: 'auto' on CUDA, fp32 on a CPU."""
-    return resolve_precision("auto" if device.type == "cuda" else "fp32", device)

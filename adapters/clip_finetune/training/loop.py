@@ -120,7 +120,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     clip = clip or load_model(cfg, device)
     if device is not None:
         clip.model.to(device)
-    clip.use_precision(cfg.precision)  # for the device it trains on: steps, validation and embedding alike
+    clip.use_precision(cfg.precision)  # for the device it trains on (evaluation: clip.inference_precision)
     model, device = clip.model, clip.device
     apply_locks(unwrap(model), cfg)
     workers = default_num_workers(cfg.num_workers, device, ctx.local_world_size if ctx is not None else 1)
