@@ -7,7 +7,7 @@ import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import dtlpy as dl
 import torch
@@ -76,15 +76,24 @@ def prepare_item(clip: ClipModel, item: dl.Item) -> PreparedItem:
         return Unusable(item.id, f"download failed ({type(e).__name__})", transient=True)
 
 
-def _prompt_input(clip: ClipModel, item: dl.Item) -> torch.Tensor | str:
-    """The first prompt's image (by item id), else its text."""
+def first_prompt(item: dl.Item) -> tuple[str, Any] | None:
+    """(key, elements) of a prompt item's first prompt (numeric order), None when it has no prompts;
+    ItemUnusable when its JSON cannot be downloaded or read."""
     try:
         content = parse_json(download_bytes(item), f"prompt item {item.id}")  # nesting bounded, encoding named
     except Unreadable:
         raise ItemUnusable("unreadable prompt json") from None
     prompts = (content.get("prompts") if isinstance(content, dict) else None) or {}
-    elements = prompts[min(prompts, key=prompt_order)] if prompts else []
-    image, text = prompt_parts(elements)
+    if not prompts:
+        return None
+    key = min(prompts, key=prompt_order)
+    return key, prompts[key]
+
+
+def _prompt_input(clip: ClipModel, item: dl.Item) -> torch.Tensor | str:
+    """The first prompt's image (by item id), else its text."""
+    first = first_prompt(item)
+    image, text = prompt_parts(first[1] if first is not None else [])
     if image is not None:
         ref = image_ref(image)
         if not ITEM_ID.fullmatch(ref):

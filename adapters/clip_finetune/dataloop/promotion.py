@@ -18,6 +18,7 @@ import dtlpy as dl
 
 from adapters.clip_finetune.config import FinetuneConfig, metric_names
 from adapters.clip_finetune.errors import ConfigError
+from adapters.clip_finetune.retrieval.metrics import LOWER_IS_BETTER
 
 from .charts import publish
 
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_METRIC = FinetuneConfig.model_fields["early_stopping_metric"].default  # what training optimises
 PROMOTED, KEPT = "promoted", "kept"  # the node's output actions
 METADATA_KEY = "clip_finetune"  # model.metadata["user"][METADATA_KEY]["promotion"]: the gate's record
-LOWER_IS_BETTER = ("median_rank", "mean_rank")
 
 
 @dataclass

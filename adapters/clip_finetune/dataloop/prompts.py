@@ -8,15 +8,14 @@ prompt item's first prompt becomes the description of the image item it shows.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import PurePosixPath
 
 import dtlpy as dl
 
-from adapters.clip_finetune.data.dataloop import image_ref, item_caption, prompt_order, prompt_parts
+from adapters.clip_finetune.data.dataloop import image_ref, item_caption, prompt_parts
 
-from .items import ItemUnusable, download_bytes
+from .items import ItemUnusable, first_prompt
 from .platform import ITEM_ID, as_filters, is_prompt_item
 
 logger = logging.getLogger(__name__)
@@ -74,15 +73,14 @@ def _items(dataset: dl.Dataset, filters: dl.Filters | dict | None) -> list[dl.It
 
 def _image_and_caption(item: dl.Item) -> tuple[dl.Item, str] | None:
     try:
-        content = json.loads(download_bytes(item))
-    except (ItemUnusable, ValueError):
+        first = first_prompt(item)
+    except ItemUnusable:
         logger.warning("prompt item %s: unreadable, skipped", item.id)
         return None
-    prompts = (content.get("prompts") if isinstance(content, dict) else None) or {}
-    if not prompts:
+    if first is None:
         return None
-    key = min(prompts, key=prompt_order)
-    image, _ = prompt_parts(prompts[key])
+    key, elements = first
+    image, _ = prompt_parts(elements)
     ref = image_ref(image) if image else ""
     answers = [a.annotation_definition.text for a in item.annotations.list()
                if a.type == "text" and str((a.metadata or {}).get("system", {}).get("promptId")) == str(key)]
