@@ -20,7 +20,7 @@ from adapters.clip_finetune.errors import ModelError
 from adapters.clip_finetune.model.clip import FINETUNE_CONFIG_NAME, METRICS_NAME
 from adapters.clip_finetune.training import CHECKPOINT_NAME
 
-from .platform import PLATFORM_ERRORS, item_size
+from .platform import PLATFORM_ERRORS, feature_sets_of, item_size
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +161,8 @@ def drop_stale_vectors(model: dl.Model) -> None:
     """The model's weights changed (it was trained again): the vectors in its feature sets were made by the
     old weights and would be kept (embedding skips items that have a vector), so the sets are deleted; the next
     embedding creates a fresh one."""
-    filters = dl.Filters(field="modelId", values=model.id, resource=dl.FiltersResource.FEATURE_SET)
     try:
-        stale = [fs for page in model.project.feature_sets.list(filters=filters) for fs in page]
-        for feature_set in stale:
+        for feature_set in feature_sets_of(model):
             feature_set.delete()
             logger.info("model %r was trained again: deleted its feature set %r (vectors of the old weights)",
                         model.name, feature_set.name)

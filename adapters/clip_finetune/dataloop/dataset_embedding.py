@@ -19,7 +19,7 @@ import dtlpy as dl
 from adapters.clip_finetune.errors import ConfigError
 
 from .embed_job import VectorsNotStoredError
-from .platform import PLATFORM_ERRORS, as_filters, platform_failure
+from .platform import PLATFORM_ERRORS, as_filters, feature_sets_of, platform_failure
 
 logger = logging.getLogger(__name__)
 
@@ -114,14 +114,12 @@ def mark_superseded(model: dl.Model, previous: dl.Model) -> list[str]:
     """Rename the feature sets of `previous` (the model `model` replaced) so that no one searches them by
     mistake: "<name> (superseded by <model name>)". Their vectors stay: the old model can still search them.
     Returns the new names."""
-    filters = dl.Filters(field="modelId", values=previous.id, resource=dl.FiltersResource.FEATURE_SET)
     renamed = []
-    for page in previous.project.feature_sets.list(filters=filters):
-        for feature_set in page:
-            if SUPERSEDED in feature_set.name:
-                continue
-            feature_set.name = f"{feature_set.name} ({SUPERSEDED} {model.name})"
-            feature_set.update()
-            renamed.append(feature_set.name)
-            logger.info("feature set of model %r renamed %r", previous.name, feature_set.name)
+    for feature_set in feature_sets_of(previous):
+        if SUPERSEDED in feature_set.name:
+            continue
+        feature_set.name = f"{feature_set.name} ({SUPERSEDED} {model.name})"
+        feature_set.update()
+        renamed.append(feature_set.name)
+        logger.info("feature set of model %r renamed %r", previous.name, feature_set.name)
     return renamed

@@ -37,3 +37,9 @@ def item_size(item: dl.Item) -> int | None:
 def is_prompt_item(item: dl.Item) -> bool:
     system = (item.metadata or {}).get("system") or {}
     return (system.get("shebang") or {}).get("dltype") == "prompt"
+
+
+def feature_sets_of(model: dl.Model) -> list[dl.FeatureSet]:
+    """The feature sets `model` made (the project's sets whose modelId is its id), every page."""
+    filters = dl.Filters(field="modelId", values=model.id, resource=dl.FiltersResource.FEATURE_SET)
+    return [fs for page in model.project.feature_sets.list(filters=filters) for fs in page]
