@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..inputs import MAX_JSON_BYTES, Unreadable, read_json
+from ..inputs import MAX_JSON_BYTES, Unreadable, file_problem, read_json
 from ..progress import progress as show_progress
 from .labels import DEFAULT_TEMPLATE, annotation_labels, label_leaf, label_pairs
 from .pairs import CaptionPair, DataReport
-from .safe_read import image_problem
+from .safe_read import image_problem, links_out
 
 logger = logging.getLogger(__name__)
 
@@ -157,8 +157,7 @@ def _read_records(folder: Path, report: DataReport) -> list[_Record]:
 
 def _read_json(path: Path, root: str) -> Any:
     """A download's JSON file, bounded (inputs.read_json); a data report reason (a str) when it cannot be read."""
-    problem = image_problem(path, root)
-    if problem is not None and problem.endswith("out of the download"):
+    if file_problem(path) is None and links_out(path, root):  # a file that cannot be read: read_json says why
         return "json file links out of the download"
     try:
         return read_json(path, MAX_JSON_BYTES)

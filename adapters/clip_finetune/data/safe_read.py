@@ -184,12 +184,15 @@ def image_problem(file: str | os.PathLike, root: str | None = None) -> str | Non
     a file whose symlinks lead out of that folder is refused too."""
     problem = file_problem(file)
     if problem is not None:
-        kind = problem[0]
-        return "image file missing" if kind in ("missing", "unusable name") else f"image file is {_KIND_TEXT[kind]}"
-    if root is not None and not os.path.realpath(file).startswith(root.rstrip(os.sep) + os.sep):
+        kind = problem[0]  # "a folder", "not a regular file", "unreadable", "symlink loop", ...
+        if kind in ("missing", "unusable name"):
+            return "image file missing"
+        return f"image file is {'a symlink loop' if kind == 'symlink loop' else kind}"
+    if root is not None and links_out(file, root):
         return "image file links out of the download"
     return None
 
 
-_KIND_TEXT = {"a folder": "a folder", "not a regular file": "not a regular file", "symlink loop": "a symlink loop",
-              "unreadable": "unreadable"}
+def links_out(file: str | os.PathLike, root: str) -> bool:
+    """True when `file`, its symlinks followed, lies outside the folder `root` (a real path)."""
+    return not os.path.realpath(file).startswith(root.rstrip(os.sep) + os.sep)
