@@ -94,7 +94,7 @@ def _device(checks: Checks, cfg: FinetuneConfig) -> None:
 
 
 def _weights(checks: Checks, cfg: FinetuneConfig) -> None:
-    from ..model.hub import hub_offline, reachable, weights_source
+    from ..model.hub import download_blocked, weights_source
 
     what = f"weights {cfg.model_name} / {cfg.pretrained}"
     if not cfg.pretrained:
@@ -110,10 +110,9 @@ def _weights(checks: Checks, cfg: FinetuneConfig) -> None:
         checks.add("problem", "weights", f"{what}: not a pretrained tag, weights file or saved model folder")
     elif source.cached:
         checks.add("ok", "weights", f"{what}: cached at {source.cached}")
-    elif not hub_offline() and reachable(source.host):
+    elif (why := download_blocked(source)) is None:
         checks.add("ok", "weights", f"{what}: downloadable from {source.where} ({source.host} reachable)")
     else:
-        why = "HF_HUB_OFFLINE is set" if hub_offline() else f"{source.host} cannot be reached"
         checks.add("problem", "weights", f"{what}: not cached and {why}; copy the cache here or set pretrained to a "
                    "local weights file or saved model folder")
 

@@ -69,16 +69,25 @@ def reachable(host: str, port: int = 443, timeout: float = CONNECT_TIMEOUT) -> b
         return False
 
 
+def download_blocked(source: WeightsSource) -> str | None:
+    """Why weights that are not cached cannot be downloaded now; None when the hub can be used."""
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    if not reachable(source.host):
+        return f"{source.host} cannot be reached from this machine"
+    return None
+
+
 @contextlib.contextmanager
 def weights_available(model_name: str, tag: str) -> Iterator[WeightsSource | None]:
     """Raise ModelError at once when the weights are neither cached nor downloadable; while a cached copy
     loads on a machine that cannot reach the hub, keep huggingface_hub offline (no retries, no warnings)."""
     source = weights_source(model_name, tag)
-    if source is None or (source.cached is None and not hub_offline() and reachable(source.host)):
+    why = download_blocked(source) if source is not None and source.cached is None else None
+    if source is None or (source.cached is None and why is None):
         yield source
         return
     if source.cached is None:
-        why = "HF_HUB_OFFLINE is set" if hub_offline() else f"{source.host} cannot be reached from this machine"
         raise ModelError(
             f"pretrained={tag!r} of {model_name!r}: the weights ({source.where}) are not on this machine and "
             f"{why}. Download them once where the hub is reachable and copy the cache here "
