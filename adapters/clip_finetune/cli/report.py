@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..files import atomic_write
+from ..files import atomic_write, read_json
 from ..retrieval.formatting import DEFAULT_TABLE_METRICS
 from ..retrieval.metrics import LOWER_IS_BETTER
 
@@ -69,7 +68,7 @@ class _Sources:
         for folder in (self.run, self.model, self.folder):
             for name in names:
                 if folder is not None and (folder / name).is_file():
-                    return json.loads((folder / name).read_text(encoding="utf-8"))
+                    return read_json(folder / name)  # bounded: a damaged file is a DataError naming it
         return {}
 
 
