@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +116,10 @@ def load_spec(arg: str) -> dict:
 
 def emit(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def serve_child(arg: str, child_for: Callable[[str], Callable[[dict], dict]]) -> int:
+    """The child side of run_child: read the spec `arg` names, run child_for(its system) on it, emit the result."""
+    spec = load_spec(arg)
+    emit(child_for(spec["system"])(spec))
+    return 0

@@ -28,12 +28,11 @@ from bench.common import (
     ROOT,
     TINY_MODEL,
     cores,
-    emit,
-    load_spec,
     machine,
     markdown_table,
     parse_size,
     run_child,
+    serve_child,
     write_jpegs,
 )
 
@@ -253,10 +252,8 @@ def child_decoders(spec: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.child:
-        spec = load_spec(args.child)
-        emit({"rss": child_rss, "profile": child_profile, "decoders": child_decoders}.get(spec["system"],
-                                                                                          child_speed)(spec))
-        return 0
+        children = {"rss": child_rss, "profile": child_profile, "decoders": child_decoders}
+        return serve_child(args.child, lambda system: children.get(system, child_speed))
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data_dir or tmp)

@@ -23,7 +23,15 @@ import time
 from pathlib import Path
 from statistics import median
 
-from bench.common import TINY_MODEL, cores, emit, load_spec, machine, markdown_table, run_child, write_jpegs
+from bench.common import (
+    TINY_MODEL,
+    cores,
+    machine,
+    markdown_table,
+    run_child,
+    serve_child,
+    write_jpegs,
+)
 
 # each row turns one more setting on, in this order
 STEPS = ("fp32", "+ fused AdamW", "+ bf16", "+ channels_last", "+ torch.compile")
@@ -204,9 +212,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.child:
-        spec = load_spec(args.child)
-        emit((child_peer if spec["system"] in PEERS else child_ours)(spec))
-        return 0
+        return serve_child(args.child, lambda system: child_peer if system in PEERS else child_ours)
     if args.tiny:  # a few seconds of everything on a CPU
         args.model, args.images, args.batch, args.epochs = str(TINY_MODEL), 16, 8, 2
         args.embed_images, args.embed_batch, args.forward_batches, args.workers = 16, 8, 2, 0

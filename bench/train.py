@@ -23,7 +23,16 @@ import time
 from pathlib import Path
 from statistics import median
 
-from bench.common import TINY_MODEL, cores, emit, load_spec, machine, markdown_table, parse_size, run_child, write_jpegs
+from bench.common import (
+    TINY_MODEL,
+    cores,
+    machine,
+    markdown_table,
+    parse_size,
+    run_child,
+    serve_child,
+    write_jpegs,
+)
 
 # ours-no*: this project with one optimisation turned off (ours-nothreads: only the evaluation's decode threads;
 # ours-nodraft: no cache and full-size decoding every epoch, the image path of open_clip's trainer; ours-plain:
@@ -240,11 +249,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.child:
-        spec = load_spec(args.child)
-        system = spec["system"]
-        emit((child_limit if system == "limit" else child_open_clip if system.startswith("open_clip")
-              else child_ours)(spec))
-        return 0
+        return serve_child(args.child, lambda system: child_limit if system == "limit" else child_open_clip
+                           if system.startswith("open_clip") else child_ours)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
