@@ -58,15 +58,15 @@ class TrainResult:
     wise_ft_alpha: float = 1.0
     after_fine_tuned: dict[str, float] = field(default_factory=dict)  # before WiSE-FT mixing (alpha < 1 only)
     note: str = ""  # what to know about the result; set when no epoch beat the base model
+    scored_on: str = "selection"  # "test", "selection" (validation or held-out) or "none" (no evaluation data)
+    selection: dict[str, dict[str, float]] = field(default_factory=dict)  # {"before", "after"} on the selection set
+    test: dict[str, dict[str, float]] = field(default_factory=dict)  # {"before", "after"} on the test split
+    notes: list[str] = field(default_factory=list)  # what a reader of the figures should know
 
     @property
     def improved(self) -> bool:
         """Whether an epoch beat the base model (else the saved weights are the base model's)."""
         return self.best_epoch > 0
-    scored_on: str = "selection"  # "test", "selection" (validation or held-out) or "none" (no evaluation data)
-    selection: dict[str, dict[str, float]] = field(default_factory=dict)  # {"before", "after"} on the selection set
-    test: dict[str, dict[str, float]] = field(default_factory=dict)  # {"before", "after"} on the test split
-    notes: list[str] = field(default_factory=list)  # what a reader of the figures should know
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k != "out_dir"}
