@@ -1,46 +1,35 @@
 # syntax=docker/dockerfile:1
-# The runner image of every service of the clip-finetune app: dataloop.json names it in each computeConfig's
-# runtime.runnerImage, so a service starts with its runtime installed instead of pip-installing torch, open_clip,
-# timm and transformers at every cold start. The pins are the versions the test suite runs with; pyproject.toml
-# declares the floors (bench/min_versions.py checks them) and tests/test_runtime_pins.py keeps the three agreeing.
-# requirements.txt, which the platform installs on top at each service start, adds only this package.
+# An optional, faster runner image for the clip-finetune app: Dataloop's public GPU runner image (the one
+# dataloop.json names for training) with requirements.txt already installed, so a service does not pip-install
+# open_clip, timm and transformers at each cold start, and optionally the shipped models' weights baked in.
+# The manifest as shipped does NOT need it: every runnerImage names a public Dataloop image, and the platform
+# installs requirements.txt on top. The release workflow (.github/workflows/release.yml) builds and pushes this
+# image on a version tag, and `python -m adapters.clip_finetune.dataloop.publish --image ...` points the manifest
+# at it. No Docker daemon on the machines that built this repository: it was not built here (docs/dataloop.md).
 #
-#   docker build -t gcr.io/viewo-g/piper/agent/runner/apps/clip-finetune:0.1.0 .
-#   docker build --build-arg BAKE_WEIGHTS=1 -t gcr.io/viewo-g/piper/agent/runner/apps/clip-finetune:0.1.0 .
-#   docker push gcr.io/viewo-g/piper/agent/runner/apps/clip-finetune:0.1.0
+#   docker build -t ghcr.io/<owner>/clip-finetune:0.1.0 .
+#   docker build --build-arg BAKE_WEIGHTS=1 -t ghcr.io/<owner>/clip-finetune:0.1.0 .
+#   docker push ghcr.io/<owner>/clip-finetune:0.1.0        # a public registry: Dataloop pulls without credentials
 #
-# BAKE_WEIGHTS=1 also downloads the pretrained weights (and tokenizers) of the model entities dataloop.json ships,
-# into the image's Hugging Face cache, where open_clip looks first: no download when a service loads them.
-# Dataloop's GPU runner images bring CUDA 11.8 and a driver-facing runtime; the torch wheel below brings its own
-# CUDA libraries (docs/dataloop.md: what this assumes of the nodes' driver).
+# Dataloop's three rules for images built on theirs (dtlpy-runner-images README): no USER (the base works for any
+# user), ${DL_PYTHON_EXECUTABLE} -m pip (the base's interpreter), no ENV HOME=/tmp (the base sets it). The base's
+# torch, torchvision, dtlpy, PyJWT, attrs and validators stay: requirements.txt names none of them
+# (tests/test_base_image_install.py resolves it on the base's package set, docker/base-images/).
+# The same image serves the CPU services (torch's CUDA build runs on the CPU); the manifest's CPU configs name
+# Dataloop's CPU image only because it is the smaller pull.
 FROM hub.dataloop.ai/dtlpy-runner-images/gpu:python3.11_cuda11.8_pytorch2
 
-USER 1000
-ENV HOME=/tmp \
-    HF_HOME=/tmp/.cache/huggingface \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY requirements.txt /tmp/clip-finetune/requirements.txt
+RUN ${DL_PYTHON_EXECUTABLE} -m pip install --no-cache-dir -r /tmp/clip-finetune/requirements.txt
 
-RUN pip install --no-cache-dir --user \
-    torch==2.14.1 \
-    torchvision==0.29.1 \
-    open_clip_torch==3.3.0 \
-    dtlpy==1.126.5 \
-    transformers==5.24.0 \
-    timm==1.0.31 \
-    numpy==2.4.6 \
-    pillow==13.0.0 \
-    pydantic==2.14.4 \
-    tqdm==4.70.1 \
-    safetensors==0.8.0 \
-    charset-normalizer==3.5.3 \
-    matplotlib==3.11.2
-
+# BAKE_WEIGHTS=1 also downloads the pretrained weights (and tokenizers) of the model entities dataloop.json ships
+# into the image's Hugging Face cache (under the base's HOME), where open_clip looks first.
 ARG BAKE_WEIGHTS=0
 COPY dataloop.json /tmp/clip-finetune/dataloop.json
 RUN <<'SH'
 set -e
 if [ "$BAKE_WEIGHTS" = "1" ]; then
-python3 - <<'PY'
+${DL_PYTHON_EXECUTABLE} - <<'PY'
 import json
 
 import open_clip

@@ -90,7 +90,7 @@ def classes() -> dict[str, type]:
 
 def test_manifest_loads_with_dtlpy() -> None:
     dpk = dl.Dpk.from_json(_json=json.loads(json.dumps(MANIFEST)))
-    assert (dpk.name, dpk.version, dpk.scope) == ("clip-finetune", "0.1.0", "project")
+    assert (dpk.name, dpk.version, dpk.scope) == ("clip-finetune", "0.1.0", "public")
     assert [m.name for m in dpk.components.modules] == ["clip-finetune-module", "clip_nodes"]
     module, nodes = dpk.components.modules
     assert module.entry_point == "adapters/clip_finetune/dataloop/adapter.py"
