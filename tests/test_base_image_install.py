@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from base_images import KEPT, image_file, package_set, pip_plan, stub_environment
 from helpers import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from release_support import KEPT, image_file, package_set, pip_plan, stub_environment
 
 MANIFEST = json.loads((REPO / "dataloop.json").read_text())
 RUNTIMES = [*MANIFEST["components"]["computeConfigs"], *MANIFEST["components"].get("services", [])]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import re
 
-from base_images import HUB, KEPT
 from helpers import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from release_support import HUB, KEPT
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 MANIFEST = json.loads((REPO / "dataloop.json").read_text())

@@ -9,10 +9,10 @@ import json
 
 import pytest
 import tomllib
-from base_images import image_file, package_set
 from helpers import REPO
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from release_support import image_file, package_set
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 MANIFEST = json.loads((REPO / "dataloop.json").read_text())

@@ -28,6 +28,7 @@ Modules, one job each:
   function in process, as the platform's agent does (entities, progress, context)
 - executions.py: executions of a service's function (service.execute, execution.wait) and model.train()
 - pipelines.py: pipelines from a template (`install_template`), their checks, and execute() running the nodes
+- registry.py: the app registry (`project.dpks.publish`), checking what a publish sends
 - marketplace.py: Dataloop's active-learning app (Create New Model), re-written from its published code
 - fixture.py: dtlpy_pointed_at and the `platform` fixture
 

@@ -71,6 +71,7 @@ class Routes:
             ("GET", rf"/ontologies/{oid}", lambda c, oid_: self.ontologies[oid_]),
             *self._pipeline_routes(),  # pipelines.py
             *self._execution_routes(),  # executions.py
+            *self._registry_routes(),  # registry.py
         ]
         return [(m, re.compile(p + r"/?$"), h) for m, p, h in table]
 
@@ -81,7 +82,10 @@ class Routes:
     def _projects_named(self, call: Call, quoted_name: str) -> list[JSON]:
         """dl.projects.get(project_name=...): every project of that name (dtlpy URL-quotes it)."""
         name = urllib.parse.unquote(quoted_name)
-        return [copy.deepcopy(p) for p in self.projects.values() if p["name"] == name]
+        named = [copy.deepcopy(p) for p in self.projects.values() if p["name"] == name]
+        if not named:  # the gate answers an error for an unknown name (dtlpy's Projects.__get_by_name says so)
+            raise _HttpError(404, f"project {name!r} not found")
+        return named
 
     def _query_datasets(self, call: Call) -> JSON:
         query = call.json or {}

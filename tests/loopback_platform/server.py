@@ -22,6 +22,7 @@ from .common import API_PREFIX, JSON
 from .dql import DqlError
 from .executions import Executions
 from .pipelines import Pipelines
+from .registry import Registry
 from .routes import Route, Routes
 from .seeding import Seeding
 from .store import Store
@@ -88,7 +89,7 @@ class _Server(ThreadingHTTPServer):
 
 
 # --------------------------------------------------------------------------------------------- platform
-class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines):
+class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines, Registry):
     """In-memory Dataloop stand-in. Use as a context manager (starts/stops the server thread)."""
 
     def __init__(self) -> None:
@@ -115,6 +116,7 @@ class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines):
         self.apps: dict[str, Any] = {}  # installed apps (apps.App), by package id
         self.services: dict[str, JSON] = {}
         self.service_executions: dict[str, JSON] = {}
+        self.dpks: dict[str, JSON] = {}  # published DPKs (registry.py), by id
         self._runner_lock = threading.Lock()
         self._export_items: set[str] = set()  # export outputs: fetchable by id, invisible to queries
         self._system_datasets: set[str] = set()  # "Binaries": listed only for systemSpace queries

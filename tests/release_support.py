@@ -1,9 +1,11 @@
-"""The runner images' package sets (docker/base-images/<tag>.txt) as the tests read them, and a throwaway Python
-environment holding stub .dist-info folders of one of them, for pip to resolve requirements.txt against."""
+"""What the release tests share: the runner images' package sets (docker/base-images/<tag>.txt) as the tests read
+them, a throwaway Python environment holding stub .dist-info folders of one of them (for pip to resolve
+requirements.txt against), and a copy of what a release publishes (manifests, code, requirements.txt)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import venv
@@ -61,3 +63,13 @@ def pip_plan(python: Path, requirements: Path, report: Path) -> dict[str, str]:
     assert done.returncode == 0, f"pip could not resolve {requirements.name}:\n{done.stderr[-3000:]}"
     plan = json.loads(report.read_text())["install"]
     return {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in plan}
+
+
+def release_checkout(root: Path) -> Path:
+    """A copy at `root` of what a release publishes: the manifests, the app's code, requirements.txt and the
+    .gitignore dtlpy honours when it packs the folder."""
+    shutil.copytree(REPO / "adapters", root / "adapters", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "pipeline_templates", root / "pipeline_templates")
+    for name in ("dataloop.json", "requirements.txt", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    return root
