@@ -82,7 +82,8 @@ class Apps:
                     "status", "pre-trained"), input_type=model.get("inputType", "image"), output_type=model.get(
                     "outputType", "embedding"), package_id=app.id, module_name=model["moduleName"])
                 self.models[created["id"]]["metadata"] = copy.deepcopy(model.get("metadata") or {"system": {}})
-            return app
+        self.register_triggers(app)  # triggers.py
+        return app
 
     def app_named(self, project_id: str, name: str) -> App | None:
         return next((a for a in self.apps.values() if a.name == name and a.project_id == project_id), None)

@@ -25,6 +25,7 @@ from .pipelines import Pipelines
 from .routes import Route, Routes
 from .seeding import Seeding
 from .store import Store
+from .triggers import Triggers
 from .wire import Call, _HttpError, _parse_multipart, _read_chunked, _Reply
 
 
@@ -88,7 +89,7 @@ class _Server(ThreadingHTTPServer):
 
 
 # --------------------------------------------------------------------------------------------- platform
-class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines):
+class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines, Triggers):
     """In-memory Dataloop stand-in. Use as a context manager (starts/stops the server thread)."""
 
     def __init__(self) -> None:
@@ -115,6 +116,8 @@ class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines):
         self.apps: dict[str, Any] = {}  # installed apps (apps.App), by package id
         self.services: dict[str, JSON] = {}
         self.service_executions: dict[str, JSON] = {}
+        self.triggers: dict[str, JSON] = {}  # installed apps' components.triggers (triggers.py)
+        self.trigger_executions: list[JSON] = []  # the executions triggers started, in order
         self._runner_lock = threading.Lock()
         self._export_items: set[str] = set()  # export outputs: fetchable by id, invisible to queries
         self._system_datasets: set[str] = set()  # "Binaries": listed only for systemSpace queries
