@@ -49,6 +49,7 @@ def run_panel(browser: Any, server: LoopbackPlatform, project_id: str, dataset_i
     config = {"baseUrl": server.base_url, "token": make_token(), "projectId": project_id, "datasetId": dataset_id,
               "services": services}
     page = browser.new_page()
+    page.route("**/favicon.ico", lambda route: route.fulfill(status=204))  # the browser's, not the panel's
     try:
         page.goto(f"{server.base_url}/projects/{project_id}")  # the stand-in's origin: fetch needs no CORS
         page.add_script_tag(content=FAKE_DL.read_text())
