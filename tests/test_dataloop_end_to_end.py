@@ -48,8 +48,6 @@ class Deployed:
     promoted_id: str
     new_item: dl.Item
     trigger_execution: dl.Execution
-    ranked: dict[str, list[str]]  # colour -> the panel's ranking (filenames) for "a <colour> circle"
-    events: list[Any]
 
 
 def _deploy(platform: LoopbackPlatform, folder: Path) -> Deployed:
@@ -81,14 +79,7 @@ def _deploy(platform: LoopbackPlatform, folder: Path) -> Deployed:
     started = len(platform.trigger_executions)
     new_item = dl.datasets.get(dataset_id=catalogue["id"]).items.upload(local_path=str(folder / "blue.png"))
     (execution,) = [dl.executions.get(execution_id=e["id"]).wait() for e in platform.trigger_executions[started:]]
-    ranked, events = {}, []
-    with panel_browser() as browser:
-        for colour in COLOURS:
-            out = run_panel(browser, platform, pid, catalogue["id"], {"Text Box": f"a {colour} circle"})
-            items = dl.datasets.get(dataset_id=catalogue["id"]).items.list(filters=dl.Filters(custom_filter=out[
-                "query"])).items
-            ranked[colour], events = [i.filename for i in items], events + out["events"]
-    return Deployed(platform, pid, catalogue, cycle, promoted, new_item, execution, ranked, events)
+    return Deployed(platform, pid, catalogue, cycle, promoted, new_item, execution)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +89,12 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
         mp.chdir(folder)  # train_model downloads under ./tmp/
         with dtlpy_pointed_at(platform):
             yield _deploy(platform, folder)
+
+
+@pytest.fixture
+def shared(deployed: Deployed) -> Iterator[Deployed]:
+    with dtlpy_pointed_at(deployed.platform):
+        yield deployed
 
 
 def test_the_pipeline_trains_promotes_and_embeds_the_catalogue(deployed: Deployed) -> None:
@@ -115,9 +112,19 @@ def test_the_new_item_gets_a_vector_from_the_promoted_model(deployed: Deployed) 
     assert deployed.new_item.id in {v["entityId"] for v in deployed.platform.vectors(feature_set["id"])}
 
 
-def test_the_panel_in_a_browser_ranks_the_right_item_first_with_the_tuned_model(deployed: Deployed) -> None:
-    assert {c: ranked[0] for c, ranked in deployed.ranked.items()} == {c: f"/{c}.png" for c in COLOURS}, (
-        deployed.ranked)
-    assert all(len(r) == len(COLOURS) for r in deployed.ranked.values())  # every item has a tuned vector
-    assert deployed.events == []  # no warning: nothing is missing a vector
-    assert deployed.platform.unhandled == []
+def test_the_panel_in_a_browser_ranks_the_right_item_first_with_the_tuned_model(shared: Deployed) -> None:
+    ranked: dict[str, list[str]] = {}  # colour -> the panel's ranking (filenames) for "a <colour> circle"
+    events: list[Any] = []
+    with panel_browser() as browser:
+        for colour in COLOURS:
+            out = run_panel(browser, shared.platform, shared.project_id, shared.catalogue["id"],
+                            {"Text Box": f"a {colour} circle"})
+            assert out["query"]["join"]["filter"]["featureSetId"] == shared.platform.model_feature_sets(
+                shared.promoted_id)[0]["id"]
+            items = dl.datasets.get(dataset_id=shared.catalogue["id"]).items.list(
+                filters=dl.Filters(custom_filter=out["query"])).items
+            ranked[colour], events = [i.filename for i in items], events + out["events"]
+    assert {c: r[0] for c, r in ranked.items()} == {c: f"/{c}.png" for c in COLOURS}, ranked
+    assert all(len(r) == len(COLOURS) for r in ranked.values())  # every item has a tuned vector, the new one too
+    assert events == []  # no warning: nothing is missing a vector
+    assert shared.platform.unhandled == []

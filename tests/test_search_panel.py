@@ -20,7 +20,7 @@ import dtlpy as dl
 import pytest
 from helpers import QUICK_CONFIG, REPO, image_bytes
 from loopback_platform import JSON, LoopbackPlatform, dtlpy_pointed_at
-from search_panel_browser import panel_browser, run_panel
+from search_panel_browser import PANEL_SCRIPT, panel_browser, run_panel
 
 from adapters.clip_finetune.data.synthetic import SyntheticSample, render
 from adapters.clip_finetune.dataloop.adapter import ClipAdapter
@@ -163,3 +163,20 @@ def test_items_without_a_vector_are_counted_in_a_warning(shared: Searched) -> No
         shared.platform.items.pop(added["id"])
     (event,) = out["events"]
     assert event["payload"]["type"] == "warning" and "1 of 5 items have no vector" in event["payload"]["message"]
+
+
+def test_the_panel_and_its_toolbar_load_with_dtlpy_and_name_the_script() -> None:
+    dpk = dl.Dpk.from_json(_json=json.loads(json.dumps(APP)))
+    (panel,) = dpk.components.panels
+    (toolbar,) = dpk.components.toolbars
+    (slot,) = APP["components"]["panels"][0]["supportedSlots"]
+    assert slot["type"] == "datasetBrowserSearch"  # clip-smart-search's slot and toolbar location
+    assert toolbar.location == "datasetBrowserSearchOption" and toolbar.invoke == {"type": "panel",
+                                                                                    "namespace": panel.name}
+    invoke = slot["configuration"]["invoke"]
+    assert invoke["type"] == "script" and "async function run(textInput, itemsQuery)" in PANEL_SCRIPT.read_text()
+    assert invoke["namespace"] == "run"
+    # the script at the app's release tag (the publish step sets owner and tag with the version)
+    assert invoke["source"].endswith(f"/refs/tags/{APP['version']}/{PANEL_SCRIPT.relative_to(REPO)}")
+    fields = [f["name"] for f in slot["configuration"]["layout"]["schema"]["fields"]]
+    assert fields == ["Text Box", "Model"] and all(f'field("{f}")' in PANEL_SCRIPT.read_text() for f in fields)

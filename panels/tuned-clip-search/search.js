@@ -43,7 +43,7 @@ async function run(textInput, itemsQuery) {
             }
             if (!warned && Date.now() - started > SLOW_MS) {
                 warned = true;
-                toast("Tuned CLIP: the search service is starting (the first query after a quiet time takes a few minutes)", "info");
+                toast("Tuned CLIP: the search service is starting (the first query after a quiet time takes a few minutes)", "warning");
             }
             await sleep(POLL_MS);
             execution = await dl.executions.get(execution.id);
