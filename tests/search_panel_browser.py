@@ -44,7 +44,7 @@ def panel_browser() -> Iterator[Any]:
 def run_panel(browser: Any, server: LoopbackPlatform, project_id: str, dataset_id: str, form: dict[str, str],
               items_query: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the panel's run(form, itemsQuery) returns in the browser of `dataset_id`, and the events it sent:
-    {"query": ..., "events": [...], "calls": ["GET /datasets/...", ...]}."""
+    {"query": ..., "events": [...], "calls": ["GET /datasets/...", ...], "ms": how long run() took}."""
     services = {s["name"]: s["id"] for s in server.services.values() if s["projectId"] == project_id}
     config = {"baseUrl": server.base_url, "token": make_token(), "projectId": project_id, "datasetId": dataset_id,
               "services": services}
@@ -57,8 +57,10 @@ def run_panel(browser: Any, server: LoopbackPlatform, project_id: str, dataset_i
         return page.evaluate(
             """async ([config, form, itemsQuery]) => {
                 window.dl = makeFakeDl(config);
+                const started = performance.now();
                 const query = await run(form, itemsQuery);
-                return {query: query, events: window.dlEvents, calls: window.dlCalls};
+                const ms = performance.now() - started;
+                return {query: query, events: window.dlEvents, calls: window.dlCalls, ms: ms};
             }""",
             [config, form, items_query])
     finally:

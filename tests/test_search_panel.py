@@ -114,7 +114,9 @@ def test_the_panel_query_carries_the_search_models_text_vector(shared: Searched)
 
 
 def test_the_query_the_panel_returns_ranks_the_planted_item_first(shared: Searched) -> None:
-    query = _panel(shared, {"Text Box": PLANTED})["query"]
+    out = _panel(shared, {"Text Box": PLANTED})
+    query = out["query"]
+    assert out["ms"] < 60_000  # a warm service answers at once (docs/dataloop.md: 0.4-0.7 s here)
     dataset = dl.datasets.get(dataset_id=shared.dataset["id"])
     ranked = list(dataset.items.list(filters=dl.Filters(custom_filter=query)).items)
     assert ranked[0].id == shared.target_id
