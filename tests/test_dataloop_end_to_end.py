@@ -3,8 +3,10 @@ a pipeline from the template -> execute (train, promote, embed) -> a new item is
 trigger gives it a vector from the promoted model -> the search panel's script, in a real headless Chromium,
 returns the items ranked by the tuned model, the right item first for each colour's query.
 
-The app is installed by the stand-in's `install_app` (what `project.apps.install(dpk=...)` installs; the stand-in
-does not serve dtlpy's `dpks.publish` yet). Tiny model, random init, a few epochs: about 30 s on 2 cores.
+The app is installed by the stand-in's `install_app` (what `project.apps.install(dpk=...)` installs): the stand-in
+serves neither dtlpy's `dpks.publish` nor `apps.install` on this branch; the publish command's branch adds the app
+registry, and this test's install is to become publish -> install when the two meet. Tiny model, random init,
+10 epochs: about 40 s on this project's shared 2-core machine.
 """
 
 from __future__ import annotations

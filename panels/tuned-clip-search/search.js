@@ -74,7 +74,12 @@ async function run(textInput, itemsQuery) {
         toast(`Tuned CLIP search failed: ${latest.message || statusOf(execution)}`, "error");
         return unchanged;
     }
-    const found = execution.output;
+    // the function's return value; parsed if the runtime hands it over as JSON text
+    const found = typeof execution.output === "string" ? JSON.parse(execution.output) : execution.output;
+    if (!found || !Array.isArray(found.vector) || !found.feature_set_id) {
+        toast("Tuned CLIP search failed: the clip-nodes service answered no query vector (is the app up to date?)", "error");
+        return unchanged;
+    }
     const joined = {
         filter: filter,
         resource: "items",
