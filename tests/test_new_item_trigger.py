@@ -155,3 +155,14 @@ def test_the_trigger_is_declared_as_the_platform_reads_it() -> None:
     (module,) = [m for m in APP["components"]["modules"] if m["name"] == service["moduleName"]]
     assert TRIGGER["spec"]["operation"]["functionName"] in {f["name"] for f in module["functions"]}
     dl.Trigger.from_json(_json={**TRIGGER, "id": "t", "projectId": "p"}, client_api=dl.client_api, project=None)
+
+
+def test_a_recorded_model_that_was_deleted_fails_the_execution_saying_what_to_do(shared: Project) -> None:
+    other = shared.platform.add_dataset(shared.project_id, "orphaned")
+    dataset = dl.datasets.get(dataset_id=other["id"])
+    dataset.metadata.setdefault("user", {})["clip_finetune"] = {"search": {"model_id": "0" * 24}}
+    dataset.update()
+    _, (execution,) = _upload(shared, other["id"], _circle_png(shared.folder, "red"))
+    assert execution.latest_status["status"] == "failed"
+    assert "does not exist" in execution.latest_status["message"]
+    assert "Embed dataset again" in execution.latest_status["message"]

@@ -67,7 +67,8 @@ def search_model(dataset: dl.Dataset, model_id: str | None = None) -> dl.Model:
         return dl.models.get(model_id=model_id)
     except dl.exceptions.NotFound as e:
         raise DataError(f"model {model_id!r} does not exist (or is not visible to this project): pick another "
-                        "model id, or leave it empty for the dataset's search model") from e
+                        "model id, or leave it empty for the dataset's search model; if the dataset records it, "
+                        "run the pipeline's Embed dataset again to record a model that exists") from e
 
 
 def query_vector(adapter: ClipAdapter, text: str) -> dict[str, Any]:
@@ -95,7 +96,7 @@ def embed_new_item(adapter_for: Callable[[dl.Model], ClipAdapter], item: dl.Item
     if record is None:
         logger.info("item %r: dataset %r has no search model; not embedded", item.filename, item.dataset.name)
         return NO_SEARCH_MODEL
-    model = dl.models.get(model_id=record["model_id"])
+    model = search_model(item.dataset)
     feature_set = model.feature_set
     if feature_set is not None and stored_vectors(feature_set, [item.id]):
         return ALREADY_EMBEDDED
