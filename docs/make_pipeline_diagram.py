@@ -137,7 +137,15 @@ def draw(template: dict[str, Any], out: Path) -> Path:
                 )
             )
 
+    # connections between the same two ports (one per action) are one arrow labelled with all their actions
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
     for conn in template["connections"]:
+        key = (conn["src"]["portId"], conn["tgt"]["portId"])
+        if key in merged and conn.get("action"):
+            merged[key]["action"] = f"{merged[key]['action']}, {conn['action']}"
+        else:
+            merged.setdefault(key, dict(conn))
+    for conn in merged.values():
         src, tgt = nodes[conn["src"]["nodeId"]], nodes[conn["tgt"]["nodeId"]]
         out_port = next(p for p in src["outputs"] if p["portId"] == conn["src"]["portId"])
         in_port = next(p for p in tgt["inputs"] if p["portId"] == conn["tgt"]["portId"])

@@ -66,7 +66,7 @@ class Project:
 
 def _run(platform: LoopbackPlatform, pipeline_id: str, model_config: dict[str, Any]) -> dict[str, Any]:
     """Set the Model config variable, then project.pipelines.get(...).execute() and wait, all through dtlpy."""
-    before = set(platform.models)
+    before, vectors_before = set(platform.models), len(platform.feature_vectors)
     project = dl.projects.get(project_id=platform.pipelines[pipeline_id]["projectId"])
     pipeline = project.pipelines.get(pipeline_id=pipeline_id)
     pipeline.update_variables_values(**{"Model config": model_config})
@@ -76,7 +76,7 @@ def _run(platform: LoopbackPlatform, pipeline_id: str, model_config: dict[str, A
     (created,) = set(platform.models) - before
     newest = _variable(project.pipelines.get(pipeline_id=pipeline_id), "Newest CLIP model")
     return {"status": execution.status, "cycle": platform.pipeline_executions[execution.id], "model": created,
-            "newest": newest}
+            "newest": newest, "vectors_added": len(platform.feature_vectors) - vectors_before}
 
 
 def _variable(pipeline: dl.Pipeline, name: str) -> Any:
@@ -142,6 +142,9 @@ def test_a_better_model_is_trained_compared_promoted_and_fills_the_search_vector
     assert stored == {i["id"] for i in platform.dataset_items(shared.catalogue["id"])}
     (superseded,) = platform.model_feature_sets(shared.base_id)  # the base's vectors stay, clearly named
     assert superseded["name"] == f"clip-tiny-base (superseded by {model['name']})"
+    # the catalogue now says which model searches it: the search panel and the new-item trigger read it
+    record = platform.dataset(shared.catalogue["id"])["metadata"]["user"]["clip_finetune"]["search"]
+    assert (record["model_id"], record["feature_set_id"]) == (model["id"], feature_set["id"])
     subsets = platform.calls_to("POST", r"^/executions/")  # both runs: each fans its subsets out but the first
     assert len(subsets) >= 2 and {c.json["functionName"] for c in subsets} == {"embed_subset"}
 
@@ -155,6 +158,10 @@ def test_a_model_that_is_not_better_leaves_the_newest_model_unchanged(shared: Pr
     assert not verdict["promoted"] and verdict["previous_model_id"] == first["model"]
     assert second["newest"] == first["model"]
     assert shared.platform.model_feature_sets(second["model"]) == []  # never embedded with the loser
+    # "kept": Embed dataset ran with the Newest CLIP model variable (the first run's model, whose vectors exist)
+    (embed,) = [e for e in second["cycle"]["executions"].values() for e in e if e["functionName"] == "embed_dataset"]
+    assert embed["input"]["model"] == first["model"] == embed["input"]["winner"]
+    assert second["vectors_added"] == 0  # nothing new embedded
 
 
 def test_search_with_the_promoted_model_ranks_the_right_item_first(shared: Project) -> None:

@@ -295,10 +295,17 @@ def test_train_promote_update_embed_chain_needs_no_manual_trigger() -> None:
     ]
     (update,) = _nodes_of("updateVariable")
     promote = NODES[chain[2]]
-    actions = {c.get("action"): c["tgt"]["nodeId"] for c in CONNECTIONS if c["src"]["nodeId"] == promote["id"]}
-    assert actions == {"promoted": update["id"], "kept": embed["id"]}
-    assert _path(update["id"], embed["id"]) == [update["id"], embed["id"]]
+    routes = sorted((c.get("action"), NODES[c["tgt"]["nodeId"]]["name"]) for c in CONNECTIONS
+                    if c["src"]["nodeId"] == promote["id"])
+    assert routes == [("kept", "Embed dataset"), ("promoted", "Embed dataset"), ("promoted", "Update Variable")]
+    # Update Variable runs first (listed first); nothing reads its output port, whose behaviour no Dataloop
+    # template shows: the embed node reads the variable itself, as Dataloop's CLIP template's embed node does
+    assert [c["tgt"]["nodeId"] for c in CONNECTIONS if c["src"]["nodeId"] == promote["id"]][0] == update["id"]
+    assert not [c for c in CONNECTIONS if c["src"]["nodeId"] == update["id"]]
     assert update["outputs"][0]["name"] == "Newest CLIP model"
+    ports = {p["name"]: p for p in embed["inputs"]}
+    assert ports["model"]["variableName"] == "Newest CLIP model"
+    assert {c["tgt"]["portId"] for c in CONNECTIONS if c["tgt"]["nodeId"] == embed["id"]} == {ports["winner"]["portId"]}
     dataset_port = next(p for p in embed["inputs"] if p["type"] == "Dataset")
     assert dataset_port["variableName"] == "Dataset to embed"
 

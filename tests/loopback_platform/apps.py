@@ -1,8 +1,9 @@
 """Installed apps (DPKs) and their services: what the stand-in needs to run an app's functions in process.
 
 `install_app(project_id, manifest, root)` registers an app manifest (dataloop.json) the way installing it does:
-its package, a model entity per `components.models` entry (packageId and moduleName pointing back at it), and a
-service per module when a function of it is first called. A function runs in this process: the module's
+its package, a model entity per `components.models` entry (packageId and moduleName pointing back at it), a
+service per `components.services` entry, its triggers (triggers.py), and a service per module when a function of
+it is first called. A function runs in this process: the module's
 entryPoint is loaded from `root` by path (as dtlpy's runner loads it), its class is built with the module's
 initInputs, and the function gets its declared inputs as dtlpy entities, plus `progress` and `context` when it
 takes them, as the platform's agent passes them.
@@ -82,7 +83,10 @@ class Apps:
                     "status", "pre-trained"), input_type=model.get("inputType", "image"), output_type=model.get(
                     "outputType", "embedding"), package_id=app.id, module_name=model["moduleName"])
                 self.models[created["id"]]["metadata"] = copy.deepcopy(model.get("metadata") or {"system": {}})
-            return app
+        for service in manifest["components"].get("services", []):  # installing an app deploys its services
+            self.service_for(app, service["moduleName"], service["name"])
+        self.register_triggers(app)  # triggers.py
+        return app
 
     def app_named(self, project_id: str, name: str) -> App | None:
         return next((a for a in self.apps.values() if a.name == name and a.project_id == project_id), None)

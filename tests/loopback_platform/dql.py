@@ -42,7 +42,8 @@ def _resolve(doc: Any, dotted: str) -> Any:
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
     # The platform's wildcard in dir/filename values spans folders: dtlpy's folder filter sends
-    # {"dir": "/f"} OR {"dir": "/f/*"} to mean "folder f and everything below it".
+    # {"dir": "/f"} OR {"dir": "/f/*"} to mean "folder f and everything below it". Mimetypes too:
+    # clip-smart-search's trigger filter selects {"metadata.system.mimetype": "image/*"}.
     out = "".join(".*" if ch == "*" else "." if ch == "?" else re.escape(ch) for ch in pattern)
     return re.compile(f"^{out}$")
 
@@ -72,7 +73,7 @@ def _equals(actual: Any, expected: Any) -> bool:
 def _field_matches(actual: Any, cond: Any, key: str) -> bool:
     if isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):
         return all(_operator(actual, op, val, key) for op, val in cond.items())
-    if isinstance(cond, str) and "*" in cond and key.split(".")[-1] in ("dir", "filename"):
+    if isinstance(cond, str) and "*" in cond and key.split(".")[-1] in ("dir", "filename", "mimetype"):
         return _operator(actual, "$glob", cond, key)
     return _equals(actual, cond)
 

@@ -72,6 +72,7 @@ class Routes:
             *self._pipeline_routes(),  # pipelines.py
             *self._execution_routes(),  # executions.py
             *self._registry_routes(),  # registry.py
+            *self._trigger_routes(),  # triggers.py
         ]
         return [(m, re.compile(p + r"/?$"), h) for m, p, h in table]
 
@@ -140,6 +141,8 @@ class Routes:
         if "description" in form:
             item["description"] = form["description"][1].decode()
         op = "overwrite" if existing else "created"
+        if not existing:
+            self.fire_item_created(item["id"])  # the platform's Item Created event (triggers.py)
         return _Reply(200, self._item_json(item["id"]), headers={"x-item-op": op})
 
     def _export(self, call: Call, dataset_id: str) -> JSON:

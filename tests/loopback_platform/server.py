@@ -26,6 +26,7 @@ from .registry import Registry
 from .routes import Route, Routes
 from .seeding import Seeding
 from .store import Store
+from .triggers import Triggers
 from .wire import Call, _HttpError, _parse_multipart, _read_chunked, _Reply
 
 
@@ -89,7 +90,7 @@ class _Server(ThreadingHTTPServer):
 
 
 # --------------------------------------------------------------------------------------------- platform
-class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines, Registry):
+class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines, Registry, Triggers):
     """In-memory Dataloop stand-in. Use as a context manager (starts/stops the server thread)."""
 
     def __init__(self) -> None:
@@ -117,6 +118,8 @@ class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines, Regi
         self.services: dict[str, JSON] = {}
         self.service_executions: dict[str, JSON] = {}
         self.dpks: dict[str, JSON] = {}  # published DPKs (registry.py), by id
+        self.triggers: dict[str, JSON] = {}  # installed apps' components.triggers (triggers.py)
+        self.trigger_executions: list[JSON] = []  # the executions triggers started, in order
         self._runner_lock = threading.Lock()
         self._export_items: set[str] = set()  # export outputs: fetchable by id, invisible to queries
         self._system_datasets: set[str] = set()  # "Binaries": listed only for systemSpace queries

@@ -14,7 +14,7 @@ from typing import Any
 
 import dtlpy as dl
 
-from adapters.clip_finetune.dataloop import dataset_embedding, promotion, search
+from adapters.clip_finetune.dataloop import dataset_embedding, promotion, search, search_target
 from adapters.clip_finetune.dataloop.adapter import ClipAdapter
 
 logger = logging.getLogger(__name__)
@@ -54,15 +54,26 @@ class ClipNodes(dl.BaseServiceRunner):
                             message=verdict.summary())
         return new_model if verdict.promoted else previous_model
 
-    def embed_dataset(self, model: dl.Model, dataset: dl.Dataset, filters: dict | None = None, progress: Any = None,
-                      context: Any = None) -> dl.Model:
+    def embed_dataset(self, model: dl.Model, dataset: dl.Dataset, filters: dict | None = None,
+                      winner: dl.Model | None = None, progress: Any = None, context: Any = None) -> dl.Model:
         """Fill the model's feature set with the dataset's files; large datasets fan out as executions of
-        embed_subset on this node's service. The feature sets of the model it superseded are renamed."""
+        embed_subset on this node's service. The feature sets of the model it superseded are renamed, and the
+        dataset records the model as the one it is searched with (the search panel and the item trigger read it).
+
+        In the template `model` is the Newest CLIP model variable and `winner` (the gate's output) only starts
+        the node: after "kept" the variable is the model that already embedded the dataset, so nothing new is
+        embedded. A winner the variable does not name yet (the platform ran this node before Update Variable)
+        is embedded instead, so the promoted model's vectors are never missing."""
+        if winner is not None and winner.id != model.id and promotion.superseded_by(winner) == model.id:
+            logger.warning("the Newest CLIP model variable still names %r, not the promoted %r: embedding with %r",
+                           model.name, winner.name, winner.name)
+            model = winner
         service = _service_of(context)
         count = dataset_embedding.embed_dataset(self.adapter_for(model), dataset, filters, service, progress)
         previous_id = promotion.superseded_by(model)
         if previous_id is not None:
             dataset_embedding.mark_superseded(model, dl.models.get(model_id=previous_id))
+        search_target.record_search_model(dataset, model)
         logger.info("model %r: %d items of dataset %r have a vector", model.name, count, dataset.name)
         return model
 
@@ -78,6 +89,22 @@ class ClipNodes(dl.BaseServiceRunner):
         query = search.text_query(adapter, dataset, text, k)
         items = search.ranked_items(dataset, query)
         return {"query": query, "items": [{"id": i.id, "name": i.name, "filename": i.filename} for i in items]}
+
+
+    def embed_item(self, item: dl.Item, progress: Any = None) -> dl.Item:
+        """The item-created trigger's function: embed a new item with its dataset's search model (the newest
+        promoted model that embedded the dataset); an item that model already embedded is skipped."""
+        outcome = search_target.embed_new_item(self.adapter_for, item)
+        if progress is not None:
+            progress.update(message=f"item {item.filename}: {outcome}")
+        return item
+
+    def embed_query(self, dataset: dl.Dataset, text: str, model_id: str | None = None, progress: Any = None
+                    ) -> dict[str, Any]:
+        """What the dataset browser's search panel asks for: `text` embedded by the dataset's search model (or
+        the model `model_id` names), as {vector, feature_set_id, model_id, model_name}."""
+        model = search_target.search_model(dataset, (model_id or "").strip() or None)
+        return search_target.query_vector(self.adapter_for(model), text)
 
 
 def _service_of(context: Any) -> dl.Service | None:
