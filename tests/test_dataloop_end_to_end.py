@@ -3,9 +3,8 @@ a pipeline from the template -> execute (train, promote, embed) -> a new item is
 trigger gives it a vector from the promoted model -> the search panel's script, in a real headless Chromium,
 returns the items ranked by the tuned model, the right item first for each colour's query.
 
-The app is installed by the stand-in's `install_app` (what `project.apps.install(dpk=...)` installs): the stand-in
-serves neither dtlpy's `dpks.publish` nor `apps.install` on this branch; the publish command's branch adds the app
-registry, and this test's install is to become publish -> install when the two meet. Tiny model, random init,
+The app is published with the publish command (dtlpy packs and uploads the code; the stand-in's registry checks
+the DPK) and installed with `project.apps.install(dpk)`, which runs the uploaded code. Tiny model, random init,
 10 epochs: about 40 s on this project's shared 2-core machine.
 """
 
@@ -23,9 +22,11 @@ import pytest
 from helpers import QUICK_CONFIG, REPO, image_bytes
 from loopback_platform import JSON, LoopbackPlatform, dtlpy_pointed_at
 from loopback_platform.marketplace import install_active_learning
+from release_support import release_checkout
 from search_panel_browser import panel_browser, run_panel
 
 from adapters.clip_finetune.data.synthetic import SyntheticSample, render
+from adapters.clip_finetune.dataloop.publish import main as publish_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -63,11 +64,14 @@ def _deploy(platform: LoopbackPlatform, folder: Path) -> Deployed:
     catalogue = platform.add_dataset(pid, "catalogue")
     for colour in COLOURS[:3]:  # blue arrives later, as a new item
         platform.add_item(catalogue["id"], _circle(colour, f"catalogue/{colour}"), f"/{colour}.png")
-    app = platform.install_app(pid, APP, REPO)
+    project = dl.projects.get(project_id=pid)
+    assert publish_main(["--version", APP["version"], "--project", project.name,
+                         "--root", str(release_checkout(folder / "checkout"))]) == 0
+    (published,) = platform.published(APP["name"])
+    app = project.apps.install(dpk=dl.Dpk.from_json(published, client_api=dl.client_api, project=project))
     install_active_learning(platform, pid)
     base = platform.add_model(pid, "clip-tiny-base", QUICK_CONFIG, captions["id"], package_id=app.id,
                               module_name="clip-finetune-module")
-    project = dl.projects.get(project_id=pid)
     pipeline = project.pipelines.get(pipeline_id=platform.install_template(pid, TEMPLATE)["id"])
     pipeline.update_variables_values(**{
         "Dataset with captions": captions["id"], "Dataset to embed": catalogue["id"], "Base CLIP model": base["id"],

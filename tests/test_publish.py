@@ -45,6 +45,10 @@ def test_publish_sends_one_version_the_image_and_the_git_tag(platform: LoopbackP
     assert app["codebase"] == {"type": "git", "gitUrl": GIT, "gitTag": "v0.2.0"}
     assert {"name": "clip-finetune", "version": "0.2.0"} in template["dependencies"]
     assert app["scope"] == "public" and [s["name"] for s in app["components"]["services"]] == ["clip-nodes"]
+    # the browser fetches the search panel's script from the published repository at the release's tag
+    (panel,) = app["components"]["panels"]
+    assert panel["supportedSlots"][0]["configuration"]["invoke"]["source"] == (
+        "https://raw.githubusercontent.com/acme/clip-finetune/refs/tags/v0.2.0/panels/tuned-clip-search/search.js")
     # the manifests in the checkout were bumped to what was published
     written = json.loads((checkout / "dataloop.json").read_text())
     assert written["version"] == "0.2.0" and {r["runnerImage"] for r in _runtimes(written)} == {IMAGE}
@@ -120,3 +124,28 @@ def test_an_unknown_project_is_named(platform: LoopbackPlatform, checkout: Path,
     platform.add_project("releases")
     assert main(["--version", "0.2.0", "--project", "nope", "--root", str(checkout)]) == 2
     assert "--project 'nope': no such project" in capsys.readouterr().err
+
+
+def test_a_published_release_installs_and_runs_from_its_uploaded_code(platform: LoopbackPlatform,
+                                                                      checkout: Path) -> None:
+    import dtlpy as dl
+
+    project = dl.projects.get(project_id=platform.add_project("releases")["id"])
+    assert _publish(checkout) == 0
+    (published,) = platform.published("clip-finetune")
+    app = project.apps.install(dpk=dl.Dpk.from_json(published, client_api=dl.client_api, project=project))
+    assert (app.dpk_name, app.dpk_version, app.project_id) == ("clip-finetune", "0.2.0", project.id)
+    installed = platform.apps[app.id]
+    # the app runs the code dtlpy packed and uploaded, unpacked as the agent does, not this checkout
+    assert installed.root != checkout and (installed.root / "adapters/clip_finetune/dataloop/nodes.py").is_file()
+    assert {m["name"] for m in platform.models.values() if m["packageId"] == app.id} == {
+        m["name"] for m in published["components"]["models"]}
+    assert not platform.unhandled
+
+
+def test_a_git_url_outside_github_is_refused_for_the_panel_script(platform: LoopbackPlatform, checkout: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    platform.add_project("releases")
+    assert _publish(checkout, "--git-url", "https://gitlab.com/acme/clip-finetune") == 2
+    assert "the search panel's script is served from GitHub" in capsys.readouterr().err
+    assert not platform.published("clip-finetune")

@@ -44,3 +44,18 @@ def test_the_readme_dry_run_then_publish_reach_the_registry(platform: LoopbackPl
 def test_the_release_workflow_runs_the_readme_command() -> None:
     workflow = (REPO / ".github" / "workflows" / "release.yml").read_text()
     assert PUBLISH in workflow and "--image" in workflow and "--version" in workflow
+
+
+def test_the_readme_install_line_publishes_and_installs_from_a_checkout(platform: LoopbackPlatform, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import dtlpy as dl
+
+    section = (REPO / "README.md").read_text().split("## Dataloop app", 1)[1].split("\n## ", 1)[0]
+    (line,) = re.findall(r"`(project\.apps\.install\(.*?\))`", section)
+    project = dl.projects.get(project_id=platform.add_project("My project")["id"])
+    monkeypatch.chdir(release_checkout(tmp_path / "checkout"))  # "from this repository": its folder
+    app = eval(line, {"project": project})  # the README's line, as written
+    assert (app.dpk_name, app.project_id) == ("clip-finetune", project.id)
+    assert {m["name"] for m in platform.models.values() if m["packageId"] == app.id} == {
+        "openclip-vit-b-32", "openclip-xlm-roberta-base-vit-b-32"}
+    assert not platform.unhandled

@@ -179,6 +179,6 @@ def test_the_panel_and_its_toolbar_load_with_dtlpy_and_name_the_script() -> None
     assert invoke["type"] == "script" and "async function run(textInput, itemsQuery)" in PANEL_SCRIPT.read_text()
     assert invoke["namespace"] == "run"
     # the script at the app's release tag (the publish step sets owner and tag with the version)
-    assert invoke["source"].endswith(f"/refs/tags/{APP['version']}/{PANEL_SCRIPT.relative_to(REPO)}")
+    assert invoke["source"].endswith(f"/refs/tags/v{APP['version']}/{PANEL_SCRIPT.relative_to(REPO)}")
     fields = [f["name"] for f in slot["configuration"]["layout"]["schema"]["fields"]]
     assert fields == ["Text Box", "Model"] and all(f'field("{f}")' in PANEL_SCRIPT.read_text() for f in fields)

@@ -18,10 +18,14 @@ templates use (marketplace.py) count as published.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import io
 import re
+import shutil
+import tempfile
 import zipfile
+from pathlib import Path
 from typing import Any
 
 from .common import JSON, TEST_USER_EMAIL, _now, new_id
@@ -40,6 +44,7 @@ class Registry:
         return [
             ("POST", r"/app-registry", self._publish_dpk),
             ("GET", rf"/app-registry/{oid}", lambda c, did: copy.deepcopy(self.dpks[did])),
+            ("POST", r"/apps", self._install_published),
         ]
 
     def published(self, name: str) -> list[JSON]:
@@ -58,6 +63,34 @@ class Registry:
                         "url": f"{self.base_url}/app-registry"})
             self.dpks[dpk["id"]] = dpk
             return copy.deepcopy(dpk)
+
+    def _install_published(self, call: Call) -> JSON:
+        """`project.apps.install(dpk)`: install a published DPK's version in a project, running the code of its
+        codebase (an item codebase is unpacked, as the platform's agent does; a git codebase cannot be fetched
+        here, offline: refused with the reason)."""
+        body = call.json or {}
+        with self._lock:
+            found = [d for d in self.dpks.values()
+                     if d["name"] == body.get("dpkName") and d["version"] == body.get("dpkVersion")]
+            if not found:
+                raise _HttpError(404, f"dpk {body.get('dpkName')} version {body.get('dpkVersion')} is not published")
+            if body.get("projectId") not in self.projects:
+                raise _HttpError(404, f"project {body.get('projectId')} not found")
+            dpk = copy.deepcopy(found[-1])
+        app = self.install_app(body["projectId"], dpk, self._unpacked_codebase(dpk))
+        return {"id": app.id, "name": body.get("name") or dpk["name"], "projectId": body["projectId"],
+                "dpkName": dpk["name"], "dpkVersion": dpk["version"], "scope": body.get("scope") or "project",
+                "status": "Installed", "creator": TEST_USER_EMAIL, "createdAt": _now(), "updatedAt": _now(),
+                "url": f"{self.base_url}/apps/{app.id}", "metadata": {}, "customInstallation": {}}
+
+    def _unpacked_codebase(self, dpk: JSON) -> Path:
+        codebase = dpk.get("codebase") or {}
+        if codebase.get("type") != "item":
+            raise _HttpError(400, f"the stand-in installs item codebases only (got {codebase.get('type')!r})")
+        folder = Path(tempfile.mkdtemp(prefix="loopback-codebase-"))
+        atexit.register(shutil.rmtree, folder, True)  # removed when the test run ends
+        zipfile.ZipFile(io.BytesIO(self.blobs[codebase["itemId"]])).extractall(folder)
+        return folder
 
     def _dpk_problems(self, dpk: JSON) -> list[str]:
         problems = [f"{key} is missing" for key in ("name", "version", "scope", "components") if not dpk.get(key)]

@@ -72,6 +72,11 @@ def bumped(release: Release, version: str, image: str | None = None, git_url: st
     for runtime in out.runtimes():
         if image is not None:
             runtime["runnerImage"] = image
+    for panel in out.app["components"].get("panels", []):
+        for slot in panel.get("supportedSlots", []):
+            invoke = (slot.get("configuration") or {}).get("invoke") or {}
+            if invoke.get("source"):
+                invoke["source"] = panel_source(invoke["source"], version, git_url)
     for template in out.templates.values():
         template["version"] = version
         for dependency in template.get("dependencies", []):
@@ -80,6 +85,27 @@ def bumped(release: Release, version: str, image: str | None = None, git_url: st
         if template.get("codebase", {}).get("type") == "git":
             template["codebase"]["gitTag"] = f"v{version}"
     return out
+
+
+# a panel script's URL: the file at a tag of a GitHub repository, as raw.githubusercontent.com serves it
+_RAW = re.compile(r"^https://raw\.githubusercontent\.com/(?P<repo>[^/]+/[^/]+)/refs/tags/[^/]+/(?P<path>.+)$")
+_GITHUB = re.compile(r"^https://github\.com/(?P<repo>[^/]+/[^/]+?)(?:\.git)?/?$")
+
+
+def panel_source(source: str, version: str, git_url: str | None) -> str:
+    """The panel script's URL at this release's tag (v<version>, the tag the release workflow runs on), in the
+    repository `git_url` names when given (the browser fetches the script from there, not from the codebase)."""
+    raw = _RAW.match(source)
+    if raw is None:
+        return source
+    repo = raw.group("repo")
+    if git_url:
+        github = _GITHUB.match(git_url)
+        if github is None:
+            raise ConfigError(f"--git-url {git_url!r}: the search panel's script is served from GitHub; use "
+                              "https://github.com/OWNER/REPO")
+        repo = github.group("repo")
+    return f"https://raw.githubusercontent.com/{repo}/refs/tags/v{version}/{raw.group('path')}"
 
 
 def check_image(image: str) -> None:
