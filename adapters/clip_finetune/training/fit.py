@@ -16,7 +16,8 @@ from ..config import FinetuneConfig
 from ..data.load import Splits
 from ..files import write_json
 from ..machine import apply_config
-from ..model.clip import ClipModel, load_model
+from ..model.card import write_model_card
+from ..model.clip import ClipModel, is_artifact_dir, load_model
 from .distributed import DistContext
 from .guard import writer_lock
 from .launch import launch, resolve_num_processes
@@ -74,6 +75,8 @@ def finetune(
         result = _run(cfg, splits, out_dir, clip, hooks, resume, ctx)
         if writes:
             write_json(Path(out_dir) / DATA_REPORT_NAME, splits.report_dict())
+            if is_artifact_dir(out_dir):  # the card's data section counts what this report says
+                write_model_card(out_dir)
     return result
 
 
