@@ -21,7 +21,8 @@ EPOCHS = 2
 
 
 def _train(tmp_path: Path, tracking: str, tiny_model_config: Path) -> Path:
-    table, validation = write_csv(tmp_path / "pairs.csv", 48, seed=5), write_csv(tmp_path / "val" / "val.csv", 24, seed=6)
+    table = write_csv(tmp_path / "pairs.csv", 48, seed=5)
+    validation = write_csv(tmp_path / "val" / "val.csv", 24, seed=6)
     out = tmp_path / "run-a" / "model"
     argv = ["train", "--data", str(table), "--validation", str(validation), "--out", str(out),
             "--set", f"tracking={tracking}",
