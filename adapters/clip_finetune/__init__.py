@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Run", "encode", "fit", "get_model", "get_run", "list_runs"]
+__all__ = ["Run", "encode", "export_hf", "fit", "get_model", "get_run", "list_runs", "push_to_hub"]
 
 
 def __getattr__(name: str) -> Any:

@@ -193,6 +193,11 @@ class FinetuneConfig(BaseModel):
         "images, preprocessed, first; then the training images (short side 1.25x the model input); images past "
         "it are decoded each time; 0: off; the training images are not kept with num_workers > 0"
     )
+    tracking: Literal["none", "mlflow", "wandb"] = Field(
+        "none", description="log the configuration, every epoch's metrics, the before/after table and the saved "
+        "model to an experiment tracker: mlflow (MLFLOW_TRACKING_URI, else a local mlflow.db and ./mlruns) or wandb "
+        "(offline without WANDB_API_KEY); needs the mlflow or wandb extra"
+    )
     base_eval_cache: bool = Field(
         True, description="keep the base model's validation embeddings on disk ($CLIP_FINETUNE_CACHE, else "
         "~/.cache/clip-finetune), keyed by a hash of the weights, images, captions and settings: a rerun from "

@@ -12,5 +12,7 @@ open_clip) are imported only where a model is built: starting and watching a run
 from .encode import Encoder, encode, get_model
 from .fit import fit
 from .run import Example, Run, get_run, list_runs
+from .share import export_hf, push_to_hub
 
-__all__ = ["Encoder", "Example", "Run", "encode", "fit", "get_model", "get_run", "list_runs"]
+__all__ = ["Encoder", "Example", "Run", "encode", "export_hf", "fit", "get_model", "get_run", "list_runs",
+           "push_to_hub"]

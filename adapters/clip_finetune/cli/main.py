@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import ConfigError, DataError, user_error
 from .parser import build_parser
 from .runs import cmd_runs
+from .share import SHARE_COMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed,
             "search": cmd_search, "config": cmd_config, "runs": cmd_runs,
-            "export-onnx": cmd_export_onnx, "doctor": cmd_doctor, "report": cmd_report}
+            "export-onnx": cmd_export_onnx, "doctor": cmd_doctor, "report": cmd_report, **SHARE_COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from .runs import add_runs_parser
+from .share import add_share_parsers
 
 DESCRIPTION = """\
 Fine-tune CLIP (open_clip) on images with captions for text-to-image search, evaluate retrieval before and
@@ -18,6 +19,8 @@ commands:
   embed        embed images or texts into an .npz / .parquet file (or a sharded folder)
   search       text-to-image search over an embeddings file
   export-onnx  export a saved model's image and text towers to ONNX
+  export-hf    export a saved model as a transformers CLIPModel folder
+  push         upload a saved model to a Hugging Face Hub repository
   config       the configuration: defaults, merged values, JSON schema or the reference table
   runs         the runs started with the Python API: list, status, logs
   report       one self-contained HTML page of a run or a saved model: metrics, curves, examples
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_train, _add_evaluate, _add_embed, _add_search, _add_export_onnx, _add_config):
         add(sub)
+    add_share_parsers(sub)
     add_runs_parser(sub)
     _add_report(sub)
     _add_doctor(sub)

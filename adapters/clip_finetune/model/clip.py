@@ -35,6 +35,7 @@ from ..config import FinetuneConfig
 from ..errors import ConfigError, ModelError
 from ..files import atomic_write
 from ..inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
+from .card import write_model_card
 from .hub import weights_available
 from .lazy_tokenizer import LazyTokenizer, TokenizerLater
 from .precision import resolve_precision
@@ -346,6 +347,7 @@ def save_artifact(
         atomic_write(out / FINETUNE_CONFIG_NAME, lambda p: p.write_text(cfg.model_dump_json(indent=2)))
     if metrics is not None:
         atomic_write(out / METRICS_NAME, lambda p: p.write_text(json.dumps(metrics, indent=2)))
+    write_model_card(out)  # README.md: what the folder now holds, in the Hub's model-card format
     return out
 
 

@@ -16,13 +16,15 @@ from ..config import FinetuneConfig
 from ..data.load import Splits
 from ..files import write_json
 from ..machine import apply_config
-from ..model.clip import ClipModel, load_model
+from ..model.card import write_model_card
+from ..model.clip import ClipModel, is_artifact_dir, load_model
 from .distributed import DistContext
 from .guard import writer_lock
 from .launch import launch, resolve_num_processes
 from .loop import EpochCallback, Hooks, train_rank
 from .optim import check_sizes
 from .state import CheckpointCallback, TrainResult
+from .tracking import Tracker, open_tracker, require_tracker
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +66,50 @@ def finetune(
         from ..model.onnx_export import require_exporter
 
         require_exporter()
-    hooks = Hooks(on_epoch_end, on_checkpoint, progress)
+    require_tracker(cfg.tracking)  # a missing tracking package fails now, not after the training
     ctx = DistContext.from_env()
     writes = out_dir is not None and (ctx is None or ctx.is_main)
     if writes:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     # one writer per output folder: a second training into it is refused while this one runs (guard.py)
     with writer_lock(Path(out_dir)) if writes else contextlib.nullcontext():
-        result = _run(cfg, splits, out_dir, clip, hooks, resume, ctx)
+        tracker = _tracker(cfg, out_dir) if ctx is None or ctx.is_main else None
+        hooks = Hooks(_tracked(on_epoch_end, tracker), on_checkpoint, progress)
+        try:
+            result = _run(cfg, splits, out_dir, clip, hooks, resume, ctx)
+        except BaseException:
+            if tracker is not None:
+                tracker.finish(ok=False)
+            raise
         if writes:
             write_json(Path(out_dir) / DATA_REPORT_NAME, splits.report_dict())
+            if is_artifact_dir(out_dir):  # the card's data section counts what this report says
+                write_model_card(out_dir)
+        if tracker is not None:
+            tracker.log_result(result.to_dict())
+            if writes:
+                tracker.log_folder(Path(out_dir))
+            tracker.finish(ok=True)
     return result
+
+
+def _tracker(cfg: FinetuneConfig, out_dir: str | Path | None) -> Tracker | None:
+    """The experiment tracker of `cfg.tracking`, named after the output folder (a run's name)."""
+    folder = Path(out_dir).resolve() if out_dir is not None else None
+    name = "clip-finetune" if folder is None else folder.parent.name if folder.name == "model" else folder.name
+    return open_tracker(cfg.tracking, name, cfg.model_dump(mode="json"), folder)
+
+
+def _tracked(on_epoch_end: EpochCallback | None, tracker: Tracker | None) -> EpochCallback | None:
+    if tracker is None:
+        return on_epoch_end
+
+    def both(epoch: int, record: dict[str, float]) -> None:
+        tracker.log_epoch(epoch, record)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+
+    return both
 
 
 def _run(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip: ClipModel | None, hooks: Hooks,
