@@ -29,17 +29,19 @@ def normalise_caption(text: str) -> str:
 
 
 def content_key(path: str) -> str:
-    """An image's identity: the BLAKE2b digest of its file (cached while the file's size and mtime hold); a
-    file that cannot be read is keyed by its path (it is skipped later, when it fails to decode)."""
+    """An image's identity: the BLAKE2b digest of its file (cached while the file's device, inode, size, mtime
+    and ctime hold: a file rewritten with its old size and mtime restored, as cp -p, rsync -t and unzip do, still
+    gets a new ctime, which no user call can set back); a file that cannot be read is keyed by its path (it is
+    skipped later, when it fails to decode)."""
     try:
         st = os.stat(path)
     except OSError:
         return f"{UNREADABLE}{os.path.normpath(path)}"
-    return _digest(os.path.normpath(path), st.st_size, st.st_mtime_ns)
+    return _digest(os.path.normpath(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
 @lru_cache(maxsize=1 << 20)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
+def _digest(path: str, stamp: tuple[int, ...]) -> str:
     h = hashlib.blake2b(digest_size=16)  # hashlib: C speed (~1 GB/s); collisions are out of reach at 128 bits
     try:
         with open(path, "rb") as f:
