@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .pairs import CaptionPair, has_item_id
+from .pairs import CaptionPair, has_item_id, item_key
 
 _SPACES = re.compile(r"\s+")
 _EDGE_PUNCTUATION = " \t\n.,;:!?\"'()[]"
@@ -78,11 +78,11 @@ def linked_groups(pairs: Sequence[CaptionPair]) -> np.ndarray:
             i = parent[i]
         return i
 
-    first: dict[tuple[str, str], int] = {}
+    first: dict[tuple[str, ...], int] = {}
     for i, p in enumerate(pairs):
         keys = [("image", content_key(p.image))]
         if has_item_id(p):
-            keys.append(("item", p.item_id))
+            keys.append(("item", *item_key(p)))
         if not p.templated:
             keys.append(("caption", normalise_caption(p.caption)))
         for key in keys:

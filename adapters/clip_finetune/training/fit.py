@@ -18,7 +18,7 @@ from ..files import write_json
 from ..machine import apply_config
 from ..model.clip import ClipModel, load_model
 from .distributed import DistContext
-from .guard import writer_lock
+from .guard import require_locked_folder, writer_lock
 from .launch import launch, resolve_num_processes
 from .loop import EpochCallback, Hooks, train_rank
 from .optim import check_sizes
@@ -73,6 +73,7 @@ def finetune(
     with writer_lock(Path(out_dir)) if writes else contextlib.nullcontext():
         result = _run(cfg, splits, out_dir, clip, hooks, resume, ctx)
         if writes:
+            require_locked_folder(Path(out_dir))
             write_json(Path(out_dir) / DATA_REPORT_NAME, splits.report_dict())
     return result
 
