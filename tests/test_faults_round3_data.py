@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY_TRAINING, png_bytes
 
+import adapters.clip_finetune.training.loop as loop
 from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.data.identity import linked_groups
 from adapters.clip_finetune.data.load import Splits, load_dataset, load_splits
@@ -87,6 +88,10 @@ def test_table_ids_are_scoped_to_their_file(tmp_path) -> None:
 
 
 def test_a_test_split_copied_from_validation_is_refused_and_a_partial_copy_dropped(tmp_path) -> None:
+    _test_copied_from_validation(tmp_path)
+
+
+def _test_copied_from_validation(tmp_path: Path) -> Splits:
     specs = sample_specs(14, 7)
     for i, spec in enumerate(specs):
         render(spec).save(tmp_path / f"{i}.png")
@@ -106,6 +111,15 @@ def test_a_test_split_copied_from_validation_is_refused_and_a_partial_copy_dropp
     assert splits.report_dict()["test"]["skipped"] == {"also in validation (image content)": 1}
     kept = load_splits(train, val, test=partial, cfg=SplitOptions(drop_train_overlap=False))
     assert len(kept.test) == 4 and "also in validation" in kept.report_dict()["test"]["note"]
+    return kept
+
+
+def test_a_test_split_kept_with_validation_pairs_is_not_said_to_be_unseen(cfg, tmp_path, caplog) -> None:
+    kept = _test_copied_from_validation(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        notes = loop._notes(cfg, kept, 10)
+    assert any(n.startswith("only part of the test split is unseen (1 pairs also in validation") for n in notes)
+    assert any("only part of the test split" in r.getMessage() for r in caplog.records)
 
 
 @pytest.fixture

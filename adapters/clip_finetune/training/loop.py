@@ -174,6 +174,9 @@ def _notes(cfg: FinetuneConfig, splits: Splits, total_steps: int) -> list[str]:
     if splits.test:
         notes.append(f"'after' is the test split ({len(splits.test)} pairs), scored once at the end; it chose "
                      "nothing")
+        if "also in validation" in (test_note := splits.report("test").note):  # drop_train_overlap: false
+            notes.append(f"only part of the test split is unseen ({test_note}): its 'after' is partly scored on "
+                         "pairs that picked the epoch, which flatters the model")
     elif splits.validation:
         notes.append(f"'after' is the selection set ({len(splits.validation)} pairs), which also picked the best "
                      "epoch, so it flatters the model; a test split gives an unbiased figure")
