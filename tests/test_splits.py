@@ -129,11 +129,14 @@ def test_exact_duplicate_pairs_are_dropped_and_counted(tmp_path) -> None:
 
 def test_a_test_subset_and_a_test_path_are_read_and_guarded(tmp_path) -> None:
     data = write_dataloop_download(tmp_path / "data", 16, 8, seed=15)
-    shutil.copytree(data / "validation", data / "test")  # the same items as validation: fine, not train
-    splits = load_splits(data)
-    assert len(splits.test) == 8 and len(splits.validation) == 8 and not splits.held_out
     other = write_dataloop_download(tmp_path / "other", 0, 5, seed=16) / "validation"
+    shutil.copytree(other, data / "test")
+    splits = load_splits(data)
+    assert len(splits.test) == 5 and len(splits.validation) == 8 and not splits.held_out
     assert len(load_splits(data, test=other).test) == 5
+    # the same items as validation, which chose the epoch: not an unseen test split (issue 24)
+    with pytest.raises(DataError, match="test: all 8 pairs are also in validation"):
+        load_splits(data, test=data / "validation")
     with pytest.raises(DataError, match="test: all 16 pairs are also in train"):
         load_splits(data, test=data / "train")
 

@@ -138,6 +138,23 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])
 
 
+def _started_within(ticks: int, state: dict[str, Any]) -> bool:
+    """Whether a process started `ticks` clock ticks after boot can be the run's worker: it is started after the
+    run folder is made (created_at) and before it says so (started_at). Without this, a pid recorded with no
+    start time (an older writer, /proc unreadable at the time) stays alive forever once any process reuses it,
+    pid 1 included, and `runs logs --follow` never ends. Unknown (no boot time, unparsable dates): alive."""
+    try:
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        started = btime + ticks / os.sysconf("SC_CLK_TCK")
+        created = datetime.fromisoformat(state["created_at"]).timestamp()
+        reported = datetime.fromisoformat(state["started_at"]).timestamp() if state.get("started_at") else None
+    except (OSError, StopIteration, ValueError, TypeError, KeyError, IndexError):
+        return True
+    slack = 5.0  # created_at has whole seconds; btime is rounded too
+    return created - slack <= started and (reported is None or started <= reported + slack)
+
+
 def process_identity(pid: int) -> dict[str, Any]:
     """pid, its start time and the boot id: together they tell a live worker from a reused pid."""
     stat = _proc_stat(pid)
@@ -156,7 +173,9 @@ def worker_alive(state: dict[str, Any]) -> bool:
         stat = _proc_stat(pid)
         if stat is None or stat[0] in ("Z", "X"):
             return False
-        return state.get("pid_start") is None or stat[1] == state["pid_start"]
+        if state.get("pid_start") is None:  # no start time recorded: judged by when that process started
+            return _started_within(stat[1], state)
+        return stat[1] == state["pid_start"]
     try:  # no /proc (macOS): signal 0 checks existence only
         os.kill(pid, 0)
     except ProcessLookupError:

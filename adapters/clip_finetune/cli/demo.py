@@ -23,11 +23,13 @@ from ..model.clip import load_model
 from ..retrieval.evaluate import PairEmbeddings, embed_pairs
 from ..retrieval.formatting import format_table
 from ..training import TrainResult, finetune
+from ..training.guard import check_output_folder
 from .plots import plot_training_curves, search_sheet
 
 log = logging.getLogger(__name__)
 
 TINY_MODEL = Path(__file__).parents[1] / "model_configs" / "clip-tiny.json"
+DEMO_MARK = ".clip-finetune-demo"  # in a demo's --out: its model/ is the demo's own, a rerun replaces it
 
 # From-scratch training of a 3.5M-parameter model: a learning rate ~1000x a fine-tuning one.
 DEMO_CONFIG: dict[str, Any] = {
@@ -58,9 +60,17 @@ def run_demo(
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> DemoResult:
-    """Generate data, evaluate the base model, fine-tune, evaluate again; write model, metrics, PNGs."""
+    """Generate data, evaluate the base model, fine-tune, evaluate again; write model, metrics, PNGs.
+
+    `out_dir`/model is guarded as `train --out` is: a model or files there that an earlier demo did not write
+    (its DEMO_MARK) are kept unless `overwrite`."""
     out = Path(out_dir)
+    if not (overwrite or (out / DEMO_MARK).is_file()):
+        check_output_folder(out / "model", overwrite=overwrite, flag="--out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text("written by clip-finetune demo: a rerun may replace model/ here\n")
     data_root = out / "data"
     if not (data_root / "train").is_dir():
         write_dataloop_download(data_root, n_train, n_validation, seed=seed)

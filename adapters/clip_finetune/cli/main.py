@@ -41,7 +41,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..config import parse_set_options
     from .demo import run_demo
 
-    res = run_demo(args.out, args.train, args.validation, args.seed, parse_set_options(args.sets))
+    res = run_demo(args.out, args.train, args.validation, args.seed, parse_set_options(args.sets),
+                   overwrite=args.overwrite)
     print(res.table)
     print(f"\nbest epoch {res.result.best_epoch}; wrote:")
     for name, path in res.files.items():

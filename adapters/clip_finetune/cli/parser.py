@@ -64,6 +64,8 @@ def _add_demo(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of the model's init (default: 0)")
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", default=[],
                    help="override one of the demo's hyperparameters (repeatable), e.g. --set num_epochs=4")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out/model holds though an earlier demo did not write it")
 
 
 def _add_train(sub: Any) -> None:

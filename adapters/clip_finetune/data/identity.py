@@ -13,7 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .pairs import CaptionPair, has_item_id
+from .pairs import CaptionPair, has_item_id, item_key
 
 _SPACES = re.compile(r"\s+")
 _EDGE_PUNCTUATION = " \t\n.,;:!?\"'()[]"
@@ -29,17 +29,19 @@ def normalise_caption(text: str) -> str:
 
 
 def content_key(path: str) -> str:
-    """An image's identity: the BLAKE2b digest of its file (cached while the file's size and mtime hold); a
-    file that cannot be read is keyed by its path (it is skipped later, when it fails to decode)."""
+    """An image's identity: the BLAKE2b digest of its file (cached while the file's device, inode, size, mtime
+    and ctime hold: a file rewritten with its old size and mtime restored, as cp -p, rsync -t and unzip do, still
+    gets a new ctime, which no user call can set back); a file that cannot be read is keyed by its path (it is
+    skipped later, when it fails to decode)."""
     try:
         st = os.stat(path)
     except OSError:
         return f"{UNREADABLE}{os.path.normpath(path)}"
-    return _digest(os.path.normpath(path), st.st_size, st.st_mtime_ns)
+    return _digest(os.path.normpath(path), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
 @lru_cache(maxsize=1 << 20)
-def _digest(path: str, size: int, mtime_ns: int) -> str:
+def _digest(path: str, stamp: tuple[int, ...]) -> str:
     h = hashlib.blake2b(digest_size=16)  # hashlib: C speed (~1 GB/s); collisions are out of reach at 128 bits
     try:
         with open(path, "rb") as f:
@@ -76,11 +78,11 @@ def linked_groups(pairs: Sequence[CaptionPair]) -> np.ndarray:
             i = parent[i]
         return i
 
-    first: dict[tuple[str, str], int] = {}
+    first: dict[tuple[str, ...], int] = {}
     for i, p in enumerate(pairs):
         keys = [("image", content_key(p.image))]
         if has_item_id(p):
-            keys.append(("item", p.item_id))
+            keys.append(("item", *item_key(p)))
         if not p.templated:
             keys.append(("caption", normalise_caption(p.caption)))
         for key in keys:

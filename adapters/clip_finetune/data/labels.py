@@ -70,6 +70,9 @@ def read_class_folders(folder: str | Path, report: DataReport | None = None, tem
             report.skip("image outside a class folder", str(rel))
             continue
         # no item id: a relative path repeats across train/ and validation/, and would link unrelated images
-        pairs += label_pairs(str(path), [rel.parts[-2]], "", template)
+        found = label_pairs(str(path), [rel.parts[-2]], "", template)
+        if not found:  # '...', '___': nothing is left of the name to caption the image with
+            report.skip("class folder name is no label", str(rel))
+        pairs += found
     report.used = len(pairs)
     return pairs

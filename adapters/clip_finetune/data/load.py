@@ -110,14 +110,17 @@ def _guard(splits: Splits, opts: SplitOptions) -> Splits:
     if splits.validation is None and (held := hold_out(splits.train, opts, splits.report(TRAIN))) is not None:
         splits.train, splits.validation, splits.reports[VALIDATION] = held
         splits.held_out = True
-    for name in (VALIDATION, TEST):
-        pairs = getattr(splits, name)
-        if pairs is None or splits.held_out and name == VALIDATION:
+    # the test split must be unseen by training and by the selection (validation picks the epoch): a test split
+    # copied from validation would score the model on what chose it; a held-out validation is train's, checked
+    checks = [(VALIDATION, TRAIN), (TEST, TRAIN)] + ([(TEST, VALIDATION)] if not splits.held_out else [])
+    for name, against in checks:
+        pairs, reference = getattr(splits, name), getattr(splits, against)
+        if not pairs or reference is None or splits.held_out and name == VALIDATION:
             continue
-        kept = drop_train_overlap(name, splits.train, pairs, splits.report(name), opts.drop_train_overlap)
+        kept = drop_train_overlap(name, reference, pairs, splits.report(name), opts.drop_train_overlap, against)
         if not kept:
-            raise DataError(f"{name}: all {len(pairs)} pairs are also in train (the same items or images), so it "
-                            "cannot score the model honestly; give it other items, or set drop_train_overlap to "
+            raise DataError(f"{name}: all {len(pairs)} pairs are also in {against} (the same items or images), so "
+                            "it cannot score the model honestly; give it other items, or set drop_train_overlap to "
                             "false to score on them anyway")
         setattr(splits, name, kept)
     return splits
@@ -201,9 +204,19 @@ def _class_reader(folder: Path, label_template: str) -> Callable[[DataReport], l
 
 
 def _class_folder_subsets(path: Path) -> dict[str, Path]:
-    """{train/validation/test: folder} when `path` holds such subsets, each a folder per class."""
-    found = {name: path / name for name in (TRAIN, VALIDATION, TEST) if (path / name).is_dir()}
-    return found if TRAIN in found and all(is_class_folder_layout(d) for d in found.values()) else {}
+    """{train/validation/test: folder} when `path` holds such subsets, each a folder per class, under any of the
+    split names a folder of subset downloads may use (SPLIT_NAMES, any case: Train/, val/, Validation/): read as
+    one folder per class, Validation/cat/ would be trained on as the class 'cat'."""
+    canonical = {alias: split for split, aliases in SPLIT_NAMES.items() for alias in aliases}
+    folders = [d for d in path.iterdir() if d.is_dir() and d.name.lower() in canonical and is_class_folder_layout(d)]
+    if not folders:
+        return {}
+    found = _split_names(path, sorted(folders))
+    if TRAIN not in found:
+        raise DataError(f"{str(path)!r} holds {', '.join(sorted(d.name + '/' for d in found.values()))} (a folder per "
+                        "class for each split) but no train/ (or training/) folder; add one, or pass the folder of "
+                        "the classes to train on")
+    return found
 
 
 def _is_subset(folder: Path) -> bool:

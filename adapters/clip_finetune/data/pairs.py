@@ -14,6 +14,11 @@ def row_id(n: int) -> str:
     return f"row {n}"
 
 
+def item_key(pair: CaptionPair) -> tuple[str, str]:
+    """The pair's item identity across splits: its item id within its id scope."""
+    return pair.id_scope, pair.item_id
+
+
 def has_item_id(pair: CaptionPair) -> bool:
     """True when the pair's item_id names an item (a Dataloop id, a table's id column), not a row number."""
     return bool(pair.item_id) and not _ROW_ID.fullmatch(pair.item_id)
@@ -31,6 +36,9 @@ class CaptionPair:
     item_id: str = ""  # id of the item (or CSV row) the pair came from, for reports
     label: str = ""  # the class label of the image (leaf of a hierarchy), for zero-shot classification
     templated: bool = False  # the caption was made from `label` by a template, not written for this image
+    # where item_id is unique: "" for platform ids (one item, one id everywhere), a table's path for its id column
+    # (train.csv and val.csv may each number their rows 1..N). Not part of equality: a scope, not content.
+    id_scope: str = field(default="", compare=False)
 
 
 @dataclass

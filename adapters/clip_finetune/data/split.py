@@ -15,7 +15,7 @@ import numpy as np
 from ..config import FinetuneConfig
 from .identity import content_key, linked_groups, normalise_caption
 from .labels import DEFAULT_TEMPLATE
-from .pairs import CaptionPair, DataReport, has_item_id
+from .pairs import CaptionPair, DataReport, has_item_id, item_key
 
 logger = logging.getLogger(__name__)
 
@@ -99,16 +99,17 @@ def hold_out(train: list[CaptionPair], opts: SplitOptions, report: DataReport
 
 
 def drop_train_overlap(name: str, train: Sequence[CaptionPair], pairs: list[CaptionPair], report: DataReport,
-                       drop: bool = True) -> list[CaptionPair]:
-    """`pairs` (validation or test) without those also in train: the same item id, image path or image
-    content. Counted per reason in `report` (dropped) or its note (drop=False: kept), and warned about."""
-    ids = {p.item_id for p in train if has_item_id(p)}
+                       drop: bool = True, against: str = "train") -> list[CaptionPair]:
+    """`pairs` (validation or test) without those also in train (or the split `against` names, e.g. test
+    against validation): the same item id, image path or image content. Counted per reason in `report` (dropped)
+    or its note (drop=False: kept), and warned about."""
+    ids = {item_key(p) for p in train if has_item_id(p)}
     paths = {os.path.normpath(p.image) for p in train}
     contents = {content_key(p.image) for p in train}
     counts: Counter[str] = Counter()
     kept = []
     for p in pairs:
-        if has_item_id(p) and p.item_id in ids:
+        if has_item_id(p) and item_key(p) in ids:
             reason = "item id"
         elif os.path.normpath(p.image) in paths:
             reason = "image path"
@@ -119,13 +120,14 @@ def drop_train_overlap(name: str, train: Sequence[CaptionPair], pairs: list[Capt
             continue
         counts[reason] += 1
         if drop:
-            report.drop(f"also in train ({reason})", p.item_id or p.image)
+            report.drop(f"also in {against} ({reason})", p.item_id or p.image)
         else:
             kept.append(p)
     if counts:
         found = ", ".join(f"{n} by {reason}" for reason, n in counts.most_common())
         action = "dropped, so they do not inflate its scores" if drop else "kept (drop_train_overlap is false)"
-        logger.warning("%s: %d pairs are also in train (%s): %s", name, sum(counts.values()), found, action)
+        logger.warning("%s: %d pairs are also in %s (%s): %s", name, sum(counts.values()), against, found, action)
         if not drop:
-            report.note = f"{sum(counts.values())} pairs also in train ({found}), kept"
+            note = f"{sum(counts.values())} pairs also in {against} ({found}), kept"
+            report.note = f"{report.note}; {note}" if report.note else note
     return kept

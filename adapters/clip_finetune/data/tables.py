@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Generator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ def read_table(path: str | Path, report: DataReport | None = None, label_templat
         pairs: list[CaptionPair] = []
         for n, row in rows:
             item_id = str(row.get(id_col) or "").strip() if id_col else ""
-            pairs += _table_pairs(row, cols, path.parent, item_id or row_id(n), report, label_template)
+            # an id column numbers the rows of its own file (train.csv and val.csv may each count 1..N): scoped
+            pairs += [replace(p, id_scope=str(path)) for p in
+                      _table_pairs(row, cols, path.parent, item_id or row_id(n), report, label_template)]
     report.used = len(pairs)
     return pairs
 

@@ -16,29 +16,38 @@ import hashlib
 import json
 import logging
 import os
+import re
+import stat
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import open_clip
+import PIL
 import torch
+from PIL import Image
 
 from ..config import FinetuneConfig
 from ..data.decode_cache import InputCache, transform_size
 from ..data.identity import UNREADABLE, content_key
+from ..errors import DataError
 from ..files import atomic_write
 from ..model.clip import ClipModel
 from ..model.weights import unwrap
 from .embed import encode_images, encode_texts
+from .safe_npz import load_npz
 from .shards import model_sha256
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "CLIP_FINETUNE_CACHE"
-STORE_FORMAT = 1  # bump when what a stored file holds, or how it is computed, changes
+STORE_FORMAT = 2  # bump when what a stored file holds, or how it is computed, changes
 STORE_KEEP = 32  # stored evaluations kept (the least recently used beyond are deleted)
+STORE_PREFIX = "base-eval-"  # the store's own files: the only ones it reads or prunes
+STORE_MAX_BYTES = 1 << 30  # the read bound of a stored file when the caller does not say how many items it holds
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 Encoded = tuple[np.ndarray, list[int]]  # (vectors [n_ok, d], indices of the items embedded)
 
 
@@ -105,7 +114,7 @@ class EvalCache:
         if state is not None and memo is not None and memo[0] == state and memo[1] == items:
             return memo[2]
         key = self.store.key(clip, tower, items, batch_size) if self._storing else None
-        result = self.store.load(key) if key is not None else None
+        result = self.store.load(key, len(items), clip.embed_dim) if key is not None else None
         if result is None:
             result = compute()
             if key is not None:
@@ -116,7 +125,13 @@ class EvalCache:
 
 
 class BaseEvalStore:
-    """Embeddings of a base model on disk, one .npz per (weights, items, settings) content hash."""
+    """Embeddings of a base model on disk, one `base-eval-<key>.npz` per (weights, items, settings) content hash.
+
+    A stored file is trusted only as far as it proves itself: it holds its key and a digest of its arrays (a file
+    copied under another key, or changed, is a miss), it is read bounded by what the embeddings can need (a forged
+    header or a compression bomb is a miss), and its shapes and kept indices must fit the items asked for. A miss
+    is one warning and the embeddings computed afresh. Pruning deletes only this store's own files (the prefix):
+    the cache folder is the user's, and may hold anything else."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -125,16 +140,20 @@ class BaseEvalStore:
     def forget_model(self) -> None:
         self._model_hash = None
 
+    def path(self, key: str) -> Path:
+        return self.folder / f"{STORE_PREFIX}{key}.npz"
+
     def key(self, clip: ClipModel, tower: str, items: list, batch_size: int) -> str | None:
         """The content hash of what this embedding depends on; None when an image is not a readable file."""
         digest = hashlib.blake2b(digest_size=20)
         if self._model_hash is None:
             self._model_hash = model_sha256(clip)
         settings = {"format": STORE_FORMAT, "tower": tower, "weights": self._model_hash, "model": clip.model_cfg,
-                    "transform": repr(clip.preprocess), "draft": transform_size(clip.preprocess),
-                    "precision": clip.inference_precision, "device": clip.device.type,
-                    "batch_size": batch_size, "torch": torch.__version__, "open_clip": open_clip.__version__}
-        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+                    "transform": repr(clip.preprocess), "preprocess": preprocess_settings(clip.preprocess),
+                    "draft": transform_size(clip.preprocess), "max_image_pixels": Image.MAX_IMAGE_PIXELS,
+                    "precision": clip.inference_precision, "device": clip.device.type, "batch_size": batch_size,
+                    "torch": torch.__version__, "open_clip": open_clip.__version__, "pillow": PIL.__version__}
+        digest.update(json.dumps(settings, sort_keys=True, default=_stable).encode())
         for item in items:  # images by content (the same files elsewhere give the same key), texts as text
             if tower == "image":
                 item = content_key(item)  # already computed for evaluation (embed_pairs): cached, not re-read
@@ -143,13 +162,18 @@ class BaseEvalStore:
             digest.update(item.encode() + b"\0")
         return digest.hexdigest()
 
-    def load(self, key: str) -> Encoded | None:
-        path = self.folder / f"{key}.npz"
+    def load(self, key: str, n_items: int | None = None, width: int | None = None) -> Encoded | None:
+        """The stored embeddings of `key` (of `n_items` items, `width` wide), or None: absent, or not proven."""
+        path = self.path(key)
+        if not os.path.lexists(path):
+            return None
+        bound = n_items * (width * 4 + 8) + (1 << 16) if n_items is not None and width else STORE_MAX_BYTES
         try:
-            with np.load(path) as data:
-                result = data["vectors"].astype(np.float32, copy=False), data["kept"].tolist()
+            data = load_npz(path, ("vectors", "kept", "key", "digest"), max_bytes=bound)
+            result = _proven(data, key, n_items, width)
             os.utime(path)  # recently used: kept by the pruning in save()
-        except (OSError, KeyError, ValueError):
+        except (DataError, OSError) as e:
+            log.warning("ignored the stored base-model embeddings %s (%s); computing them afresh", path, e)
             return None
         log.info("read %d embeddings of the base model from %s (base_eval_cache)", len(result[0]), path)
         return result
@@ -157,18 +181,69 @@ class BaseEvalStore:
     def save(self, key: str, result: Encoded) -> None:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            vectors, kept = result
-            atomic_write(self.folder / f"{key}.npz", lambda p: _write_npz(p, vectors, np.asarray(kept, np.int64)))
-            stored = sorted(self.folder.glob("*.npz"), key=lambda p: p.stat().st_mtime, reverse=True)
-            for old in stored[STORE_KEEP:]:
-                old.unlink(missing_ok=True)
+            vectors, kept = np.ascontiguousarray(result[0]), np.asarray(result[1], np.int64)
+            arrays = {"vectors": vectors, "kept": kept, "key": np.array(key), "digest": np.array(
+                _digest(key, vectors, kept))}
+            atomic_write(self.path(key), lambda p: _write_npz(p, arrays))
+            self._prune()
         except OSError as e:  # a read-only or full disk costs the next run time, not this one its result
             log.warning("could not store the base model's embeddings in %s: %s", self.folder, e)
 
+    def _prune(self) -> None:
+        """Keep the STORE_KEEP most recently used of this store's own regular files; touch nothing else."""
+        own = []
+        for path in self.folder.glob(f"{STORE_PREFIX}*.npz"):
+            with suppress(OSError):
+                st = path.lstat()
+                if stat.S_ISREG(st.st_mode):
+                    own.append((st.st_mtime_ns, path))
+        for _, old in sorted(own, reverse=True)[STORE_KEEP:]:
+            old.unlink(missing_ok=True)
 
-def _write_npz(path: Path, vectors: np.ndarray, kept: np.ndarray) -> None:
+
+def _digest(key: str, vectors: np.ndarray, kept: np.ndarray) -> str:
+    h = hashlib.blake2b(key.encode(), digest_size=20)
+    h.update(f"{vectors.dtype.str}{vectors.shape}".encode())
+    h.update(vectors.tobytes())
+    h.update(kept.astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _proven(data: dict, key: str, n_items: int | None, width: int | None) -> Encoded:
+    """The (vectors, kept) of a stored file that holds `key`, matches its digest and fits the items; DataError
+    saying what does not."""
+    vectors, kept = data["vectors"], data["kept"]
+    if data["key"].shape != () or str(data["key"]) != key:
+        raise DataError("it holds the embeddings of another key")
+    if vectors.ndim != 2 or kept.ndim != 1 or len(kept) != len(vectors) or kept.dtype.kind not in "iu" \
+            or vectors.dtype.kind != "f" or (width and vectors.shape[1] != width):
+        raise DataError(f"arrays of shape {vectors.shape} and {kept.shape} are not embeddings with their indices")
+    if len(kept) and (kept[0] < 0 or (n_items is not None and kept[-1] >= n_items) or np.any(np.diff(kept) <= 0)):
+        raise DataError(f"its kept indices are not increasing indices of the {n_items} items")
+    if data["digest"].shape != () or str(data["digest"]) != _digest(key, vectors, kept):
+        raise DataError("its content does not match its digest (changed or damaged)")
+    return vectors.astype(np.float32, copy=False), kept.tolist()
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     with open(path, "wb") as f:  # np.savez given a path would add ".npz" to the temporary name
-        np.savez(f, vectors=vectors, kept=kept)
+        np.savez(f, **arrays)
+
+
+def preprocess_settings(preprocess: object) -> list:
+    """Every step of an image transform with all its public settings: repr() leaves some out (open_clip's
+    CenterCropOrPad shows its size, not its pad fill colour), and each changes the pixels."""
+    steps = getattr(preprocess, "transforms", [preprocess])
+    return [[type(t).__qualname__, {k: v for k, v in sorted(vars(t).items()) if not k.startswith("_")}]
+            for t in steps]
+
+
+def _stable(value: object) -> str:
+    """JSON for what json cannot write: functions by name, anything else by a repr without memory addresses
+    (a key must be the same in every process)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    return _ADDRESS.sub("", repr(value))
 
 
 def eval_cache_for(cfg: FinetuneConfig, clip: ClipModel, n_images: int) -> tuple[EvalCache, float]:

@@ -23,9 +23,11 @@ from ..inputs import open_regular
 MAX_COMPRESSION = 100  # an array deflated more than this is a compression bomb, not float vectors or file names
 
 
-def load_npz(path: str | Path, required: Sequence[str], optional: Sequence[str] = (), hint: str = "") -> dict:
+def load_npz(path: str | Path, required: Sequence[str], optional: Sequence[str] = (), hint: str = "",
+             max_bytes: int | None = None) -> dict:
     """{name: array} of the arrays of an .npz file; `required` ones must be there. DataError naming the file (and
-    `hint`, what to do) for anything else: not a zip, truncated, a header that lies, an object array."""
+    `hint`, what to do) for anything else: not a zip, truncated, a header that lies, an object array, or (given
+    `max_bytes`) arrays that would take more than that many bytes once read."""
     path = Path(path)
     fix = f"; {hint}" if hint else ""
     with open_regular(path, "embeddings file") as f:
@@ -37,6 +39,10 @@ def load_npz(path: str | Path, required: Sequence[str], optional: Sequence[str] 
                     raise DataError(f"{str(path)!r} has no {', '.join(repr(m) for m in missing)} array (it holds "
                                     f"{sorted(members)[:10]}); it is not an embeddings file of this tool{fix}")
                 size = os.fstat(f.fileno()).st_size
+                claimed = sum(members[name].file_size for name in (*required, *optional) if name in members)
+                if max_bytes is not None and claimed > max_bytes:
+                    raise DataError(f"{str(path)!r} would take {claimed} bytes once read, more than the {max_bytes} "
+                                    f"its arrays can need{fix}")
                 return {name: _read(archive, members[name], path, fix, size) for name in (*required, *optional)
                         if name in members}
         except (zipfile.BadZipFile, EOFError, ValueError, OSError, NotImplementedError) as e:

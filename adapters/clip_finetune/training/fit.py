@@ -19,7 +19,7 @@ from ..machine import apply_config
 from ..model.card import write_model_card
 from ..model.clip import ClipModel, is_artifact_dir, load_model
 from .distributed import DistContext
-from .guard import writer_lock
+from .guard import require_locked_folder, writer_lock
 from .launch import launch, resolve_num_processes
 from .loop import EpochCallback, Hooks, train_rank
 from .optim import check_sizes
@@ -82,6 +82,7 @@ def finetune(
                 tracker.finish(ok=False)
             raise
         if writes:
+            require_locked_folder(Path(out_dir))
             write_json(Path(out_dir) / DATA_REPORT_NAME, splits.report_dict())
             if is_artifact_dir(out_dir):  # the card's data section counts what this report says
                 write_model_card(out_dir)

@@ -19,8 +19,8 @@ from ..config import FinetuneConfig
 from ..data.load import Splits
 from ..data.pairs import CaptionPair
 from ..errors import ClipFinetuneError
-from ..files import require_writable
-from ..model.clip import is_artifact_dir
+from ..files import read_json, require_writable
+from ..model.clip import METRICS_NAME, is_artifact_dir
 from .state import CHECKPOINT_NAME
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 NOT_FINGERPRINTED = frozenset({"batch_size", "num_workers", "device", "image_cache_mb", "checkpoint_every_steps",
                                "max_bad_steps", "export_onnx", "grad_checkpointing", "num_processes",
                                "embeddings_size", "max_image_pixels"})
+
+
+# (device, inode) of each folder this process holds the writer lock of, by absolute path
+_LOCKED: dict[str, tuple[int, int]] = {}
 
 
 class RunFolderError(ClipFinetuneError):
@@ -86,6 +90,7 @@ def writer_lock(folder: Path) -> Iterator[None]:
         yield
         return
     fd = os.open(folder, os.O_RDONLY)
+    key = os.path.abspath(folder)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -94,9 +99,30 @@ def writer_lock(folder: Path) -> Iterator[None]:
                 raise
             raise RunFolderError(f"{str(folder)!r} is being written by another training right now; wait for it to "
                                  "end, or write this one to another folder") from None
+        st = os.fstat(fd)
+        _LOCKED[key] = (st.st_dev, st.st_ino)
         yield
     finally:
+        _LOCKED.pop(key, None)
         os.close(fd)  # releases the lock
+
+
+def require_locked_folder(folder: Path) -> None:
+    """RunFolderError when `folder`, locked by this process (writer_lock), is no longer the folder it locked: the
+    lock holds the folder's inode, so a folder removed and made again at the same path (another run's, perhaps
+    finished) is not covered by it, and writing there would overwrite that run's files."""
+    held = _LOCKED.get(os.path.abspath(folder))
+    if held is None:
+        return
+    try:
+        st = os.stat(folder)
+        now = (st.st_dev, st.st_ino)
+    except OSError:
+        now = None
+    if now != held:
+        raise RunFolderError(f"{str(folder)!r} was removed or replaced while this training wrote it (another run may "
+                             "own it now), so this run's model is not written there; train again into a folder "
+                             "nothing else removes")
 
 
 def check_output_folder(out: str | Path, data: Sequence[str | Path | None] = (), *, overwrite: bool = False,
@@ -126,11 +152,28 @@ def check_output_folder(out: str | Path, data: Sequence[str | Path | None] = (),
     held = _what_it_holds(out)
     if resume and (out / CHECKPOINT_NAME).is_file():
         return out
+    if resume and is_artifact_dir(out) and not _finished(out):
+        log.warning("%s %s holds the best model so far of a run stopped before its first checkpoint: nothing to "
+                    "resume, starting from the beginning in it (--resume)", flag, out)
+        return out
     if overwrite:
         log.warning("%s %s holds %s: overwriting it (--overwrite)", flag, out, held)
         return out
     fix = "--resume continues it, --overwrite starts over in it" if "checkpoint" in held else "--overwrite replaces it"
     raise RunFolderError(f"{flag} {str(out)!r} already holds {held}; {fix}, or choose a new folder")
+
+
+def _finished(out: Path) -> bool:
+    """Whether the model in `out` is a finished run's: its metrics.json holds the run's result (the best-so-far
+    saves of a run in progress record only best_epoch and history). Unreadable: taken as finished (kept)."""
+    path = out / METRICS_NAME
+    if not path.exists():
+        return False
+    try:
+        metrics = read_json(path)
+    except ClipFinetuneError:
+        return True
+    return not isinstance(metrics, dict) or "metric" in metrics
 
 
 def _what_it_holds(out: Path) -> str:

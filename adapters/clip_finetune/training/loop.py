@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -14,22 +16,27 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from ..config import FinetuneConfig
 from ..data.datasets import PairDataset, collate_skipping_bad, default_num_workers, epoch_batches
 from ..data.decode_cache import train_cache
-from ..data.identity import pair_keys
+from ..data.identity import normalise_caption, pair_keys
 from ..data.load import TRAIN, Splits
+from ..errors import DataError
+from ..files import atomic_write
 from ..machine import apply_config
 from ..model.clip import ClipModel, load_model, save_artifact
 from ..model.compiling import compile_module
+from ..model.safe_load import check_safetensors
 from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
 from ..progress import progress as show_progress
 from ..retrieval.eval_cache import EvalCache, eval_cache_for
 from ..retrieval.evaluate import evaluate
 from .distributed import DistContext, broadcast, process_group
-from .guard import identity_differences, run_identity
+from .guard import identity_differences, require_locked_folder, run_identity
 from .loss import ContrastiveLoss
 from .optim import apply_locks, check_sizes, make_optimizer, make_scheduler, step_budget_note
 from .state import (
@@ -49,6 +56,7 @@ log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 ONNX_DIR = "onnx"  # export_onnx: the ONNX towers go to this folder inside the saved model
+UNMIXED_BEST_NAME = ".best-unmixed.safetensors"  # a WiSE-FT run's best weights while its mix is being written
 
 
 @dataclass
@@ -91,9 +99,10 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
         if improved and splits.validation and run.is_main:
             best_state = cpu_state(run.clip.model)
             if out is not None:
+                require_locked_folder(out)
                 save_artifact(run.clip, out, cfg, {"best_epoch": p.epoch, "history": p.history})
         p.next_epoch(stop, cfg.num_epochs)
-        run.save_checkpoint(hooks.on_checkpoint)
+        _save_checkpoint(run, hooks)
         if hooks.on_epoch_end is not None:
             hooks.on_epoch_end(int(record["epoch"]), record)
     return _finish(run, splits, out, best_state)
@@ -155,12 +164,19 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
 def _notes(cfg: FinetuneConfig, splits: Splits, total_steps: int) -> list[str]:
     """What the result's reader should know about its figures and its budget (also logged)."""
     notes = [note] if (note := step_budget_note(cfg, len(splits.train), total_steps)) else []
+    if len({normalise_caption(p.caption) for p in splits.train}) == 1 and len(splits.train) > 1:
+        notes.append(f"only one distinct caption in the {len(splits.train)} training pairs: contrastive training has "
+                     "nothing to tell apart (the loss falls to 0 and retrieval learns nothing); give the images "
+                     "their own captions, or labels of at least two classes")
     if splits.held_out:
         notes.append(f"no validation data was given: {len(splits.validation or [])} pairs were held out of the "
                      "training data to pick the best epoch")
     if splits.test:
         notes.append(f"'after' is the test split ({len(splits.test)} pairs), scored once at the end; it chose "
                      "nothing")
+        if "also in validation" in (test_note := splits.report("test").note):  # drop_train_overlap: false
+            notes.append(f"only part of the test split is unseen ({test_note}): its 'after' is partly scored on "
+                         "pairs that picked the epoch, which flatters the model")
     elif splits.validation:
         notes.append(f"'after' is the selection set ({len(splits.validation)} pairs), which also picked the best "
                      "epoch, so it flatters the model; a test split gives an unbiased figure")
@@ -181,10 +197,13 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     if resume and run.load_checkpoint(lambda theirs: identity_differences(theirs, run.identity)):
         log.info("resuming from %s: epoch %d, batch %d", run.checkpoint, run.progress.epoch,
                  run.progress.batches_done)
-        # the best weights so far (the base's until an epoch beats it) are the artifact in out_dir
-        return cpu_state_from_artifact(out) if keep_best else None
+        # the best weights so far (the base's until an epoch beats it) are the artifact in out_dir, unless a
+        # WiSE-FT run stopped after writing its mix: then the unmixed best kept beside it (mixed once, in _finish)
+        return _best_so_far(out) if keep_best else None
     if run.checkpoint is not None and run.checkpoint.is_file() and run.is_main:
         log.warning("%s exists: starting over (resume=True continues it)", run.checkpoint)
+    if out is not None and run.is_main:
+        _clear_previous_run(out)
     run.progress.before = _validate(run, splits, progress, base=True)
     run.progress.test_before = _score(run, splits.test, progress)
     run.progress.best_score = run.progress.before.get(run.cfg.early_stopping_metric, -math.inf)
@@ -224,8 +243,19 @@ def _train_epoch(run: RunState, dataset: PairDataset, loss_fn: Callable, splits:
         if cfg.checkpoint_every_steps and p.global_step % cfg.checkpoint_every_steps == 0:
             p.epoch_seconds = time.perf_counter() - started
             run.sync_bad_pairs()
-            run.save_checkpoint(hooks.on_checkpoint)
+            _save_checkpoint(run, hooks)
     run.sync_bad_pairs()
+    if p.epoch == 1 and per_epoch and len(set(p.bad_pairs)) >= per_epoch * cfg.train_batch_size:
+        _nothing_decoded(splits, p.bad_pairs)
+
+
+def _nothing_decoded(splits: Splits, bad_pairs: list[int]) -> None:
+    """DataError: every training pair the first epoch met had an undecodable image (the first epoch meets
+    each pair at most once, so `bad_pairs` is a subset of what it met): nothing was or will be learned."""
+    examples = ", ".join(repr(splits.train[i].image) for i in sorted(bad_pairs)[:3])
+    raise DataError(f"train: none of the {len(set(bad_pairs))} training images the first epoch read could be "
+                    f"decoded (e.g. {examples}), so nothing can be learned; check that the files are images (JPEG, "
+                    "PNG, ...) and not damaged or cut short, or raise max_image_pixels for very large ones")
 
 
 def _validate(run: RunState, splits: Splits, progress: bool, base: bool = False) -> dict[str, float]:
@@ -267,6 +297,8 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
     if p.skipped_steps:
         log.warning("%d steps had a non-finite loss or gradients and were skipped", p.skipped_steps)
     if run.base_state is not None and run.is_main:
+        if best_state is not None and out is not None:
+            _keep_unmixed_best(out)
         unwrap(model).load_state_dict(wise_ft(run.base_state, cpu_state(model), cfg.wise_ft_alpha))
         if splits.validation:
             result.after_fine_tuned = result.after
@@ -278,16 +310,59 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
             result.test = {"before": p.test_before, "after": _score(run, splits.test)}
             result.before, result.after, result.scored_on = result.test["before"], result.test["after"], "test"
     if out is not None and run.is_main:
+        require_locked_folder(out)  # removed and made again by another run: its model is not ours to replace
         result.out_dir = save_artifact(run.clip, out, cfg, result.to_dict())
         if cfg.export_onnx:
             from ..model.onnx_export import export_onnx
 
             export_onnx(run.clip, out / ONNX_DIR)
-        # the run is complete: its resume state (weights + optimizer, ~3x the model) has no further use
+        # the run is complete: its resume state (weights + optimizer, ~3x the model) has no further use; the
+        # unmixed best goes after it (a stop between the two must still resume from the unmixed weights)
         run.checkpoint.unlink(missing_ok=True)
+        (out / UNMIXED_BEST_NAME).unlink(missing_ok=True)
     elif cfg.export_onnx and out is None:
         log.warning("export_onnx: no output folder to export to; call onnx_export.export_onnx(model, folder)")
     return result
+
+
+def _save_checkpoint(run: RunState, hooks: Hooks) -> None:
+    if run.checkpoint is not None and run.is_main:
+        require_locked_folder(run.checkpoint.parent)  # not into another run's folder made at the same path
+    run.save_checkpoint(hooks.on_checkpoint)
+
+
+def _keep_unmixed_best(out: Path) -> None:
+    """Keep the best weights (the artifact in `out` until the mix replaces it) as UNMIXED_BEST_NAME, so a run
+    stopped after the mix was written (during the ONNX export, say) resumes from them and mixes once, not twice.
+    A hard link costs nothing (the artifact's rename leaves the linked file whole); a copy where links fail. A
+    resumed run finds it already kept."""
+    kept, artifact = out / UNMIXED_BEST_NAME, out / HF_SAFE_WEIGHTS_NAME
+    if kept.is_file() or not artifact.is_file():
+        return
+    try:
+        os.link(artifact, kept)
+    except OSError:
+        atomic_write(kept, lambda p: shutil.copyfile(artifact, p))
+
+
+def _best_so_far(out: Path | None) -> dict[str, torch.Tensor] | None:
+    """The best weights a resumed run had so far: the unmixed ones a WiSE-FT run kept, else the artifact's."""
+    kept = out / UNMIXED_BEST_NAME if out is not None else None
+    if kept is not None and kept.is_file():
+        check_safetensors(kept, "the best weights before the WiSE-FT mix")
+        return load_file(str(kept))
+    return cpu_state_from_artifact(out)
+
+
+def _clear_previous_run(out: Path) -> None:
+    """A fresh start in `out` (an --overwrite, or a run stopped before its first checkpoint): what an earlier
+    run left that the new model would not replace goes first: its ONNX towers (they would disagree with the new
+    weights) and its kept unmixed weights."""
+    (out / UNMIXED_BEST_NAME).unlink(missing_ok=True)
+    if (out / ONNX_DIR).is_dir() and not (out / ONNX_DIR).is_symlink():
+        log.warning("%s: removing the previous model's ONNX export (it belongs to the weights being replaced)",
+                    out / ONNX_DIR)
+        shutil.rmtree(out / ONNX_DIR)
 
 
 def _count_bad_images(splits: Splits, bad_pairs: list[int]) -> None:
