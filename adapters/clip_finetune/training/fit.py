@@ -82,16 +82,20 @@ def finetune(
                 tracker.finish(ok=False)
             raise
         if writes:
-            require_locked_folder(Path(out_dir))
-            write_json(Path(out_dir) / DATA_REPORT_NAME, splits.report_dict())
-            if is_artifact_dir(out_dir):  # the card's data section counts what this report says
-                write_model_card(out_dir)
+            _write_data_report(Path(out_dir), splits)
         if tracker is not None:
             tracker.log_result(result.to_dict())
             if writes:
                 tracker.log_folder(Path(out_dir))
             tracker.finish(ok=True)
     return result
+
+
+def _write_data_report(out: Path, splits: Splits) -> None:
+    require_locked_folder(out)
+    write_json(out / DATA_REPORT_NAME, splits.report_dict())
+    if is_artifact_dir(out):  # the card's data section counts what this report says
+        write_model_card(out)
 
 
 def _tracker(cfg: FinetuneConfig, out_dir: str | Path | None) -> Tracker | None:
