@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ClipFinetuneError, at_boundary
-from ..retrieval.search import top_k
+from ..retrieval.ranking import top_k_by_dot
 from .run_folder import (
     EXAMPLES_DIR,
     LOG_NAME,
@@ -165,7 +165,7 @@ class Run:
             with np.load(file, allow_pickle=False) as d:
                 images, captions, owner = d["images"].tolist(), d["captions"].tolist(), d["text_to_image"]
                 links = d["relevant"].tolist() if "relevant" in d.files else list(enumerate(owner.tolist()))
-                idx, scores = top_k(d["text_features"] @ d["image_features"].T, k)  # [n_texts, k]
+                idx, scores = top_k_by_dot(d["text_features"], d["image_features"], k)  # [n_texts, k]
             top = [[(images[i], float(s)) for i, s in zip(row_i, row_s, strict=True)]
                    for row_i, row_s in zip(idx, scores, strict=True)]
             relevant: list[list[str]] = [[] for _ in captions]
