@@ -27,7 +27,8 @@ from ..model.compiling import compile_module
 from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
 from ..progress import progress as show_progress
 from ..retrieval.eval_cache import EvalCache, eval_cache_for
-from ..retrieval.evaluate import evaluate
+from ..retrieval.evaluate import evaluate_per_query
+from ..retrieval.evaluation_result import PER_QUERY_NAME, EvaluationResult
 from .distributed import DistContext, broadcast, process_group
 from .guard import identity_differences, run_identity
 from .loss import ContrastiveLoss
@@ -92,6 +93,7 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
             best_state = cpu_state(run.clip.model)
             if out is not None:
                 save_artifact(run.clip, out, cfg, {"best_epoch": p.epoch, "history": p.history})
+                _write_per_query(run.evaluation, out)  # this epoch's validation
         p.next_epoch(stop, cfg.num_epochs)
         run.save_checkpoint(hooks.on_checkpoint)
         if hooks.on_epoch_end is not None:
@@ -186,10 +188,12 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     if run.checkpoint is not None and run.checkpoint.is_file() and run.is_main:
         log.warning("%s exists: starting over (resume=True continues it)", run.checkpoint)
     run.progress.before = _validate(run, splits, progress, base=True)
+    base_evaluation = run.evaluation
     run.progress.test_before = _score(run, splits.test, progress)
     run.progress.best_score = run.progress.before.get(run.cfg.early_stopping_metric, -math.inf)
     if out is not None and keep_best:  # the base is the best so far: a crash from here keeps a model
         save_artifact(run.clip, out, run.cfg)
+        _write_per_query(base_evaluation, out)
     return cpu_state(run.clip.model) if keep_best else None
 
 
@@ -250,8 +254,15 @@ def _score(run: RunState, pairs: list | None, progress: bool = False, cache: Eva
     if not pairs or not run.is_main:
         return {}
     cfg = run.cfg
-    return evaluate(run.clip, pairs, cfg.batch_size, cfg.num_workers, progress=progress, templates=cfg.label_templates,
-                    cache=cache)
+    run.evaluation = evaluate_per_query(run.clip, pairs, cfg.batch_size, cfg.num_workers, progress=progress,
+                                        templates=cfg.label_templates, cache=cache)
+    return run.evaluation.metrics()
+
+
+def _write_per_query(evaluation: EvaluationResult | None, out: Path | None) -> None:
+    """The evaluation whose metrics the model folder's metrics.json reports, per query, next to it."""
+    if evaluation is not None and out is not None:
+        evaluation.write(out / PER_QUERY_NAME)
 
 
 def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[str, torch.Tensor] | None
@@ -266,19 +277,23 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
         log.warning("%s", result.note)
     if p.skipped_steps:
         log.warning("%d steps had a non-finite loss or gradients and were skipped", p.skipped_steps)
+    final = None  # a final evaluation that replaces the best epoch's in metrics.json, per query too
     if run.base_state is not None and run.is_main:
         unwrap(model).load_state_dict(wise_ft(run.base_state, cpu_state(model), cfg.wise_ft_alpha))
         if splits.validation:
             result.after_fine_tuned = result.after
             result.after = result.selection["after"] = _score(run, splits.validation, cache=run.eval_cache)
+            final = run.evaluation
         log.info("WiSE-FT: saved weights are %.2f x fine-tuned + %.2f x base", cfg.wise_ft_alpha, 1 - cfg.wise_ft_alpha)
     if run.is_main:
         _count_bad_images(splits, p.bad_pairs)
         if splits.test:  # the one look at the test split: the weights are final
             result.test = {"before": p.test_before, "after": _score(run, splits.test)}
+            final = run.evaluation
             result.before, result.after, result.scored_on = result.test["before"], result.test["after"], "test"
     if out is not None and run.is_main:
         result.out_dir = save_artifact(run.clip, out, cfg, result.to_dict())
+        _write_per_query(final, out)
         if cfg.export_onnx:
             from ..model.onnx_export import export_onnx
 
