@@ -22,12 +22,18 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if k <= 0:
         empty = np.zeros((scores.shape[0], 0))
         return empty.astype(np.int64), empty
-    # partition finds each row's k-th best score in O(n); every score above it is in, and of the scores equal to
-    # it the first ones in candidate order (argpartition alone would pick among those ties arbitrarily)
-    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1 : k]  # [q, 1]
-    above, at = scores > kth, scores == kth
-    chosen = above | (at & (np.cumsum(at, axis=1) <= k - above.sum(axis=1, keepdims=True)))
-    part = np.nonzero(chosen)[1].reshape(len(scores), k)  # k per row, in candidate order
+    # argpartition finds the top k in O(n); among scores tied at the k-th place it picks arbitrarily, so rows
+    # where such a tie straddles the cut (rare with float scores) are chosen again: every score above the k-th
+    # is in, and of those equal to it the first ones in candidate order
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(scores, part, axis=1).min(axis=1, keepdims=True)  # [q, 1]
+    straddling = np.flatnonzero((scores >= kth).sum(axis=1) > k)
+    if straddling.size:
+        rows, cut = scores[straddling], kth[straddling]
+        above, at = rows > cut, rows == cut
+        chosen = above | (at & (np.cumsum(at, axis=1) <= k - above.sum(axis=1, keepdims=True)))
+        part[straddling] = np.nonzero(chosen)[1].reshape(len(straddling), k)
+    part.sort(axis=1)
     # only those k are then sorted, stable: ties keep candidate order
     order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
     idx = np.take_along_axis(part, order, axis=1)
