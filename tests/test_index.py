@@ -34,6 +34,7 @@ def _filled(n: int = 6) -> ExactIndex:
 def test_it_is_an_index_and_search_finds_each_stored_vector_first() -> None:
     index = _filled()
     assert isinstance(index, Index) and index.kind == "exact" and index.dim == 8 and len(index) == 6
+    assert index.describe() == "exact index (6 vectors, every one scored)"
     ids, scores = index.search(_unit(6), 3)
     assert [row[0] for row in ids] == index.ids()
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-6)

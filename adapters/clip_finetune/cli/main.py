@@ -189,8 +189,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     clip, _ = _load_clip(args)
     check_index(index, args.index, clip, "images", allow=args.allow_mismatch)
     hits_per_query = search_texts(clip, index, args.queries, args.k)
-    # which index answered, on stderr: stdout stays the results alone
-    print(f"searched {len(index)} vectors of {args.index} with the {index.kind} index", file=sys.stderr)
+    print(f"answered by the {index.describe()}", file=sys.stderr)  # on stderr: stdout stays the results alone
     for query, hits in zip(args.queries, hits_per_query, strict=True):
         print(f"{query}")
         for rank, (item, score) in enumerate(hits, 1):

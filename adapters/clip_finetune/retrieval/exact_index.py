@@ -44,6 +44,10 @@ class ExactIndex:
     def dim(self) -> int:
         return self._dim
 
+    def describe(self) -> str:
+        """One line for people: what answered a search."""
+        return f"exact index ({len(self):,} vectors, every one scored)"
+
     def __len__(self) -> int:
         return len(self._ids)
 

@@ -32,6 +32,10 @@ class Index(Protocol):
 
     def __len__(self) -> int: ...
 
+    def describe(self) -> str:
+        """One line for people naming the implementation, e.g. "exact index (1,000 vectors, every one scored)"."""
+        ...
+
     def ids(self) -> list[str]:
         """The stored ids, in storage order."""
         ...
@@ -64,8 +68,9 @@ class Index(Protocol):
 # open_index asks each, in order, whether the path is theirs; anything no one claims is an embeddings store
 # (.npz, .parquet, sharded folder), opened as the exact index.
 _OPENERS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Index]]] = []
-# modules of this package that register an implementation when imported (imported by open_index, if present)
-PLUGINS = ("ann",)
+# implementations in modules of this package, imported by open_index when present:
+# module -> (its function saying whether a path is its index, its function opening one)
+PLUGINS = {"ann": ("is_ann_index", "open_ann")}
 
 
 def register(kind: str, claims: Callable[[Path], bool], load: Callable[[Path], Index]) -> None:
@@ -77,9 +82,11 @@ def open_index(path: str | Path) -> Index:
     """The index stored at `path`, of whichever kind is there: a registered implementation's files, else an
     embeddings file or sharded folder as the exact index (a DataError names a missing or damaged file)."""
     path = Path(path)
-    for name in PLUGINS:
-        if importlib.util.find_spec(f"{__package__}.{name}") is not None:
-            importlib.import_module(f"{__package__}.{name}")
+    for name, (claims_name, load_name) in PLUGINS.items():
+        if name not in (kind for kind, _, _ in _OPENERS) and importlib.util.find_spec(f"{__package__}.{name}"):
+            module = importlib.import_module(f"{__package__}.{name}")
+            if hasattr(module, claims_name) and hasattr(module, load_name):
+                register(name, getattr(module, claims_name), getattr(module, load_name))
     for _, claims, load in _OPENERS:
         if claims(path):
             return load(path)
