@@ -146,3 +146,22 @@ def rank_pairs(image_features: np.ndarray, text_features: np.ndarray, relevance:
         DIRECTIONS[1]: DirectionResult.rank(sim.T[captioned], relevance.T[captioned],
                                             [image_ids[i] for i in captioned], captions, top),
     }
+
+
+def direction_of(metric: str) -> str:
+    """The direction a metric key belongs to ('text_to_image/recall@5' -> 'text_to_image'); text->image for
+    the others (zero-shot accuracy: search is text->image)."""
+    head = metric.split("/", 1)[0]
+    return head if head in DIRECTIONS else DIRECTIONS[0]
+
+
+def compare_queries(new: EvaluationResult, old: EvaluationResult, direction: str = DIRECTIONS[0]) -> dict[str, Any]:
+    """Of the queries both evaluations ran in `direction`, how many found their first relevant candidate at a
+    better (lower), worse or the same rank with `new` than with `old`."""
+    first = [dict(zip(r.directions[direction].queries, r.directions[direction].first_ranks().tolist(), strict=True))
+             for r in (new, old)]
+    common = first[0].keys() & first[1].keys()
+    better = sum(first[0][q] < first[1][q] for q in common)
+    worse = sum(first[0][q] > first[1][q] for q in common)
+    return {"direction": direction, "compared": len(common), "better": better, "worse": worse,
+            "same": len(common) - better - worse}
