@@ -25,7 +25,8 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     # argpartition finds the top k in O(n); among scores tied at the k-th place it picks arbitrarily, so rows
     # where such a tie straddles the cut (rare with float scores) are chosen again: every score above the k-th
     # is in, and of those equal to it the first ones in candidate order
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    n = scores.shape[1]
+    part = np.argpartition(scores, n - k, axis=1)[:, n - k :]  # the k largest (no negated copy of scores)
     kth = np.take_along_axis(scores, part, axis=1).min(axis=1, keepdims=True)  # [q, 1]
     straddling = np.flatnonzero((scores >= kth).sum(axis=1) > k)
     if straddling.size:
