@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,12 +135,16 @@ def evaluate(
     progress: bool = True,
     templates: Sequence[str] = DEFAULT_LABEL_TEMPLATES,
     cache: EvalCache | None = None,
+    on_result: Callable[[EvaluationResult], None] | None = None,
 ) -> dict[str, float]:
     """Text->image and image->text retrieval metrics of `clip` on `pairs` (flat 'direction/metric' keys), with
     duplicates sharing relevance; with two or more class labels among the images, also zero-shot classification
     accuracy ('zero_shot/...', each class the mean of its `templates`). `cache`: see embed_pairs. The metrics of
-    evaluate_per_query's result."""
-    return evaluate_per_query(clip, pairs, batch_size, num_workers, ks, progress, templates, cache).metrics()
+    evaluate_per_query's result, which `on_result` is given (training keeps it for per_query.json)."""
+    result = evaluate_per_query(clip, pairs, batch_size, num_workers, ks, progress, templates, cache)
+    if on_result is not None:
+        on_result(result)
+    return result.metrics()
 
 
 def evaluate_per_query(

@@ -27,7 +27,7 @@ from ..model.compiling import compile_module
 from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
 from ..progress import progress as show_progress
 from ..retrieval.eval_cache import EvalCache, eval_cache_for
-from ..retrieval.evaluate import evaluate_per_query
+from ..retrieval.evaluate import evaluate
 from ..retrieval.evaluation_result import PER_QUERY_NAME, EvaluationResult
 from .distributed import DistContext, broadcast, process_group
 from .guard import identity_differences, run_identity
@@ -254,9 +254,11 @@ def _score(run: RunState, pairs: list | None, progress: bool = False, cache: Eva
     if not pairs or not run.is_main:
         return {}
     cfg = run.cfg
-    run.evaluation = evaluate_per_query(run.clip, pairs, cfg.batch_size, cfg.num_workers, progress=progress,
-                                        templates=cfg.label_templates, cache=cache)
-    return run.evaluation.metrics()
+    kept: list[EvaluationResult] = []  # the per-query result the metrics come from, for per_query.json
+    scores = evaluate(run.clip, pairs, cfg.batch_size, cfg.num_workers, progress=progress,
+                      templates=cfg.label_templates, cache=cache, on_result=kept.append)
+    run.evaluation = kept[0] if kept else None
+    return scores
 
 
 def _write_per_query(evaluation: EvaluationResult | None, out: Path | None) -> None:
