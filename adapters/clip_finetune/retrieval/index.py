@@ -56,10 +56,8 @@ class Index(Protocol):
         """Write the index (atomically) and return the path written."""
         ...
 
-    @classmethod
-    def load(cls, path: str | Path) -> Index:
-        """The index `save` wrote at `path` (open_index picks the implementation from what is on disk)."""
-        ...
+    # Loading is open_index(path) below: it picks the implementation from what is on disk (ExactIndex.load,
+    # ann.open_ann), so a class need not offer a `load` of its own to be an Index.
 
 
 # --- opening an index from what is on disk ------------------------------------------------------------------
