@@ -3,7 +3,7 @@
 Trains the tiny CLIP briefly on synthetic captions (the Python API, foreground), then searches held-out
 items that each have an image AND a description (a second, different caption of the same image) with a
 third party's words: the item's other caption as the query. Compares text->image R@1, R@5 and MRR of
-image-only, description-only, weighted-sum and z-score fusion (retrieval/search.py), on two held-out sets: alphas
+image-only, description-only, weighted-sum and z-score fusion (bench/fusion.py), on two held-out sets: alphas
 are picked on `dev`, reported on `test`. Prints a markdown table (docs/search.md quotes it).
 
     python bench/hybrid_search.py            # about 1.5 minutes on 2 busy CPU cores
@@ -24,7 +24,7 @@ import numpy as np
 from adapters.clip_finetune.api import encode, fit, get_model
 from adapters.clip_finetune.data.synthetic import render, sample_specs, write_dataloop_download
 from adapters.clip_finetune.retrieval.metrics import ranking_metrics
-from adapters.clip_finetune.retrieval.search import fuse
+from bench.fusion import fuse
 
 TINY_MODEL = Path(__file__).resolve().parents[1] / "adapters" / "clip_finetune" / "model_configs" / "clip-tiny.json"
 ALPHAS = (0.1, 0.25, 0.5, 0.75, 0.9)  # weight of the description score; the image score gets 1 - alpha

@@ -34,6 +34,7 @@ from adapters.clip_finetune.inputs import (
     read_json,
 )
 from adapters.clip_finetune.model.clip import load_model, save_artifact
+from adapters.clip_finetune.retrieval.exact_index import ExactIndex
 from adapters.clip_finetune.retrieval.search import search_texts
 from adapters.clip_finetune.retrieval.store import read_embeddings, save_embeddings
 from adapters.clip_finetune.training.guard import (
@@ -217,7 +218,7 @@ def test_an_embeddings_file_records_its_maker_and_search_checks_k(tmp_path: Path
     assert read.ids == ["a"] and read.meta["kind"] == "texts" and read.meta["model_sha256"] == "abc"
     for k in (0, -38):
         with pytest.raises(DataError, match="k must be"):
-            search_texts(clip, read.ids, read.vectors, ["q"], k)
+            search_texts(clip, ExactIndex.from_embeddings(read), ["q"], k)
 
 
 # ---------------------------------------------------------------------------------------------- boundaries

@@ -1,18 +1,12 @@
-"""Hybrid score fusion (retrieval/search.py): z-scores, weighted sums, and why z-scoring is needed."""
+"""Score fusion of bench/hybrid_search.py (bench/fusion.py; search does not offer it, docs/search.md): z-scores,
+weighted sums, and why z-scoring is needed."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from adapters.clip_finetune.retrieval.search import (
-    fuse,
-    hybrid_top_k,
-    top_k,
-    weighted_sum,
-    zscore,
-    zscore_fusion,
-)
+from bench.fusion import fuse, weighted_sum, zscore, zscore_fusion
 
 # Text-text cosines on a compressed scale, text-image ones on a wider one (jina-clip-v1's observation).
 # Item 0 is the text list's favourite, item 3 the image list's; item 1 is second in both.
@@ -70,27 +64,3 @@ def test_fuse_dispatches_and_rejects_unknown_methods() -> None:
     np.testing.assert_allclose(fuse(TEXT, IMAGE, "zscore", 0.3), zscore_fusion(TEXT, IMAGE, 0.3))
     with pytest.raises(ValueError, match="unknown fusion method 'rrf'"):
         fuse(TEXT, IMAGE, "rrf")  # type: ignore[arg-type]
-
-
-def test_top_k_orders_best_first_and_keeps_item_order_on_ties() -> None:
-    idx, scores = top_k(np.array([[0.1, 0.9, 0.5, 0.9, 0.2]]), 3)
-    assert idx.tolist() == [[1, 3, 2]] and scores.tolist() == [[0.9, 0.9, 0.5]]
-    assert top_k(np.array([[0.3, 0.1]]), 10)[0].tolist() == [[0, 1]]  # k beyond the items
-
-
-def test_hybrid_top_k_fuses_per_query_rows() -> None:
-    rng = np.random.default_rng(0)
-    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
-    queries, texts, images = unit(rng.normal(size=(4, 8))), unit(rng.normal(size=(6, 8))), unit(rng.normal(size=(6, 8)))
-    idx, scores = hybrid_top_k(queries, texts, images, k=2, method="zscore", alpha=0.5)
-    fused = zscore_fusion(queries @ texts.T, queries @ images.T, 0.5)  # z over each query's 6 candidates
-    assert idx.shape == (4, 2)
-    assert idx[:, 0].tolist() == np.argmax(fused, axis=1).tolist()
-    np.testing.assert_allclose(scores[:, 0], fused.max(axis=1))
-    # alpha=1: the item texts alone; alpha=0: the images alone
-    assert hybrid_top_k(queries, texts, images, 1, "weighted", 1.0)[0][:, 0].tolist() == \
-        np.argmax(queries @ texts.T, axis=1).tolist()
-    assert hybrid_top_k(queries, texts, images, 1, "weighted", 0.0)[0][:, 0].tolist() == \
-        np.argmax(queries @ images.T, axis=1).tolist()
-    with pytest.raises(ValueError, match="differ in shape"):
-        hybrid_top_k(queries, texts[:5], images, k=2)

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import ClipFinetuneError, at_boundary
-from ..retrieval.search import top_k
+from ..retrieval.ranking import top_k_by_dot
+from ..retrieval.safe_npz import load_npz
 from .run_folder import (
     EXAMPLES_DIR,
     LOG_NAME,
@@ -36,6 +35,8 @@ from .run_folder import (
 )
 
 log = logging.getLogger(__name__)
+# the arrays worker.save_pair_embeddings writes (and "relevant", in runs since duplicate-aware evaluation)
+EXAMPLE_ARRAYS = ("images", "image_features", "captions", "text_features", "text_to_image")
 
 
 @dataclass(frozen=True)
@@ -162,10 +163,10 @@ class Run:
             raise RunError(f"run {self.name!r} had no evaluation data, so it has no example results")
         ranked = []
         for file in files:
-            with np.load(file, allow_pickle=False) as d:
-                images, captions, owner = d["images"].tolist(), d["captions"].tolist(), d["text_to_image"]
-                links = d["relevant"].tolist() if "relevant" in d.files else list(enumerate(owner.tolist()))
-                idx, scores = top_k(d["text_features"] @ d["image_features"].T, k)  # [n_texts, k]
+            d = load_npz(file, EXAMPLE_ARRAYS, ("relevant",), "the run's example embeddings are damaged")
+            images, captions, owner = d["images"].tolist(), d["captions"].tolist(), d["text_to_image"]
+            links = d["relevant"].tolist() if "relevant" in d else list(enumerate(owner.tolist()))
+            idx, scores = top_k_by_dot(d["text_features"], d["image_features"], k)  # [n_texts, k]
             top = [[(images[i], float(s)) for i, s in zip(row_i, row_s, strict=True)]
                    for row_i, row_s in zip(idx, scores, strict=True)]
             relevant: list[list[str]] = [[] for _ in captions]

@@ -39,10 +39,12 @@ PACKAGE = __package__.rpartition(".")[0]  # adapters.clip_finetune: its log goes
 
 def save_pair_embeddings(path: Path, emb: Any) -> None:
     """Write an evaluate.PairEmbeddings as .npz (numpy only, read back by api.Run.example_results)."""
+    from ..retrieval.store import write_npz
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, images=np.asarray(emb.images, dtype=str), image_features=emb.image_features,
-             captions=np.asarray(emb.captions, dtype=str), text_features=emb.text_features,
-             text_to_image=emb.text_to_image, relevant=emb.relevant)
+    write_npz(path, {"images": np.asarray(emb.images, dtype=str), "image_features": emb.image_features,
+                     "captions": np.asarray(emb.captions, dtype=str), "text_features": emb.text_features,
+                     "text_to_image": emb.text_to_image, "relevant": emb.relevant})
 
 
 def execute(run_dir: Path) -> dict[str, Any]:

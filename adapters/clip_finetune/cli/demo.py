@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..config import FinetuneConfig, build_config
 from ..data.load import Splits, load_dataset
 from ..data.pairs import CaptionPair
@@ -22,6 +20,7 @@ from ..data.synthetic import write_dataloop_download
 from ..model.clip import load_model
 from ..retrieval.evaluate import PairEmbeddings, embed_pairs
 from ..retrieval.formatting import format_table
+from ..retrieval.ranking import top_k_by_dot
 from ..training import TrainResult, finetune
 from ..training.guard import check_output_folder
 from .plots import plot_training_curves, search_sheet
@@ -106,12 +105,9 @@ def _sheet_queries(val: list[CaptionPair], n: int) -> list[str]:
 
 def _ranked(emb: PairEmbeddings, queries: list[str], k: int = 5) -> list[list[str]]:
     """Top-k image paths per query, using the query captions' embeddings in `emb`."""
-    rows = []
-    for q in queries:
-        text = emb.text_features[emb.captions.index(q)]
-        order = np.argsort(-(emb.image_features @ text), kind="stable")[:k]
-        rows.append([emb.images[i] for i in order])
-    return rows
+    texts = emb.text_features[[emb.captions.index(q) for q in queries]]
+    idx, _ = top_k_by_dot(texts, emb.image_features, k)  # [n_queries, k]
+    return [[emb.images[i] for i in row] for row in idx.tolist()]
 
 
 def demo_config() -> FinetuneConfig:

@@ -183,14 +183,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from ..retrieval.index import open_index
     from ..retrieval.provenance import check_index
     from ..retrieval.search import search_texts
-    from ..retrieval.store import read_embeddings
 
-    index = read_embeddings(args.index)  # a bad file fails before the model loads
+    index = open_index(args.index)  # a bad file fails before the model loads
     clip, _ = _load_clip(args)
     check_index(index, args.index, clip, "images", allow=args.allow_mismatch)
-    hits_per_query = search_texts(clip, index.ids, index.vectors, args.queries, args.k)
+    hits_per_query = search_texts(clip, index, args.queries, args.k)
+    print(f"answered by the {index.describe()}", file=sys.stderr)  # on stderr: stdout stays the results alone
     for query, hits in zip(args.queries, hits_per_query, strict=True):
         print(f"{query}")
         for rank, (item, score) in enumerate(hits, 1):

@@ -31,7 +31,8 @@ from adapters.clip_finetune.dataloop.platform import as_filters
 from adapters.clip_finetune.errors import ModelError
 from adapters.clip_finetune.machine import apply_config
 from adapters.clip_finetune.model.clip import ClipModel, is_artifact_dir, load_artifact, load_model, save_artifact
-from adapters.clip_finetune.retrieval.evaluate import evaluate as retrieval_metrics
+from adapters.clip_finetune.retrieval.evaluate import evaluate_per_query
+from adapters.clip_finetune.retrieval.evaluation_result import EvaluationResult
 from adapters.clip_finetune.retrieval.formatting import format_table
 from adapters.clip_finetune.training import TrainResult, finetune
 
@@ -51,6 +52,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         self.data_reports: dict[str, DataReport] = {}  # per subset, from the last data read
         self.embed_report = DataReport()  # items embedded and skipped (with why) since the adapter was built
         self.evaluation: dict[str, float] = {}
+        self.evaluation_result: EvaluationResult | None = None  # the last evaluate(), per query (promotion.py)
         self._locks = EmbedLocks()
         self._splits: Splits | None = None
         self._splits_root: Path | None = None
@@ -247,8 +249,9 @@ class ClipAdapter(dl.BaseModelAdapter):
                                         annotation_options=dl.ViewAnnotationOptions.JSON))  # a lazy generator
             name = f"dataset {dataset.name!r}"
             pairs, report = self._read_evaluation_set(folder, Path(tmp) / PROMPT_IMAGES, name)
-            self.evaluation = retrieval_metrics(self.clip, pairs, self.cfg.batch_size, self.cfg.num_workers,
-                                                templates=self.cfg.label_templates)
+            self.evaluation_result = evaluate_per_query(self.clip, pairs, self.cfg.batch_size, self.cfg.num_workers,
+                                                        templates=self.cfg.label_templates)
+            self.evaluation = self.evaluation_result.metrics()
         logger.info("evaluation on %s (%s):\n%s", dataset.name, report.summary(), format_table(self.evaluation))
         publish(model, evaluation_samples(self.evaluation, dataset.name), dataset.id)
         return model

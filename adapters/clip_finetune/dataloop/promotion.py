@@ -18,6 +18,7 @@ import dtlpy as dl
 
 from adapters.clip_finetune.config import FinetuneConfig, metric_names
 from adapters.clip_finetune.errors import ConfigError
+from adapters.clip_finetune.retrieval.evaluation_result import EvaluationResult, compare_queries, direction_of
 from adapters.clip_finetune.retrieval.metrics import LOWER_IS_BETTER
 
 from .charts import publish
@@ -45,12 +46,17 @@ class Verdict:
     previous: dict[str, float] = field(default_factory=dict)
     previous_model_id: str | None = None
     previous_model_name: str | None = None
+    # per query, from both evaluations (evaluation_result.compare_queries): how many got better or worse
+    queries: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
         old = self.previous.get(self.metric)
         against = f"{old:.4f} of {self.previous_model_name!r}" if old is not None else "no previous model"
+        q = self.queries
+        per_query = (f"; {q['direction']} queries: {q['better']} better, {q['worse']} worse, {q['same']} the same"
+                     if q else "")
         return (f"{self.metric} {self.new[self.metric]:.4f} vs {against} (margin {self.margin}): "
-                f"{PROMOTED if self.promoted else KEPT}")
+                f"{PROMOTED if self.promoted else KEPT}{per_query}")
 
 
 def compare_settings(compare_config: dict | None) -> tuple[str, float]:
@@ -82,24 +88,27 @@ def gate(adapter_for: Callable[[dl.Model], ClipAdapter], new_model: dl.Model, pr
          dataset: dl.Dataset, filters: dict | None, metric: str = DEFAULT_METRIC, margin: float = 0.0) -> Verdict:
     """Evaluate both models on the same items and decide; the verdict is written on the new model."""
     check_metric(metric, margin)
-    verdict = Verdict(False, metric, float(margin), dataset.id, filters, _scores(adapter_for, new_model, dataset,
-                                                                                  filters))
+    scores, result = _scores(adapter_for, new_model, dataset, filters)
+    verdict = Verdict(False, metric, float(margin), dataset.id, filters, scores)
     if previous_model is None or previous_model.id == new_model.id:
         verdict.promoted = True
     else:
-        verdict.previous = _scores(adapter_for, previous_model, dataset, filters)
+        verdict.previous, previous_result = _scores(adapter_for, previous_model, dataset, filters)
         verdict.previous_model_id, verdict.previous_model_name = previous_model.id, previous_model.name
         verdict.promoted = better(verdict.new[metric], verdict.previous[metric], metric, margin)
+        if result is not None and previous_result is not None:
+            verdict.queries = compare_queries(result, previous_result, direction_of(metric))
     logger.info("promotion of model %r on dataset %r: %s", new_model.name, dataset.name, verdict.summary())
     record(new_model, verdict)
     return verdict
 
 
 def _scores(adapter_for: Callable[[dl.Model], ClipAdapter], model: dl.Model, dataset: dl.Dataset,
-            filters: dict | None) -> dict[str, float]:
+            filters: dict | None) -> tuple[dict[str, float], EvaluationResult | None]:
+    """The model's metrics on the items, and the per-query evaluation they were computed from."""
     adapter = adapter_for(model)
     adapter.evaluate(model=model, dataset=dataset, filters=filters)  # publishes them on the model too
-    return dict(adapter.evaluation)
+    return dict(adapter.evaluation), adapter.evaluation_result
 
 
 def record(model: dl.Model, verdict: Verdict) -> None:

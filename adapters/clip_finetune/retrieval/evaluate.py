@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..config import DEFAULT_LABEL_TEMPLATES, EVAL_KS, build_config
 from ..data.identity import content_key, normalise_caption
-from ..data.pairs import CaptionPair
+from ..data.pairs import CaptionPair, has_item_id
 from ..errors import DataError, ModelError
 from ..model.clip import ClipModel, load_artifact, load_model, save_artifact
 from ..model.weights import cpu_state, wise_ft
 from .embed import encode_images, encode_texts
 from .eval_cache import EvalCache
-from .metrics import retrieval_metrics
+from .evaluation_result import TOP_K, EvaluationResult, rank_pairs
 from .zero_shot import class_vectors, labelled_classes, zero_shot_metrics
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,31 @@ class PairEmbeddings:
     text_to_image: np.ndarray  # [n_texts] the first image each caption was given to
     relevant: np.ndarray  # [n_links, 2] (text, image): the caption was given to an image of that content
     image_labels: list[tuple[str, ...]]  # [n_images] the class labels of each image (zero-shot), maybe none
+    # what de-duplication merged: every path and item id of each image, the item ids of each caption's pairs
+    image_paths: list[tuple[str, ...]] = field(default_factory=list)
+    image_items: list[tuple[str, ...]] = field(default_factory=list)
+    caption_items: list[tuple[str, ...]] = field(default_factory=list)
+
+    def image_ids(self) -> list[str]:
+        """One id per image as the data names it: the item id of its first pair when there is one (and no other
+        image took it), else its first path (evaluation_result's docstring)."""
+        ids: list[str] = []
+        taken: set[str] = set()
+        for i, path in enumerate(self.images):
+            items = self.image_items[i] if i < len(self.image_items) else ()
+            ident = items[0] if items and items[0] not in taken else path
+            taken.add(ident)
+            ids.append(ident)
+        return ids
+
+    def id_tables(self) -> tuple[dict[str, dict[str, list[str]]], dict[str, dict[str, list[str]]]]:
+        """({image id: {"paths", "items"}}, {caption: {"items"}}): what each evaluated id stands for."""
+        paths = self.image_paths or [(p,) for p in self.images]
+        images = {ident: {"paths": list(paths[i]), "items": list(self.image_items[i] if self.image_items else ())}
+                  for i, ident in enumerate(self.image_ids())}
+        captions = {c: {"items": list(self.caption_items[t] if self.caption_items else ())}
+                    for t, c in enumerate(self.captions)}
+        return images, captions
 
     def relevance(self) -> np.ndarray:
         """[n_texts, n_images] bool: a caption is relevant to every image it was given to, so images sharing a
@@ -70,12 +95,21 @@ def embed_pairs(
         raise DataError(f"none of the {len(pairs)} evaluation pairs has a decodable image")
     text_index: dict[str, int] = {}
     captions, links, labels = [], {}, [set() for _ in keys]
+    # dicts as ordered sets: every path and item id of each image, the item ids of each caption
+    paths: list[dict[str, None]] = [{} for _ in keys]
+    image_items: list[dict[str, None]] = [{} for _ in keys]
+    caption_items: list[dict[str, None]] = []
     for p in usable:
         t = text_index.setdefault(normalise_caption(p.caption), len(text_index))
         if t == len(captions):
             captions.append(p.caption)
+            caption_items.append({})
         i = image_index[content[p.image]]
         links.setdefault((t, i), None)
+        paths[i].setdefault(p.image, None)
+        if has_item_id(p):  # the ids de-duplication merges survive it
+            image_items[i].setdefault(p.item_id, None)
+            caption_items[t].setdefault(p.item_id, None)
         if p.label:
             labels[i].add(p.label)
     if cache is not None:
@@ -88,7 +122,8 @@ def embed_pairs(
     for t, i in reversed(relevant.tolist()):  # the first link of each text wins
         text_to_image[t] = i
     return PairEmbeddings([first_path[k] for k in keys], vectors, captions, text_features, text_to_image, relevant,
-                          [tuple(sorted(s)) for s in labels])
+                          [tuple(sorted(s)) for s in labels], [tuple(d) for d in paths],
+                          [tuple(d) for d in image_items], [tuple(d) for d in caption_items])
 
 
 def evaluate(
@@ -100,17 +135,40 @@ def evaluate(
     progress: bool = True,
     templates: Sequence[str] = DEFAULT_LABEL_TEMPLATES,
     cache: EvalCache | None = None,
+    on_result: Callable[[EvaluationResult], None] | None = None,
 ) -> dict[str, float]:
     """Text->image and image->text retrieval metrics of `clip` on `pairs` (flat 'direction/metric' keys), with
     duplicates sharing relevance; with two or more class labels among the images, also zero-shot classification
-    accuracy ('zero_shot/...', each class the mean of its `templates`). `cache`: see embed_pairs."""
+    accuracy ('zero_shot/...', each class the mean of its `templates`). `cache`: see embed_pairs. The metrics of
+    evaluate_per_query's result, which `on_result` is given (training keeps it for per_query.json)."""
+    result = evaluate_per_query(clip, pairs, batch_size, num_workers, ks, progress, templates, cache)
+    if on_result is not None:
+        on_result(result)
+    return result.metrics()
+
+
+def evaluate_per_query(
+    clip: ClipModel,
+    pairs: Sequence[CaptionPair],
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    ks: Sequence[int] = EVAL_KS,
+    progress: bool = True,
+    templates: Sequence[str] = DEFAULT_LABEL_TEMPLATES,
+    cache: EvalCache | None = None,
+    top: int = TOP_K,
+) -> EvaluationResult:
+    """evaluate() with each query's detail: the ranks of its relevant candidates and its `top` best candidates,
+    by the data's own ids (evaluation_result.py)."""
     emb = embed_pairs(clip, pairs, batch_size, num_workers, progress, cache)
-    out = retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image, ks, relevance=emb.relevance())
+    images, captions = emb.id_tables()
+    directions = rank_pairs(emb.image_features, emb.text_features, emb.relevance(), list(images), emb.captions, top)
+    result = EvaluationResult(directions, images, captions, tuple(ks))
     classes = labelled_classes(emb.image_labels)
     if len(classes) >= 2:
         vectors = class_vectors(clip, classes, templates, max(batch_size, 256))
-        out.update(zero_shot_metrics(emb.image_features, emb.image_labels, classes, vectors))
-    return out
+        result.zero_shot = zero_shot_metrics(emb.image_features, emb.image_labels, classes, vectors)
+    return result
 
 
 def wise_ft_sweep(

@@ -74,11 +74,11 @@ def _as_relevance(relevance: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def _relevant_ranks_sort(
     scores: np.ndarray, relevance: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ranks of the relevant candidates of a block of queries under the pessimistic tie rule, by sorting.
 
-    Returns (row, rank, nth): for every relevant candidate, its query row, its 1-based rank, and how many
-    relevant candidates are ranked at or above it (1 for the best-ranked one).
+    Returns (row, rank, nth, col): for every relevant candidate, its query row, its 1-based rank, how many
+    relevant candidates are ranked at or above it (1 for the best-ranked one), and its column.
 
     After an argsort by descending score (any order within ties), a relevant candidate at 0-based sorted
     position p inside the tie group (run of equal scores) that ends at position b gets the rank
@@ -106,12 +106,12 @@ def _relevant_ranks_sort(
         group_end = ends[np.searchsorted(ends, tied)]  # first group end at or after the position
         later_in_group = np.searchsorted(flat, group_end, side="right") - idx[in_tie] - 1
         rank[in_tie] = group_end - row[in_tie] * n_candidates + 1 - later_in_group
-    return row, rank, nth
+    return row, rank, nth, order.ravel()[flat]
 
 
 def _relevant_ranks_compare(
     scores: np.ndarray, relevance: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Same result as _relevant_ranks_sort, by direct comparisons; fast when queries have few relevant.
 
     For a relevant candidate with score v: G = |candidates with score >= v|, M = |relevant with score >= v|
@@ -133,7 +133,7 @@ def _relevant_ranks_compare(
     m = greater + tied.sum(axis=1)
     nth = greater + (tied & (np.arange(width) < slot[:, None])).sum(axis=1) + 1
     g = (scores[row] >= v[:, None]).sum(axis=1)
-    return row, g - m + nth, nth
+    return row, g - m + nth, nth, col
 
 
 def ranking_metrics(
@@ -171,7 +171,7 @@ def ranking_metrics(
             f"{empty} of {n_queries} queries have no relevant candidate; every query needs at least one"
         )
 
-    return _summarise(_per_query_counts(scores, relevance, n_relevant, ks), n_relevant, ks)
+    return metrics_from_ranks(relevant_ranks(scores, relevance), n_relevant, ks)
 
 
 class _Counts(NamedTuple):
@@ -184,34 +184,62 @@ class _Counts(NamedTuple):
     first_rank: np.ndarray  # [n_queries] rank of the best-ranked relevant candidate
 
 
-def _per_query_counts(scores: np.ndarray, relevance: np.ndarray, n_relevant: np.ndarray, ks: tuple[int, ...]
-                      ) -> _Counts:
-    """The counts of every query, computed in blocks of queries so memory stays bounded."""
+class RelevantRanks(NamedTuple):
+    """The rank of every relevant candidate of every query under the pessimistic tie rule, query by query
+    (rows ascending; within a row, ranks ascending: the relevant candidates' ranks are all distinct)."""
+
+    row: np.ndarray  # [n_relevant_total] the query
+    rank: np.ndarray  # [n_relevant_total] its 1-based rank in the full ranking
+    nth: np.ndarray  # [n_relevant_total] relevant candidates ranked at or above it (1 for the best-ranked)
+    col: np.ndarray  # [n_relevant_total] the candidate
+
+
+def relevant_ranks(scores: np.ndarray, relevance: np.ndarray) -> RelevantRanks:
+    """Ranks of the relevant candidates of every query (scores and relevance checked as in ranking_metrics),
+    computed in blocks of queries so memory stays bounded. Every metric follows from them (metrics_from_ranks)."""
+    scores = _as_scores(scores)
+    relevance = _as_relevance(relevance, scores.shape)
     n_queries, n_candidates = scores.shape
-    c = _Counts(np.zeros((len(ks), n_queries)), np.zeros((len(ks), n_queries)), np.zeros(n_queries),
-                np.zeros(n_queries), np.zeros(n_queries))
-    max_relevant = int(n_relevant.max())
+    max_relevant = int(relevance.sum(axis=1).max()) if n_queries else 0
     compare = max_relevant <= _COMPARE_MAX_RELEVANT
-    relevant_ranks = _relevant_ranks_compare if compare else _relevant_ranks_sort
+    ranks_of = _relevant_ranks_compare if compare else _relevant_ranks_sort
     # the compare path gathers one score row per relevant candidate
-    block = max(1, _BLOCK_ELEMENTS // (n_candidates * (max_relevant if compare else 1)))
+    block = max(1, _BLOCK_ELEMENTS // (max(n_candidates, 1) * (max(max_relevant, 1) if compare else 1)))
+    parts = []
     for start in range(0, n_queries, block):
         stop = min(start + block, n_queries)
-        row, rank, nth = relevant_ranks(scores[start:stop], relevance[start:stop])
-        q = stop - start
-        r_of_row = n_relevant[start:stop][row]
-        top = rank <= max(ks)  # the log only where some DCG@k needs it
-        top_row, top_rank = row[top], rank[top]
-        discount = 1.0 / np.log2(top_rank + 1.0)
-        for i, k in enumerate(ks):
-            c.hits[i, start:stop] = np.bincount(row, weights=rank <= k, minlength=q)
-            c.dcg[i, start:stop] = np.bincount(top_row, weights=(top_rank <= k) * discount, minlength=q)
-        # precision at a relevant candidate's own rank = (relevant ranked at or above it) / rank
-        c.ap_sum[start:stop] = np.bincount(row, weights=nth / rank, minlength=q)
-        c.hits_at_r[start:stop] = np.bincount(row, weights=rank <= r_of_row, minlength=q)
-        # exactly one relevant candidate per row has nth == 1 (its best-ranked), and rows come in order
-        c.first_rank[start:stop] = rank[nth == 1]
-    return c
+        row, rank, nth, col = ranks_of(scores[start:stop], relevance[start:stop])
+        order = np.lexsort((rank, row))  # by query, then best rank first
+        parts.append((row[order] + start, rank[order], nth[order], col[order]))
+    if not parts:
+        empty = np.zeros(0, np.int64)
+        return RelevantRanks(empty, empty, empty, empty)
+    return RelevantRanks(*(np.concatenate([p[i] for p in parts]).astype(np.int64) for i in range(4)))
+
+
+def metrics_from_ranks(ranks: RelevantRanks, n_relevant: np.ndarray, ks: Sequence[int] = EVAL_KS
+                       ) -> dict[str, float]:
+    """Every metric of ranking_metrics from the relevant candidates' ranks (relevant_ranks) and each query's
+    count of relevant candidates (every query needs at least one)."""
+    ks = _check_ks(ks)
+    n_relevant = np.asarray(n_relevant)
+    n_queries = len(n_relevant)
+    row, rank, nth = ranks.row, ranks.rank, ranks.nth
+    c = _Counts(np.zeros((len(ks), n_queries)), np.zeros((len(ks), n_queries)), np.zeros(n_queries),
+                np.zeros(n_queries), np.zeros(n_queries))
+    r_of_row = n_relevant[row]
+    top = rank <= max(ks)  # the log only where some DCG@k needs it
+    top_row, top_rank = row[top], rank[top]
+    discount = 1.0 / np.log2(top_rank + 1.0)
+    for i, k in enumerate(ks):
+        c.hits[i] = np.bincount(row, weights=rank <= k, minlength=n_queries)
+        c.dcg[i] = np.bincount(top_row, weights=(top_rank <= k) * discount, minlength=n_queries)
+    # precision at a relevant candidate's own rank = (relevant ranked at or above it) / rank
+    c.ap_sum[:] = np.bincount(row, weights=nth / rank, minlength=n_queries)
+    c.hits_at_r[:] = np.bincount(row, weights=rank <= r_of_row, minlength=n_queries)
+    # exactly one relevant candidate per row has nth == 1 (its best-ranked); rows come in order
+    c.first_rank[:] = rank[nth == 1]
+    return _summarise(c, n_relevant, ks)
 
 
 def _summarise(c: _Counts, n_relevant: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:

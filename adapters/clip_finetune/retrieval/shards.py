@@ -33,7 +33,7 @@ from ..files import atomic_write
 from ..model.clip import ClipModel
 from ..model.weights import unwrap
 from .embed import encode_items
-from .store import FORMAT, INDEX_NAME, LISTED, PART_RE, part_name, read_part_meta
+from .store import FORMAT, INDEX_NAME, LISTED, PART_RE, embeddings_arrays, part_name, read_part_meta, write_npz
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +214,7 @@ def embed_shard(clip: ClipModel, kind: str, items: Sequence[str], out: str | Pat
 
 
 def _write_part(path: Path, ids: Sequence[str], vectors: np.ndarray, meta: Mapping[str, Any]) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary name
-            np.savez(f, ids=np.asarray(list(ids), dtype=str), vectors=np.ascontiguousarray(vectors, np.float32),
-                     meta=np.asarray(json.dumps(meta)))
-
-    atomic_write(path, write)
+    write_npz(path, embeddings_arrays(ids, vectors, meta))  # a plain embeddings .npz with its job's meta
 
 
 def write_index_if_complete(folder: Path, job: Mapping[str, Any]) -> Path | None:

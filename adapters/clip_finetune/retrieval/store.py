@@ -1,6 +1,8 @@
-"""Embeddings files: `.npz` with `ids` (str, [n]) and `vectors` (float32, [n, d]) for numpy
+"""THE embeddings store: every embeddings file is written by write_npz (or save_embeddings' .parquet branch) and
+read by read_embeddings. `.npz` with `ids` (str, [n]) and `vectors` (float32, [n, d]) for numpy
 (`np.load(f)["vectors"]`), or `.parquet` (columns `id`, `vector`) for pandas (`pd.read_parquet(f)`).
-A sharded embedding (shards.py) writes a folder of parts and an index.json; load_embeddings joins them.
+A sharded embedding (shards.py) writes a folder of parts (each a plain embeddings .npz with its job's `meta`) and
+an index.json; read_embeddings joins them. Search opens them as an Index (exact_index.py, index.open_index).
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,32 @@ class Embeddings:
     ids: list[str]
     vectors: np.ndarray
     meta: dict[str, Any] | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+def write_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Write `arrays` as an .npz atomically (a reader never sees half a file): the one .npz writer of embeddings
+    files, shard parts and a run's example embeddings."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+    return path
+
+
+def embeddings_arrays(ids: Sequence[str], vectors: np.ndarray, meta: Mapping[str, Any] | None
+                      ) -> dict[str, np.ndarray]:
+    """The arrays of an embeddings .npz: ids, float32 vectors and, when given, meta as JSON text."""
+    arrays = {"ids": np.asarray(list(ids), dtype=str), "vectors": np.ascontiguousarray(vectors, np.float32)}
+    if meta:
+        arrays["meta"] = np.asarray(json.dumps(dict(meta)))
+    return arrays
 
 
 def check_embeddings_out(path: str | Path, flag: str = "--out") -> Path:
@@ -69,13 +97,7 @@ def save_embeddings(path: str | Path, ids: Sequence[str], vectors: np.ndarray,
         frame.attrs["clip_finetune"] = meta or {}  # kept in the file's metadata by pandas' pyarrow engine
         atomic_write(path, lambda tmp: frame.to_parquet(tmp))
     else:
-        extra = {"meta": np.asarray(json.dumps(meta))} if meta else {}
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the temporary name
-                np.savez(f, ids=np.asarray(list(ids), dtype=str), vectors=vectors, **extra)
-
-        atomic_write(path, write)
+        write_npz(path, embeddings_arrays(ids, vectors, meta))
     return path
 
 

@@ -35,6 +35,7 @@ from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
 from ..progress import progress as show_progress
 from ..retrieval.eval_cache import EvalCache, eval_cache_for
 from ..retrieval.evaluate import evaluate
+from ..retrieval.evaluation_result import PER_QUERY_NAME, EvaluationResult
 from .distributed import DistContext, broadcast, process_group
 from .guard import identity_differences, require_locked_folder, run_identity
 from .loss import ContrastiveLoss
@@ -101,6 +102,7 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
             if out is not None:
                 require_locked_folder(out)
                 save_artifact(run.clip, out, cfg, {"best_epoch": p.epoch, "history": p.history})
+                _write_per_query(run.evaluation, out)  # this epoch's validation
         p.next_epoch(stop, cfg.num_epochs)
         _save_checkpoint(run, hooks)
         if hooks.on_epoch_end is not None:
@@ -205,10 +207,12 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     if out is not None and run.is_main:
         _clear_previous_run(out)
     run.progress.before = _validate(run, splits, progress, base=True)
+    base_evaluation = run.evaluation
     run.progress.test_before = _score(run, splits.test, progress)
     run.progress.best_score = run.progress.before.get(run.cfg.early_stopping_metric, -math.inf)
     if out is not None and keep_best:  # the base is the best so far: a crash from here keeps a model
         save_artifact(run.clip, out, run.cfg)
+        _write_per_query(base_evaluation, out)
     return cpu_state(run.clip.model) if keep_best else None
 
 
@@ -280,8 +284,17 @@ def _score(run: RunState, pairs: list | None, progress: bool = False, cache: Eva
     if not pairs or not run.is_main:
         return {}
     cfg = run.cfg
-    return evaluate(run.clip, pairs, cfg.batch_size, cfg.num_workers, progress=progress, templates=cfg.label_templates,
-                    cache=cache)
+    kept: list[EvaluationResult] = []  # the per-query result the metrics come from, for per_query.json
+    scores = evaluate(run.clip, pairs, cfg.batch_size, cfg.num_workers, progress=progress,
+                      templates=cfg.label_templates, cache=cache, on_result=kept.append)
+    run.evaluation = kept[0] if kept else None
+    return scores
+
+
+def _write_per_query(evaluation: EvaluationResult | None, out: Path | None) -> None:
+    """The evaluation whose metrics the model folder's metrics.json reports, per query, next to it."""
+    if evaluation is not None and out is not None:
+        evaluation.write(out / PER_QUERY_NAME)
 
 
 def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[str, torch.Tensor] | None
@@ -296,6 +309,7 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
         log.warning("%s", result.note)
     if p.skipped_steps:
         log.warning("%d steps had a non-finite loss or gradients and were skipped", p.skipped_steps)
+    final = None  # a final evaluation that replaces the best epoch's in metrics.json, per query too
     if run.base_state is not None and run.is_main:
         if best_state is not None and out is not None:
             _keep_unmixed_best(out)
@@ -303,15 +317,18 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
         if splits.validation:
             result.after_fine_tuned = result.after
             result.after = result.selection["after"] = _score(run, splits.validation, cache=run.eval_cache)
+            final = run.evaluation
         log.info("WiSE-FT: saved weights are %.2f x fine-tuned + %.2f x base", cfg.wise_ft_alpha, 1 - cfg.wise_ft_alpha)
     if run.is_main:
         _count_bad_images(splits, p.bad_pairs)
         if splits.test:  # the one look at the test split: the weights are final
             result.test = {"before": p.test_before, "after": _score(run, splits.test)}
+            final = run.evaluation
             result.before, result.after, result.scored_on = result.test["before"], result.test["after"], "test"
     if out is not None and run.is_main:
         require_locked_folder(out)  # removed and made again by another run: its model is not ours to replace
         result.out_dir = save_artifact(run.clip, out, cfg, result.to_dict())
+        _write_per_query(final, out)
         if cfg.export_onnx:
             from ..model.onnx_export import export_onnx
 

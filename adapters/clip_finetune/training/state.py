@@ -22,6 +22,7 @@ from ..model.clip import ClipModel
 from ..model.safe_load import refused_pickle
 from ..model.weights import unwrap
 from ..retrieval.eval_cache import EvalCache
+from ..retrieval.evaluation_result import EvaluationResult
 from .distributed import DistContext, all_gather_lists
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class RunState:
     keys: tuple[np.ndarray, np.ndarray] | None = None  # (image ids, caption ids) per training pair (duplicates)
     notes: list[str] = field(default_factory=list)  # for the result: what a reader of the figures should know
     eval_cache: EvalCache | None = None  # what this run's evaluations reuse (rank 0 with validation pairs)
+    evaluation: EvaluationResult | None = None  # the latest evaluation, per query (rank 0): per_query.json
 
     @property
     def is_main(self) -> bool:
