@@ -33,12 +33,12 @@ from ..config import FinetuneConfig
 from ..data.decode_cache import InputCache, transform_size
 from ..data.identity import UNREADABLE, content_key
 from ..errors import DataError
-from ..files import atomic_write
 from ..model.clip import ClipModel
 from ..model.weights import unwrap
 from .embed import encode_images, encode_texts
 from .safe_npz import load_npz
 from .shards import model_sha256
+from .store import write_npz
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class BaseEvalStore:
             vectors, kept = np.ascontiguousarray(result[0]), np.asarray(result[1], np.int64)
             arrays = {"vectors": vectors, "kept": kept, "key": np.array(key), "digest": np.array(
                 _digest(key, vectors, kept))}
-            atomic_write(self.path(key), lambda p: _write_npz(p, arrays))
+            write_npz(self.path(key), arrays)
             self._prune()
         except OSError as e:  # a read-only or full disk costs the next run time, not this one its result
             log.warning("could not store the base model's embeddings in %s: %s", self.folder, e)
@@ -223,11 +223,6 @@ def _proven(data: dict, key: str, n_items: int | None, width: int | None) -> Enc
     if data["digest"].shape != () or str(data["digest"]) != _digest(key, vectors, kept):
         raise DataError("its content does not match its digest (changed or damaged)")
     return vectors.astype(np.float32, copy=False), kept.tolist()
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:  # np.savez given a path would add ".npz" to the temporary name
-        np.savez(f, **arrays)
 
 
 def preprocess_settings(preprocess: object) -> list:
