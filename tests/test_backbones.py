@@ -264,3 +264,14 @@ def test_without_transformers_a_siglip_model_names_the_extra(cfg, trained, monke
         load_model(cfg)
     with pytest.raises(ModelError, match="needs the transformers package"):
         load_artifact(trained["out"])
+
+
+def test_a_saved_siglip_folder_without_its_tokenizer_files_says_what_is_missing(trained, tmp_path: Path) -> None:
+    # as a model saved before the tokenizer was saved for SigLIP: open_clip's own error named no file
+    old = shutil.copytree(trained["out"], tmp_path / "old")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (old / name).unlink(missing_ok=True)
+    saved_name = re.escape(str(trained["out"].resolve()))  # the folder it was saved in, as its config names it
+    with pytest.raises(ModelError, match=r"has no tokenizer files \(tokenizer.json, tokenizer_config.json\) for its "
+                                         rf"Hugging Face tokenizer '{saved_name}'; copy that tokenizer's files"):
+        load_artifact(old)

@@ -39,6 +39,12 @@ def architecture_config(model_name: str) -> dict[str, Any]:
     return cfg
 
 
+def hf_tokenizer_name(model_cfg: dict[str, Any]) -> str | None:
+    """The Hugging Face tokenizer (hub id or folder) of a model that has one (a transformer text tower, or
+    open_clip's own text tower fed by an HF tokenizer, as SigLIP's), else None."""
+    return (model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name") or None
+
+
 def _artifact_model_config(pretrained: str | None) -> dict[str, Any] | None:
     """If `pretrained` names a saved artifact folder, the architecture stored in it."""
     if not pretrained:

@@ -30,7 +30,7 @@ from open_clip.tokenizer import HFTokenizer
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..architecture import architecture_config, architecture_preprocess, model_cfg_of
+from ..architecture import architecture_config, architecture_preprocess, hf_tokenizer_name, model_cfg_of
 from ..config import FinetuneConfig
 from ..errors import ConfigError, ModelError
 from ..files import atomic_write
@@ -38,7 +38,14 @@ from ..inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
 from .hub import weights_available
 from .lazy_tokenizer import LazyTokenizer, TokenizerLater
 from .precision import resolve_precision
-from .safe_load import check_device, check_safetensors, is_pickle_refusal, refused_pickle, weights_mismatch
+from .safe_load import (
+    check_device,
+    check_safetensors,
+    check_tokenizer_files,
+    is_pickle_refusal,
+    refused_pickle,
+    weights_mismatch,
+)
 from .weights import unwrap
 
 log = logging.getLogger(__name__)
@@ -228,12 +235,6 @@ def hf_text_cfg(model_cfg: dict[str, Any]) -> dict[str, Any] | None:
     return text_cfg if text_cfg.get("hf_model_name") else None
 
 
-def hf_tokenizer_name(model_cfg: dict[str, Any]) -> str | None:
-    """The Hugging Face tokenizer (hub id or folder) of a model that has one (a transformer text tower, or
-    open_clip's own text tower fed by an HF tokenizer, as SigLIP's), else None."""
-    return (model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name") or None
-
-
 def _require_transformers(what: str) -> None:
     if importlib.util.find_spec("transformers") is None:
         raise ModelError(
@@ -292,11 +293,11 @@ def load_artifact(path: str | Path, device: torch.device | str | None = None, pr
     hf_text = hf_text_cfg(model_cfg)
     if hf_text is not None or hf_tokenizer_name(model_cfg):
         _require_transformers(str(folder))
-    if hf_text is not None:
-        if (folder / HF_TEXT_CONFIG_NAME).is_file():
-            # the transformer's config saved beside the weights (save_artifact): offline, wherever the folder
-            # now lies; the full CLIP weights load next, so no pretrained text weights are fetched
-            kwargs["text_cfg"] = {**hf_text, "hf_model_name": str(folder), "hf_model_pretrained": False}
+        check_tokenizer_files(folder, hf_tokenizer_name(model_cfg))
+    if hf_text is not None and (folder / HF_TEXT_CONFIG_NAME).is_file():
+        # the transformer's config saved beside the weights (save_artifact): offline, wherever the folder
+        # now lies; the full CLIP weights load next, so no pretrained text weights are fetched
+        kwargs["text_cfg"] = {**hf_text, "hf_model_name": str(folder), "hf_model_pretrained": False}
     try:
         model, pp_train, pp_val = open_clip.create_model_and_transforms(
             spec, device=device, weights_only=True, **kwargs
