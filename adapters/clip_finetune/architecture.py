@@ -5,6 +5,7 @@ open_clip needs."""
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,12 @@ def architecture_config(model_name: str) -> dict[str, Any]:
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see open_clip.list_models()"
         raise ConfigError(f"model_name: unknown architecture {model_name!r}{hint}")
     return cfg
+
+
+def hf_tokenizer_name(model_cfg: dict[str, Any]) -> str | None:
+    """The Hugging Face tokenizer (hub id or folder) of a model that has one (a transformer text tower, or
+    open_clip's own text tower fed by an HF tokenizer, as SigLIP's), else None."""
+    return (model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name") or None
 
 
 def _artifact_model_config(pretrained: str | None) -> dict[str, Any] | None:
@@ -74,3 +81,53 @@ def model_cfg_of(cfg: Any, what: str) -> dict[str, Any]:
         if not isinstance(cfg.get(key), dict):
             raise ConfigError(f"{what} has no {key} object; not an open_clip model config")
     return cfg
+
+
+# open_clip's PreprocessCfg keys a model config file or a family of pretrained tags may set, and their values
+_PREPROCESS_CHOICES = {"interpolation": ("bicubic", "bilinear", "nearest"),
+                       "resize_mode": ("shortest", "longest", "squash")}
+
+
+def architecture_preprocess(model_name: str, pretrained: str | None) -> dict[str, Any]:
+    """The image preprocessing (mean, std, interpolation, resize_mode) a model built from `model_name` without a
+    pretrained tag must use, or {} for open_clip's defaults.
+
+    open_clip takes it from the pretrained tag only (e.g. SigLIP's webli: mean and std 0.5, 'squash'), so a
+    config JSON, a weights file or random init would get OpenAI's. A config JSON in the saved model's format
+    brings its own `preprocess_cfg`; a built-in name takes what all of its tags agree on."""
+    if model_name.endswith(".json"):
+        cfg = _read_config_json(Path(model_name).expanduser(), "model_name: model-config file")
+        return _checked_preprocess(cfg.get("preprocess_cfg"), f"model_name: {model_name!r}")
+    import open_clip
+
+    if pretrained and open_clip.get_pretrained_cfg(model_name, pretrained):
+        return {}  # open_clip applies the tag's own
+    tags = [open_clip.get_pretrained_cfg(model_name, t) for t in open_clip.list_pretrained_tags_by_model(model_name)]
+    agreed = {}
+    for key in ("mean", "std", *_PREPROCESS_CHOICES):
+        values = {json.dumps(t.get(key)) for t in tags}
+        if tags and len(values) == 1 and tags[0].get(key) is not None:
+            agreed[key] = tags[0][key]
+    return agreed
+
+
+def _checked_preprocess(pp: Any, what: str) -> dict[str, Any]:
+    if pp is None:
+        return {}
+    if not isinstance(pp, dict):
+        raise ConfigError(f"{what}: preprocess_cfg must be an object (mean, std, interpolation, resize_mode)")
+    out = {}
+    for key in ("mean", "std"):
+        value = pp.get(key)
+        if value is None:
+            continue
+        if (not isinstance(value, list) or len(value) != 3
+                or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
+            raise ConfigError(f"{what}: preprocess_cfg.{key} must be 3 numbers, one per RGB channel (got {value!r})")
+        out[key] = tuple(float(v) for v in value)
+    for key, choices in _PREPROCESS_CHOICES.items():
+        if pp.get(key) is not None:
+            if pp[key] not in choices:
+                raise ConfigError(f"{what}: preprocess_cfg.{key} {pp[key]!r} is not one of {', '.join(choices)}")
+            out[key] = pp[key]
+    return out

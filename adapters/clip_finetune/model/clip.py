@@ -30,7 +30,7 @@ from open_clip.tokenizer import HFTokenizer
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..architecture import architecture_config, model_cfg_of
+from ..architecture import architecture_config, architecture_preprocess, hf_tokenizer_name, model_cfg_of
 from ..config import FinetuneConfig
 from ..errors import ConfigError, ModelError
 from ..files import atomic_write
@@ -39,7 +39,14 @@ from .card import write_model_card
 from .hub import weights_available
 from .lazy_tokenizer import LazyTokenizer, TokenizerLater
 from .precision import resolve_precision
-from .safe_load import check_device, check_safetensors, is_pickle_refusal, refused_pickle, weights_mismatch
+from .safe_load import (
+    check_device,
+    check_safetensors,
+    check_tokenizer_files,
+    is_pickle_refusal,
+    refused_pickle,
+    weights_mismatch,
+)
 from .weights import unwrap
 
 log = logging.getLogger(__name__)
@@ -103,8 +110,9 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
     name = _register(cfg.model_name, model_cfg)
     kwargs: dict[str, Any] = {}
     hf_text = hf_text_cfg(model_cfg)
+    if hf_text is not None or hf_tokenizer_name(model_cfg):
+        _check_hf_text(name, model_cfg["text_cfg"])
     if hf_text is not None:
-        _check_hf_text(name, hf_text)
         # open_clip ignores text_cfg.hf_model_pretrained: whenever no full CLIP checkpoint is loaded it downloads
         # the transformer's own pretrained weights. Honour the config; absent, random init (as pretrained: null says).
         kwargs["pretrained_text"] = bool(hf_text.get("hf_model_pretrained", False))
@@ -123,6 +131,7 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
                 f"pretrained: {cfg.pretrained!r} is neither a pretrained tag of {name!r} "
                 f"(known: {', '.join(tags) or 'none'}), a weights file, nor a saved model folder"
             )
+    kwargs.update(_preprocess_kwargs(cfg.model_name, name, cfg.pretrained))
     try:
         # random init (all of it with pretrained null, parts of it otherwise) is drawn under the config's seed,
         # on a forked generator: the same config builds the same weights whatever ran before in the process
@@ -145,6 +154,13 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
     clip = ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, source)
     clip.use_precision(cfg.precision)
     return clip
+
+
+def _preprocess_kwargs(model_name: str, name: str, pretrained: str | None) -> dict[str, Any]:
+    """create_model_and_transforms' image_* overrides: the preprocessing a config JSON or the architecture's
+    family of tags sets (SigLIP: mean and std 0.5, 'squash'), which open_clip applies for a pretrained tag only."""
+    pp = architecture_preprocess(model_name if model_name.endswith(".json") else name, pretrained)
+    return {f"image_{k}": v for k, v in pp.items()}
 
 
 def is_openai_weights_file(path: str) -> bool:
@@ -223,7 +239,7 @@ def hf_text_cfg(model_cfg: dict[str, Any]) -> dict[str, Any] | None:
 def _require_transformers(what: str) -> None:
     if importlib.util.find_spec("transformers") is None:
         raise ModelError(
-            f"{what!r} has a Hugging Face text tower, which needs the transformers package: "
+            f"{what!r} has a Hugging Face text tower or tokenizer, which needs the transformers package: "
             "pip install -e \".[multilingual]\" in this checkout (or pip install transformers)"
         )
 
@@ -276,18 +292,19 @@ def load_artifact(path: str | Path, device: torch.device | str | None = None, pr
     check_safetensors(folder / HF_SAFE_WEIGHTS_NAME, "the saved weights")
     kwargs: dict[str, Any] = {}
     hf_text = hf_text_cfg(model_cfg)
-    if hf_text is not None:
+    if hf_text is not None or hf_tokenizer_name(model_cfg):
         _require_transformers(str(folder))
-        if (folder / HF_TEXT_CONFIG_NAME).is_file():
-            # the transformer's config saved beside the weights (save_artifact): offline, wherever the folder
-            # now lies; the full CLIP weights load next, so no pretrained text weights are fetched
-            kwargs["text_cfg"] = {**hf_text, "hf_model_name": str(folder), "hf_model_pretrained": False}
+        check_tokenizer_files(folder, hf_tokenizer_name(model_cfg))
+    if hf_text is not None and (folder / HF_TEXT_CONFIG_NAME).is_file():
+        # the transformer's config saved beside the weights (save_artifact): offline, wherever the folder
+        # now lies; the full CLIP weights load next, so no pretrained text weights are fetched
+        kwargs["text_cfg"] = {**hf_text, "hf_model_name": str(folder), "hf_model_pretrained": False}
     try:
         model, pp_train, pp_val = open_clip.create_model_and_transforms(
             spec, device=device, weights_only=True, **kwargs
         )
         # an HF tokenizer is read from the folder itself (now: a missing file is this error, not a later one)
-        tokenizer = open_clip.get_tokenizer(spec) if hf_text is not None else TokenizerLater(spec)
+        tokenizer = open_clip.get_tokenizer(spec) if hf_tokenizer_name(model_cfg) else TokenizerLater(spec)
     except OSError as e:  # transformers: a missing config or tokenizer file, an unreachable hub
         raise ModelError(f"cannot load the saved model {str(folder)!r}: {e}{_hf_hint(hf_text)}") from e
     except RuntimeError as e:  # load_state_dict: weights of another architecture
@@ -336,7 +353,7 @@ def save_artifact(
     out.mkdir(parents=True, exist_ok=True)
     model = unwrap(clip.model)
     model_cfg = clip.model_cfg
-    if hf_text_cfg(model_cfg) is not None:
+    if hf_text_cfg(model_cfg) is not None or hf_tokenizer_name(model_cfg):
         model_cfg = _save_hf_text_files(clip, model, out)
     tensors = state_dict if state_dict is not None else model.state_dict()
     # safetensors refuses views of shared storage: store plain, contiguous CPU copies
@@ -352,15 +369,18 @@ def save_artifact(
 
 
 def _save_hf_text_files(clip: ClipModel, model: torch.nn.Module, out: Path) -> dict[str, Any]:
-    """Write the Hugging Face text tower's config.json and tokenizer files into `out`; return the model config
-    to save with them.
+    """Write the Hugging Face text tower's config.json (if it has one) and tokenizer files into `out`; return the
+    model config to save with them. SigLIP's own text tower has an HF tokenizer alone: its files are saved too.
 
     Stock open_clip reads the tokenizer of a `local-dir:` model from the folder itself, and builds the text
     tower from text_cfg.hf_model_name (a hub id or a folder) before loading the CLIP weights. A hub id is kept
     (stock loading fetches only its small config.json); a local folder, which may not outlive the artifact, is
     replaced by this folder's absolute path. load_artifact always reads the copy inside the folder.
     """
-    text_cfg = dict(clip.model_cfg["text_cfg"], hf_model_pretrained=False)  # the CLIP weights hold the text tower
+    hf_model = hf_text_cfg(clip.model_cfg) is not None
+    text_cfg = dict(clip.model_cfg["text_cfg"])
+    if hf_model:
+        text_cfg["hf_model_pretrained"] = False  # the CLIP weights hold the text tower
     for key in ("hf_model_name", "hf_tokenizer_name"):
         if text_cfg.get(key) and Path(text_cfg[key]).expanduser().is_dir():
             text_cfg[key] = str(out.resolve())
@@ -368,7 +388,8 @@ def _save_hf_text_files(clip: ClipModel, model: torch.nn.Module, out: Path) -> d
     if not hasattr(tokenizer, "save_pretrained") and text_cfg.get("hf_tokenizer_name"):
         tokenizer = HFTokenizer(clip.model_cfg["text_cfg"]["hf_tokenizer_name"])
     with tempfile.TemporaryDirectory(dir=out, prefix=".hf-text-") as tmp:
-        model.text.config.save_pretrained(tmp)
+        if hf_model:
+            model.text.config.save_pretrained(tmp)
         if hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         for f in sorted(Path(tmp).iterdir()):

@@ -74,3 +74,14 @@ def check_device(device: torch.device) -> torch.device:
         raise ConfigError(f"device: {str(device)!r} cannot run a model here; use cpu, cuda, cuda:N, mps or null "
                           "(automatic)")
     return device
+
+
+def check_tokenizer_files(folder: Path, tokenizer_name: str | None) -> None:
+    """A saved model whose text goes through a Hugging Face tokenizer must hold its files: stock open_clip and
+    load_artifact read them from the folder (models saved before they were saved for SigLIP lack them)."""
+    if tokenizer_name and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ModelError(
+            f"{str(folder)!r} has no tokenizer files (tokenizer.json, tokenizer_config.json) for its Hugging Face "
+            f"tokenizer {tokenizer_name!r}; copy that tokenizer's files into the folder (transformers' "
+            "AutoTokenizer.from_pretrained(NAME).save_pretrained(FOLDER)), or save the model again"
+        )
