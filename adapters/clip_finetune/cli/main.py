@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, user_error
+from .index_cmd import cmd_index
 from .parser import build_parser
 from .runs import cmd_runs
 
@@ -181,15 +182,24 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from ..retrieval.ann import is_ann_index
     from ..retrieval.provenance import check_index
     from ..retrieval.search import search_texts
     from ..retrieval.store import read_embeddings
 
+    if is_ann_index(args.index):
+        from .index_cmd import search_ann
+
+        return _print_hits(args.queries, search_ann(args, lambda: _load_clip(args)[0]))
     index = read_embeddings(args.index)  # a bad file fails before the model loads
     clip, _ = _load_clip(args)
     check_index(index, args.index, clip, "images", allow=args.allow_mismatch)
-    hits_per_query = search_texts(clip, index.ids, index.vectors, args.queries, args.k)
-    for query, hits in zip(args.queries, hits_per_query, strict=True):
+    print(f"answered by the exact index ({len(index.ids):,} vectors, every one scored)", file=sys.stderr)
+    return _print_hits(args.queries, search_texts(clip, index.ids, index.vectors, args.queries, args.k))
+
+
+def _print_hits(queries: list[str], hits_per_query: list[list[tuple[str, float]]]) -> int:
+    for query, hits in zip(queries, hits_per_query, strict=True):
         print(f"{query}")
         for rank, (item, score) in enumerate(hits, 1):
             print(f"  {rank:2d}. {score:.4f}  {item}")
@@ -240,7 +250,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed,
-            "search": cmd_search, "config": cmd_config, "runs": cmd_runs,
+            "index": cmd_index, "search": cmd_search, "config": cmd_config, "runs": cmd_runs,
             "export-onnx": cmd_export_onnx, "doctor": cmd_doctor, "report": cmd_report}
 
 

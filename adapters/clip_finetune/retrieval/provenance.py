@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import DataError
 from ..model.clip import ClipModel
+from .index import Index
 from .shards import model_sha256
 from .store import Embeddings
 
@@ -22,11 +23,13 @@ def made_by(clip: ClipModel, kind: str) -> dict[str, Any]:
     return {"kind": kind, "model": clip.source, "model_sha256": model_sha256(clip)}
 
 
-def check_index(index: Embeddings, source: str, clip: ClipModel, kind: str = "images", allow: bool = False) -> None:
+def check_index(index: Embeddings | Index, source: str, clip: ClipModel, kind: str = "images",
+                allow: bool = False) -> None:
     """Refuse to search `index` (read from `source`) with `clip` when it holds other vectors than `kind` or was
     embedded by a model with other weights; with `allow`, or when the file records no maker, only log it."""
-    if index.vectors.shape[1] != clip.embed_dim:
-        raise DataError(f"the index {source!r} holds {index.vectors.shape[1]}-d vectors but the model embeds "
+    width = index.vectors.shape[1] if isinstance(index, Embeddings) else index.dim
+    if width != clip.embed_dim:
+        raise DataError(f"the index {source!r} holds {width}-d vectors but the model embeds "
                         f"{clip.embed_dim}-d; embed the items again with this model")
     meta = index.meta
     if not meta:
