@@ -3,7 +3,8 @@
     python -m bench.search --n 1000000 --dim 512
 
 prints one JSON line per index: `index` ("exact" is brute force), `recall_at_10` (of the exact top 10),
-`p50_ms` (one query at a time, one thread), `qps` (all queries in one batch, every core), `build_s`,
+`p50_ms` (one query at a time, one thread), `qps` (all queries in one batch, every core), `cpu_ms_per_query`
+(that batch's CPU time a query, all threads: on a shared machine, what an idle one would give), `build_s`,
 `peak_rss_mb` (the index's own process: data loading included) and `bytes_per_vector` (the index alone; the
 re-rank also reads the 4 * dim bytes of full vectors, memory-mapped). Each index runs in its own child process,
 so its peak memory is its own; the vectors (bench/clip_like.py) are generated once into --cache.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,20 +52,21 @@ def child(spec: dict) -> dict:
     from .search_backends import BACKENDS
 
     folder, name, k = Path(spec["folder"]), spec["index"], spec["k"]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     images = np.load(folder / "images.npy", mmap_mode="r")
     vectors = np.ascontiguousarray(images) if name == "exact" else images
     index = BACKENDS[name](vectors)
-    build_s = time.perf_counter() - t0
+    build_s, build_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     texts = np.load(folder / "texts.npy")
     latencies = []
     for query in texts[:LATENCY_QUERIES.get(name, LATENCY_DEFAULT)]:
         t = time.perf_counter()
         index.search(query[None], k, threads=1)
         latencies.append(1000 * (time.perf_counter() - t))
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     rows, _ = index.search(texts, k)
     qps = len(texts) / (time.perf_counter() - t)
+    cpu_ms = 1000 * (time.process_time() - cpu) / len(texts)  # every thread's CPU time: what the load cannot hide
     truth_file = folder / f"truth-{k}.npy"
     if name == "exact":
         np.save(truth_file, rows)
@@ -71,8 +74,10 @@ def child(spec: dict) -> dict:
     recall = np.mean([len(set(r.tolist()) & set(t.tolist())) / k for r, t in zip(rows, truth, strict=True)])
     return {"index": name, "n": len(images), "dim": images.shape[1], "queries": len(texts),
             f"recall_at_{k}": round(float(recall), 4), "p50_ms": round(float(np.median(latencies)), 3),
-            "qps": round(qps, 1), "build_s": round(build_s, 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "bytes_per_vector": round(float(index.bytes_per_vector), 1)}
+            "qps": round(qps, 1), "cpu_ms_per_query": round(cpu_ms, 3),
+            "build_s": round(build_s, 2), "build_cpu_s": round(build_cpu_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "bytes_per_vector": round(float(index.bytes_per_vector), 1),
+            "load_avg_1m": round(os.getloadavg()[0], 1)}  # the machine is shared: how busy it was
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -201,3 +201,12 @@ def test_index_refuses_a_folder_of_other_files(embedded, tmp_path: Path, capsys)
     assert main(["index", "--embeddings", str(store), "--out", str(tmp_path)]) == 2
     assert "holds other files; name a new folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_shards_merged_answer_as_one_index(clip_like) -> None:
+    ids, vectors, queries = clip_like
+    shards = [build_ann(ids[s::3], vectors[s::3]) for s in range(3)]  # e.g. one per machine
+    merged, scores = ann.search_shards(shards, queries, K)
+    whole, whole_scores = build_ann(ids, vectors).search(queries, K)
+    assert _recall(merged, _exact(ids, vectors, queries, K)) >= 0.99
+    assert _recall(merged, whole) >= 0.99 and np.allclose(scores[:, 0], whole_scores[:, 0], atol=1e-6)

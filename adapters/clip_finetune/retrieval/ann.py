@@ -31,6 +31,7 @@ from ..errors import DataError
 from ..files import atomic_write, read_json, require_writable
 from ..inputs import Unreadable
 from ..progress import progress
+from .index import Index
 from .safe_npz import load_npz
 from .search import top_k
 
@@ -50,7 +51,8 @@ class AnnSettings:
     storage: str = "i8"
     connectivity: int = 16  # HNSW's M: edges per node; memory grows with it, recall too
     expansion_add: int = 128  # candidates kept while linking a new vector (build quality)
-    expansion_search: int = 128  # candidates kept while walking the graph (search quality)
+    expansion_search: int = 512  # candidates kept while walking the graph: text queries sit off the image
+    # cloud, where HNSW needs a wide walk (100k vectors, bench.search: recall@10 0.977 at 256, 0.993 at 512)
     candidates: int = 100  # re-ranked exactly per query (at least k)
 
     def __post_init__(self) -> None:
@@ -263,3 +265,18 @@ def build_ann(ids: Sequence[str], vectors: np.ndarray, meta: dict[str, Any] | No
     for start in progress(starts, "indexing", unit="chunk", enabled=show_progress and len(starts) > 1):
         index.add(ids[start:start + BUILD_CHUNK], vectors[start:start + BUILD_CHUNK])
     return index
+
+
+def search_shards(indexes: Sequence[Index], queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+    """Top-k over the shards of one collection (one index each, e.g. one per part of a sharded store, or per
+    machine): each shard answers its own top k with exact cosines, which compare across shards, so the merged
+    top k is what one index of everything would answer (up to each shard's recall). Scores [q, k'] pad with -inf
+    where all shards together hold fewer than k items."""
+    answers = [index.search(queries, k) for index in indexes]
+    merged_ids, merged_scores = [], np.full((len(queries), k), -np.inf, np.float32)
+    for q in range(len(queries)):
+        pairs = sorted(((float(s), i) for ids, scores in answers for i, s in zip(ids[q], scores[q], strict=True)),
+                       key=lambda pair: -pair[0])[:k]
+        merged_ids.append([i for _, i in pairs])
+        merged_scores[q, :len(pairs)] = [s for s, _ in pairs]
+    return merged_ids, merged_scores

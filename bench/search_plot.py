@@ -1,0 +1,61 @@
+"""The picture of docs/performance.md's search table: how latency, throughput and memory grow with the number of
+vectors, one line per index, from the JSON lines `python -m bench.search` printed.
+
+    python -m bench.search --n 10000 > search-10k.jsonl   (and 100k, 1M)
+    python -m bench.search_plot search-*.jsonl --out assets/search_scaling.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def read_results(paths: list[str]) -> dict[str, list[dict]]:
+    """{index name: its results sorted by n} from JSON-lines files (other lines are skipped)."""
+    by_index: dict[str, list[dict]] = defaultdict(list)
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith("{"):
+                result = json.loads(line)
+                by_index[result["index"]].append(result)
+    return {name: sorted(rows, key=lambda r: r["n"]) for name, rows in by_index.items()}
+
+
+def plot(results: dict[str, list[dict]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("p50_ms", "p50 latency, one query (ms)"), ("qps", "queries / s, batch of 1000"),
+              ("peak_rss_mb", "peak memory of the process (MB)"))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for name, rows in results.items():
+            ax.plot([r["n"] for r in rows], [r[key] for r in rows], marker="o", label=name,
+                    linestyle="--" if name == "exact" else "-")
+        ax.set(title=title, xlabel="stored vectors (512-d)", xscale="log", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="JSON-lines files of python -m bench.search")
+    parser.add_argument("--out", default="assets/search_scaling.png", help="PNG to write "
+                        "(default: assets/search_scaling.png)")
+    args = parser.parse_args(argv)
+    print(f"wrote {plot(read_results(args.results), Path(args.out))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
