@@ -3,11 +3,12 @@
     python -m bench.search --n 1000000 --dim 512
 
 prints one JSON line per index: `index` ("exact" is brute force), `recall_at_10` (of the exact top 10),
-`p50_ms` (one query at a time, one thread), `qps` (all queries in one batch, every core), `cpu_ms_per_query`
-(that batch's CPU time a query, all threads: on a shared machine, what an idle one would give), `build_s`,
-`peak_rss_mb` (the index's own process: data loading included) and `bytes_per_vector` (the index alone; the
-re-rank also reads the 4 * dim bytes of full vectors, memory-mapped). Each index runs in its own child process,
-so its peak memory is its own; the vectors (bench/clip_like.py) are generated once into --cache.
+`p50_ms` (one query at a time, one thread; `p50_cpu_ms` its CPU time), `qps` (all queries in one batch, every
+core), `cpu_ms_per_query` (that batch's CPU time a query, all threads: on a shared machine, what an idle one
+would give), `build_s` (and `build_cpu_s`), `peak_rss_mb` (the index's own process: data loading included),
+`bytes_per_vector` (the index alone; the re-rank also reads the 4 * dim bytes of full vectors, memory-mapped)
+and `load_avg_1m`. Each index runs in its own child process, so its peak memory is its own; the vectors
+(bench/clip_like.py) are generated once into --cache.
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ def child(spec: dict) -> dict:
     index = BACKENDS[name](vectors)
     build_s, build_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
     texts = np.load(folder / "texts.npy")
-    latencies = []
+    latencies, cpu_latencies = [], []
     for query in texts[:LATENCY_QUERIES.get(name, LATENCY_DEFAULT)]:
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         index.search(query[None], k, threads=1)
         latencies.append(1000 * (time.perf_counter() - t))
+        cpu_latencies.append(1000 * (time.process_time() - cpu))  # waits for a busy core excluded
     t, cpu = time.perf_counter(), time.process_time()
     rows, _ = index.search(texts, k)
     qps = len(texts) / (time.perf_counter() - t)
@@ -74,6 +76,7 @@ def child(spec: dict) -> dict:
     recall = np.mean([len(set(r.tolist()) & set(t.tolist())) / k for r, t in zip(rows, truth, strict=True)])
     return {"index": name, "n": len(images), "dim": images.shape[1], "queries": len(texts),
             f"recall_at_{k}": round(float(recall), 4), "p50_ms": round(float(np.median(latencies)), 3),
+            "p50_cpu_ms": round(float(np.median(cpu_latencies)), 3),
             "qps": round(qps, 1), "cpu_ms_per_query": round(cpu_ms, 3),
             "build_s": round(build_s, 2), "build_cpu_s": round(build_cpu_s, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
             "bytes_per_vector": round(float(index.bytes_per_vector), 1),
