@@ -19,6 +19,7 @@ sees the old index or the new one, never a mix; files of older generations are d
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ FORMAT = "clip-finetune ann index v1"
 MANIFEST = "ann.json"
 STORAGES = ("i8", "f16", "f32")  # what the graph keeps of each vector: 1, 2 or 4 bytes a dimension
 INSTALL_HINT = 'the approximate index needs usearch: pip install "clip-finetune[index]" (or pip install usearch)'
+GENERATION_FILE = re.compile(r"^(graph-[0-9a-f]{8}\.usearch|vectors-[0-9a-f]{8}\.npy|rows-[0-9a-f]{8}\.npz)$")
 BUILD_CHUNK = 65_536  # vectors a graph.add call links (in parallel); progress is shown per chunk
 REBUILD = "build it again with `clip-finetune index --embeddings STORE --out FOLDER`"
 
@@ -173,8 +175,8 @@ class AnnIndex:
                     "settings": asdict(self.settings), "meta": self.meta, "files": names}
         text = json.dumps(manifest, indent=2)
         atomic_write(folder / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-        for old in folder.glob("*-*.*"):  # earlier generations: no manifest names them any more
-            if old.name not in names.values() and old.name.split("-", 1)[0] in names:
+        for old in folder.iterdir():  # earlier generations: no manifest names them any more
+            if GENERATION_FILE.match(old.name) and old.name not in names.values():
                 old.unlink(missing_ok=True)
         return folder
 
