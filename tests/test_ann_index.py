@@ -210,3 +210,14 @@ def test_shards_merged_answer_as_one_index(clip_like) -> None:
     whole, whole_scores = build_ann(ids, vectors).search(queries, K)
     assert _recall(merged, _exact(ids, vectors, queries, K)) >= 0.99
     assert _recall(merged, whole) >= 0.99 and np.allclose(scores[:, 0], whole_scores[:, 0], atol=1e-6)
+
+
+def test_index_settings_are_kept_in_the_index(embedded, tmp_path: Path, capsys) -> None:
+    store, _, _ = embedded
+    folder = tmp_path / "idx"
+    assert main(["index", "--embeddings", str(store), "--out", str(folder), "--storage", "f16", "--expansion",
+                 "64"]) == 0
+    opened = open_ann(folder)
+    assert opened.settings.storage == "f16" and opened._graph.expansion_search == 64
+    assert main(["index", "--embeddings", str(store), "--out", str(folder), "--connectivity", "0"]) == 2
+    assert "index settings {'connectivity': 0}: each must be a whole number >= 1" in capsys.readouterr().err

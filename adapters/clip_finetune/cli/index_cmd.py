@@ -24,7 +24,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise DataError(f"--out {args.out!r} holds other files; name a new folder (or an index to replace)")
     require_writable(out, "--out")
-    settings = AnnSettings(storage=args.storage, connectivity=args.connectivity)  # before reading a large store
+    settings = AnnSettings(storage=args.storage, connectivity=args.connectivity,  # before reading a large store
+                           expansion_search=args.expansion)
     store = read_embeddings(args.embeddings)
     if not store.ids:
         raise DataError(f"--embeddings {args.embeddings!r} holds no vectors; embed some images first")
@@ -66,3 +67,6 @@ def add_index_parser(sub: Any) -> None:
                    "(default: i8)")
     p.add_argument("--connectivity", type=int, default=16, help="graph edges per vector (HNSW's M): more is "
                    "better recall, more memory (default: 16)")
+    p.add_argument("--expansion", type=int, default=512, help="how wide each search walks the graph (usearch's "
+                   "expansion_search, kept in the index): wider is better recall, slower queries; docs/index.md "
+                   "measures it (default: 512)")
