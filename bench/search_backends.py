@@ -42,7 +42,9 @@ class Usearch:
     """The shipped index (retrieval/ann.py): usearch HNSW over `storage` vectors, re-ranked."""
 
     def __init__(self, vectors: np.ndarray, storage: str) -> None:
-        self.index = build_ann([str(i) for i in range(len(vectors))], vectors, settings=AnnSettings(storage=storage))
+        threads = int(os.environ.get("BENCH_BUILD_THREADS", "0"))  # 0: one a core
+        self.index = build_ann([str(i) for i in range(len(vectors))], vectors, settings=AnnSettings(storage=storage),
+                               threads=threads)
         self.bytes_per_vector = self.index._graph.serialized_length / len(vectors)
 
     def search(self, queries: np.ndarray, k: int, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -106,7 +106,8 @@ class AnnIndex:
     def ids(self) -> list[str]:
         return [i for i in self._row_ids if i is not None]
 
-    def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+    def add(self, ids: Sequence[str], vectors: np.ndarray, threads: int = 0) -> None:
+        """Index.add; `threads` link the new vectors in parallel (0: one a core)."""
         ids = [str(i) for i in ids]
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape != (len(ids), self.dim):
@@ -126,7 +127,7 @@ class AnnIndex:
             self._row_ids.append(item)
             self._row_of[item] = row
         if len(ids):
-            self._graph.add(rows, vectors)
+            self._graph.add(rows, vectors, threads=threads)
 
     def _grow(self, extra: int) -> None:
         """Room for `extra` more rows, doubling (amortised O(1) a row); a memory-mapped file becomes an array."""
@@ -258,14 +259,14 @@ def _manifest(folder: Path) -> dict[str, Any]:
 
 
 def build_ann(ids: Sequence[str], vectors: np.ndarray, meta: dict[str, Any] | None = None,
-              settings: AnnSettings | None = None, show_progress: bool = False) -> AnnIndex:
+              settings: AnnSettings | None = None, show_progress: bool = False, threads: int = 0) -> AnnIndex:
     """An index of these vectors (e.g. a store's: retrieval/store.read_embeddings), added in chunks so a long build
     shows its progress."""
     index = AnnIndex(vectors.shape[1], meta, settings)
     index._grow(len(ids))  # one allocation for the whole store, not a doubling per chunk
     starts = range(0, len(ids), BUILD_CHUNK)
     for start in progress(starts, "indexing", unit="chunk", enabled=show_progress and len(starts) > 1):
-        index.add(ids[start:start + BUILD_CHUNK], vectors[start:start + BUILD_CHUNK])
+        index.add(ids[start:start + BUILD_CHUNK], vectors[start:start + BUILD_CHUNK], threads)
     return index
 
 
