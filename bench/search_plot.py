@@ -25,6 +25,18 @@ def read_results(paths: list[str]) -> dict[str, list[dict]]:
     return {name: sorted(rows, key=lambda r: r["n"]) for name, rows in by_index.items()}
 
 
+COLUMNS = ("n", "index", "recall_at_10", "p50_ms", "p50_cpu_ms", "qps", "cpu_ms_per_query", "build_s", "build_cpu_s",
+           "peak_rss_mb", "bytes_per_vector", "load_avg_1m")
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    """The results as docs/performance.md's markdown table, by n then as listed."""
+    from .common import markdown_table
+
+    rows = sorted((r for rs in results.values() for r in rs), key=lambda r: r["n"])
+    return markdown_table(COLUMNS, [[f"{r[c]:,}" if c == "n" else r.get(c, "") for c in COLUMNS] for r in rows])
+
+
 def plot(results: dict[str, list[dict]], out: Path) -> Path:
     import matplotlib
 
@@ -53,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="assets/search_scaling.png", help="PNG to write "
                         "(default: assets/search_scaling.png)")
     args = parser.parse_args(argv)
-    print(f"wrote {plot(read_results(args.results), Path(args.out))}")
+    results = read_results(args.results)
+    print(table(results))
+    print(f"wrote {plot(results, Path(args.out))}")
     return 0
 
 
