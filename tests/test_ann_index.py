@@ -221,3 +221,11 @@ def test_index_settings_are_kept_in_the_index(embedded, tmp_path: Path, capsys) 
     assert opened.settings.storage == "f16" and opened._graph.expansion_search == 64
     assert main(["index", "--embeddings", str(store), "--out", str(folder), "--connectivity", "0"]) == 2
     assert "index settings {'connectivity': 0}: each must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_without_usearch_the_error_says_what_to_install(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "usearch", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(DataError, match=r'needs usearch: pip install -e "\.\[index\]"'):
+        ann.AnnIndex(8)

@@ -57,7 +57,7 @@ def add_index_parser(sub: Any) -> None:
     p = sub.add_parser("index", help="build an approximate index (usearch) of an embeddings file for fast search",
                        description="Build an approximate nearest-neighbour index (HNSW, usearch) of the image "
                        "vectors of an embeddings file; `search --index FOLDER` then answers from it, re-ranking "
-                       "its candidates with exact scores. Needs pip install \"clip-finetune[index]\". "
+                       "its candidates with exact scores. Needs pip install -e \".[index]\". "
                        "See docs/index.md.")
     p.add_argument("--embeddings", required=True, help="embeddings written by `embed --images`: an .npz / .parquet "
                    "file, or a sharded folder")

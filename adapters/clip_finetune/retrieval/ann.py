@@ -39,7 +39,7 @@ from .search import top_k
 FORMAT = "clip-finetune ann index v1"
 MANIFEST = "ann.json"
 STORAGES = ("i8", "f16", "f32")  # what the graph keeps of each vector: 1, 2 or 4 bytes a dimension
-INSTALL_HINT = 'the approximate index needs usearch: pip install "clip-finetune[index]" (or pip install usearch)'
+INSTALL_HINT = 'the approximate index needs usearch: pip install -e ".[index]" (or pip install usearch)'
 GENERATION_FILE = re.compile(r"^(graph-[0-9a-f]{8}\.usearch|vectors-[0-9a-f]{8}\.npy|rows-[0-9a-f]{8}\.npz)$")
 BUILD_CHUNK = 65_536  # vectors a graph.add call links (in parallel); progress is shown per chunk
 REBUILD = "build it again with `clip-finetune index --embeddings STORE --out FOLDER`"
