@@ -19,6 +19,7 @@ EXTRAS = {
     "multilingual": ("transformers",),
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "parquet": ("pandas", "pyarrow"),
+    "index": ("usearch",),
     "test": ("pytest", "ruff"),
 }
 MIN_FREE_GB = 5.0  # a ViT-B-32 run writes ~0.6 GB of weights and a ~1.8 GB resume checkpoint

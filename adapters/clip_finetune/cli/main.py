@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, user_error
+from .index_cmd import cmd_index
 from .parser import build_parser
 from .runs import cmd_runs
 from .share import SHARE_COMMANDS
@@ -243,7 +244,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed,
-            "search": cmd_search, "config": cmd_config, "runs": cmd_runs,
+            "index": cmd_index, "search": cmd_search, "config": cmd_config, "runs": cmd_runs,
             "export-onnx": cmd_export_onnx, "doctor": cmd_doctor, "report": cmd_report, **SHARE_COMMANDS}
 
 

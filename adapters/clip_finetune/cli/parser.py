@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .index_cmd import add_index_parser
 from .runs import add_runs_parser
 from .share import add_share_parsers
 
@@ -17,7 +18,8 @@ commands:
   train        fine-tune on a Dataloop download, a folder of subsets or a CSV/TSV/JSONL table
   evaluate     retrieval metrics (both directions) of a model on captioned data
   embed        embed images or texts into an .npz / .parquet file (or a sharded folder)
-  search       text-to-image search over an embeddings file
+  index        build an approximate index (usearch) of an embeddings file: fast search of millions of images
+  search       text-to-image search over an embeddings file or an index
   export-onnx  export a saved model's image and text towers to ONNX
   export-hf    export a saved model as a transformers CLIPModel folder
   push         upload a saved model to a Hugging Face Hub repository
@@ -37,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_train, _add_evaluate, _add_embed, _add_search, _add_export_onnx, _add_config):
+    for add in (_add_demo, _add_train, _add_evaluate, _add_embed, add_index_parser, _add_search, _add_export_onnx,
+                _add_config):
         add(sub)
     add_share_parsers(sub)
     add_runs_parser(sub)
@@ -121,11 +124,13 @@ def _add_embed(sub: Any) -> None:
 
 
 def _add_search(sub: Any) -> None:
-    p = sub.add_parser("search", help="text-to-image search over an embeddings file",
-                       description="Embed each query with the model and print the most similar indexed items.")
+    p = sub.add_parser("search", help="text-to-image search over an embeddings file or an index",
+                       description="Embed each query with the model and print the most similar indexed items; "
+                       "stderr says which index answered (exact: every vector scored; approximate: an index "
+                       "folder of `clip-finetune index`).")
     p.add_argument("--model", help=MODEL_HELP + "; use the model that embedded the index")
     p.add_argument("--index", required=True, help="embeddings written by `embed --images`: an .npz / .parquet "
-                   "file, or a sharded folder (or its index.json)")
+                   "file, or a sharded folder (or its index.json); or an index folder of `clip-finetune index`")
     p.add_argument("-k", type=_positive, default=5, help="results per query (default: 5)")
     p.add_argument("--allow-mismatch", action="store_true", help="search an index embedded by another model, or "
                    "of texts (refused otherwise: its file records the model that made it)")
