@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from adapters.clip_finetune.retrieval.ann import AnnSettings, build_ann, rerank
-from adapters.clip_finetune.retrieval.search import top_k
+from adapters.clip_finetune.retrieval.ranking import top_k
 
 CANDIDATES = AnnSettings().candidates
 EF = AnnSettings().expansion_search

@@ -18,7 +18,7 @@ from adapters.clip_finetune.errors import DataError  # noqa: E402
 from adapters.clip_finetune.retrieval import ann  # noqa: E402
 from adapters.clip_finetune.retrieval.ann import AnnSettings, build_ann, open_ann  # noqa: E402
 from adapters.clip_finetune.retrieval.index import Index  # noqa: E402
-from adapters.clip_finetune.retrieval.search import top_k  # noqa: E402
+from adapters.clip_finetune.retrieval.ranking import top_k  # noqa: E402
 from adapters.clip_finetune.retrieval.store import load_embeddings, save_embeddings  # noqa: E402
 from bench.clip_like import ClipLike  # noqa: E402
 

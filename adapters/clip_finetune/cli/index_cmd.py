@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +33,6 @@ def cmd_index(args: argparse.Namespace) -> int:
     print(f"indexed {len(index):,} vectors of {index.dim} dimensions into {out} in "
           f"{time.perf_counter() - started:.1f} s: {index.describe()}")
     return 0
-
-
-def search_ann(args: argparse.Namespace, load_clip: Callable[[], Any]) -> list[list[tuple[str, float]]]:
-    """The top-k (id, score) of each query from the index folder args.index; says on stderr which index answered."""
-    from ..retrieval.ann import open_ann
-    from ..retrieval.embed import encode_texts
-    from ..retrieval.provenance import check_index
-
-    index = open_ann(args.index)  # a bad folder fails before the model loads
-    clip = load_clip()
-    check_index(index, args.index, clip, "images", allow=args.allow_mismatch)
-    print(f"answered by the {index.describe()}", file=sys.stderr)
-    ids, scores = index.search(encode_texts(clip, list(args.queries)), args.k)
-    return [list(zip(row, map(float, row_scores), strict=False)) for row, row_scores in zip(ids, scores, strict=True)]
 
 
 def add_index_parser(sub: Any) -> None:

@@ -33,8 +33,8 @@ from ..files import atomic_write, read_json, require_writable
 from ..inputs import Unreadable
 from ..progress import progress
 from .index import Index
+from .ranking import top_k
 from .safe_npz import load_npz
-from .search import top_k
 
 FORMAT = "clip-finetune ann index v1"
 MANIFEST = "ann.json"

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from ..errors import DataError
 from .index import Index
-from .ranking import top_k  # noqa: F401  (its old home: the one implementation is ranking.top_k)
 
 if TYPE_CHECKING:
     from ..model.clip import ClipModel
