@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError, user_error
 from .parser import build_parser
-from .runs import cmd_runs
+from .runs import cmd_runs, printable
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +190,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_index(index, args.index, clip, "images", allow=args.allow_mismatch)
     hits_per_query = search_texts(clip, index.ids, index.vectors, args.queries, args.k)
     for query, hits in zip(args.queries, hits_per_query, strict=True):
-        print(f"{query}")
+        print(printable(query))
         for rank, (item, score) in enumerate(hits, 1):
-            print(f"  {rank:2d}. {score:.4f}  {item}")
+            print(f"  {rank:2d}. {score:.4f}  {printable(str(item))}")
     return 0
 
 
