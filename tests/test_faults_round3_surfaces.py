@@ -4,14 +4,21 @@ the input, before any work."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
-from helpers import TINY_MODEL, TINY_TRAINING
+from helpers import REPO, TINY_MODEL, TINY_TRAINING
 
 from adapters.clip_finetune.api import encode, fit, get_model
 from adapters.clip_finetune.api.run import Run
 from adapters.clip_finetune.api.run_folder import RunError, create_run, update_state
+from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.errors import ConfigError, DataError
 from adapters.clip_finetune.model.clip import load_model, save_artifact
@@ -66,3 +73,77 @@ def test_save_artifact_onto_its_own_folder_is_refused(tmp_path: Path) -> None:
             Run(run_dir).save_artifact(target, overwrite=True)
     assert sorted(p.name for p in (run_dir / "model").iterdir()) == ["weights"]  # nothing copied into itself
     assert (Run(run_dir).save_artifact(tmp_path / "elsewhere") / "weights").read_text() == "w"
+
+
+@pytest.mark.parametrize("template", ["{label:>9999999999}", "{label.__class__}", "{label!r}", "{label[0]}", "{0}",
+                                      "{}", "a {label:{label}}"])
+def test_a_label_template_holds_only_a_bare_label_and_is_never_formatted_to_check(template: str) -> None:
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="may only hold {label}, with no format, attribute or index"):
+        build_config({"label_templates": [template]})
+    assert time.monotonic() - started < 2  # '{label:>9999999999}' formatted would build a 10 GB string
+    assert build_config({"label_templates": ["a photo of {label}", "{{literal}} {label}"]})
+
+
+def test_embed_texts_of_blank_lines_is_an_error_not_an_empty_index(tmp_path: Path, capsys) -> None:
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n   \n\t\n")
+    out = tmp_path / "vectors.npz"
+    assert main(["embed", "--texts", str(texts), "--out", str(out), "--set", f"model_name={TINY_MODEL}",
+                 "--set", "pretrained=none"]) == 2
+    assert f"--texts {str(texts)!r}: nothing to embed (no line holds text)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_hub_check_probes_the_port_of_hf_endpoint(monkeypatch) -> None:
+    import socket
+
+    from huggingface_hub import constants as hf_constants
+
+    from adapters.clip_finetune.model import hub
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    with listener:
+        source = hub.WeightsSource("hf-hub:org/model", "127.0.0.1", None, hub._port(urlparse(f"http://127.0.0.1:{port}")))
+        assert source.port == port and hub.download_blocked(source) is None  # the mirror's port answers
+    closed = hub.WeightsSource("hf-hub:org/model", "127.0.0.1", None, port)
+    assert hub.download_blocked(closed) == f"127.0.0.1:{port} cannot be reached from this machine"
+    monkeypatch.setattr(hf_constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    load_model(build_config({"model_name": str(TINY_MODEL), "pretrained": None}))  # registers clip-tiny
+    import open_clip.pretrained as open_clip_pretrained
+
+    monkeypatch.setitem(open_clip_pretrained._PRETRAINED, "clip-tiny", {"mirror": {"hf_hub": "org/model/"}})
+    assert hub.weights_source("clip-tiny", "mirror").port == port
+    assert hub._port(urlparse("https://hub.example")) == 443 and hub._port(urlparse("http://hub.example")) == 80
+
+
+@pytest.mark.parametrize(("setting", "problem"), [
+    ("device=cuda:7", "device: 'cuda:7' is not available: this machine has no CUDA device"),
+    ("device=meta", "device: 'meta' cannot run a model here"),
+    ("device=mps", "device: 'mps' is not available on this machine"),
+    ("pretrained=/etc/passwd", "local /etc/passwd: not a weights file (neither safetensors nor torch's format)"),
+])
+def test_doctor_reports_a_device_or_weights_that_cannot_work(setting: str, problem: str, capsys) -> None:
+    args = ["doctor", "--set", f"model_name={TINY_MODEL}", "--set", "pretrained=none", "--set", setting]
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert any(line.startswith("problem") and problem in line for line in out.splitlines()), out
+
+
+@pytest.mark.parametrize(("module", "error"), [
+    ("torch", 'OSError("libtorch_cpu.so: cannot open shared object file")'),
+    ("open_clip", 'ImportError("cannot import name create_model")'),
+    ("dtlpy", 'RuntimeError("a broken dtlpy")'),
+])
+def test_doctor_reports_a_package_that_cannot_import(module: str, error: str, tmp_path: Path) -> None:
+    (tmp_path / module).mkdir()
+    (tmp_path / module / "__init__.py").write_text(f"raise {error}\n")  # installed, but broken
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    done = subprocess.run([sys.executable, "-m", "adapters.clip_finetune.cli.main", "doctor"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert re.search(rf"^problem +import {module} +fails: .*{error.split('(')[0]}", done.stdout, re.M), done.stdout

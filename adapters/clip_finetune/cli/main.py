@@ -159,18 +159,19 @@ def cmd_embed(args: argparse.Namespace) -> int:
         require_writable(args.out, "--out")
     else:
         check_embeddings_out(args.out)  # suffix, folder, packages: before the work, not after it
-    clip, cfg = _load_clip(args)
     kind = "images" if args.images else "texts"
+    # listed before the model loads: an empty input fails at once, and never writes a 0-row index
+    items = _list_images(args.images) if args.images else _list_texts(args.texts)
+    if args.images and not items:
+        raise DataError(f"--images {args.images!r}: no images found")
+    if not items:
+        raise DataError(f"--texts {args.texts!r}: nothing to embed (no line holds text); give one text a line")
+    clip, cfg = _load_clip(args)
     if cfg.compile and args.images:
         from ..model.compiling import compile_module
 
         compile_module(clip.model.visual, "the image tower")
-    items = _list_images(args.images) if args.images else _list_texts(args.texts)
-    if args.images and not items:
-        raise DataError(f"--images {args.images!r}: no images found")
     if spec is not None:
-        if not items:
-            raise DataError(f"--texts {args.texts!r}: nothing to embed")
         settings = {"max_image_pixels": cfg.max_image_pixels} if args.images else {}
         print(embed_shard(clip, kind, items, args.out, spec, cfg.batch_size, cfg.num_workers, settings).summary)
         return 0
@@ -223,9 +224,16 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import run_doctor
+    from .doctor import doctor_without_config, run_doctor
 
-    checks = run_doctor(_load_cfg(args), args.out)
+    try:
+        cfg = _load_cfg(args)
+    except Exception as e:  # a broken torch or open_clip fails the configuration itself: doctor reports that
+        checks = doctor_without_config(e, args.out)
+        if checks is None:
+            raise
+    else:
+        checks = run_doctor(cfg, args.out)
     print(checks.render())
     print(f"\n{checks.problems} problem(s)" if checks.problems else "\nno problems found")
     return 1 if checks.problems else 0
