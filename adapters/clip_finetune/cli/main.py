@@ -160,17 +160,17 @@ def cmd_embed(args: argparse.Namespace) -> int:
     else:
         check_embeddings_out(args.out)  # suffix, folder, packages: before the work, not after it
     kind = "images" if args.images else "texts"
-    # listed before the model loads: an empty input fails at once, and never writes a 0-row index
-    items = _list_images(args.images) if args.images else _list_texts(args.texts)
-    if args.images and not items:
-        raise DataError(f"--images {args.images!r}: no images found")
-    if not items:
+    texts = None if args.images else _list_texts(args.texts)
+    if texts is not None and not texts:  # before the model loads; never a 0-row index
         raise DataError(f"--texts {args.texts!r}: nothing to embed (no line holds text); give one text a line")
     clip, cfg = _load_clip(args)
     if cfg.compile and args.images:
         from ..model.compiling import compile_module
 
         compile_module(clip.model.visual, "the image tower")
+    items = _list_images(args.images) if args.images else texts
+    if args.images and not items:
+        raise DataError(f"--images {args.images!r}: no images found")
     if spec is not None:
         settings = {"max_image_pixels": cfg.max_image_pixels} if args.images else {}
         print(embed_shard(clip, kind, items, args.out, spec, cfg.batch_size, cfg.num_workers, settings).summary)
