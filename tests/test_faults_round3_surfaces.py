@@ -147,3 +147,43 @@ def test_doctor_reports_a_package_that_cannot_import(module: str, error: str, tm
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert re.search(rf"^problem +import {module} +fails: .*{error.split('(')[0]}", done.stdout, re.M), done.stdout
+
+
+def test_a_million_evaluation_pairs_are_refused_before_any_embedding() -> None:
+    from adapters.clip_finetune.data.pairs import CaptionPair
+    from adapters.clip_finetune.retrieval.evaluate import evaluate
+
+    pairs = [CaptionPair(f"/nowhere/{i}.png", f"caption {i}") for i in range(1_000_000)]
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"the evaluation set of 1,000,000 pairs \(1,000,000 captions x 1,000,000 "
+                                         r"images\) is too large.*Evaluate on a sample"):
+        evaluate(None, pairs)  # type: ignore[arg-type]  (no model is touched: refused first)
+    assert time.monotonic() - started < 30
+
+
+def test_zero_shot_past_its_class_cap_is_skipped_with_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
+    from helpers import png_bytes
+
+    from adapters.clip_finetune.data.pairs import CaptionPair
+    from adapters.clip_finetune.retrieval import evaluate as evaluation
+
+    pairs = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 200, 0)]):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(colour))
+        pairs.append(CaptionPair(str(tmp_path / f"{i}.png"), f"a photo of class {i}", label=f"class {i}"))
+    clip = load_model(build_config({**TINY_TRAINING, "model_name": str(TINY_MODEL)}))
+    assert any(k.startswith("zero_shot/") for k in evaluation.evaluate(clip, pairs, progress=False))
+    monkeypatch.setattr(evaluation, "MAX_ZERO_SHOT_CLASSES", 3)
+    scores = evaluation.evaluate(clip, pairs, progress=False)
+    assert not any(k.startswith("zero_shot/") for k in scores) and "text_to_image/mrr" in scores
+    assert "zero-shot accuracy skipped: 4 classes is more than 3" in caplog.text
+
+
+def test_the_output_guard_covers_the_test_split(tmp_path: Path, capsys) -> None:
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    out = tmp_path / "test" / "model"
+    assert main(["train", "--data", str(tmp_path / "train"), "--test", str(tmp_path / "test"), "--out", str(out),
+                 "--set", f"model_name={TINY_MODEL}", "--set", "pretrained=none"]) == 2
+    assert f"would mix the model with the data {str(tmp_path / 'test')!r}" in capsys.readouterr().err
+    assert not out.exists()

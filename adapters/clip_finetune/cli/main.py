@@ -56,7 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args)  # validated before any data is read
     if not int(os.environ.get("RANK", "0")):  # rank 0 writes --out (under torchrun the others find it in use)
-        check_output_folder(args.out, (args.data, args.validation), overwrite=args.overwrite, resume=args.resume)
+        check_output_folder(args.out, (args.data, args.validation, args.test), overwrite=args.overwrite,
+                            resume=args.resume)
     splits = load_splits(args.data, args.validation, test=args.test, cfg=cfg, what="--data")
     result = finetune(cfg, splits, args.out, resume=args.resume)  # also writes data_report.json
     if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 writes and prints for the run

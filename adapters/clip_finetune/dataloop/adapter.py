@@ -151,7 +151,8 @@ class ClipAdapter(dl.BaseModelAdapter):
         """Read and check the downloaded subsets (prepare_data calls this right after downloading), so a subset
         with no usable pairs fails here, before training starts."""
         root = Path(data_path)
-        failed = failed_downloads(self.model_entity, root)  # dtlpy only logs an item it could not download
+        # dtlpy only logs an item it could not download: counted against what the model's subsets select
+        failed = failed_downloads(self.model_entity, root) if self._model_entity is not None else {}
         check_downloads(failed, root)
         self._splits = load_splits(root, resolver=item_resolver(root / PROMPT_IMAGES), cfg=self.cfg,
                                    what="the model's subsets",

@@ -22,6 +22,11 @@ from .zero_shot import class_vectors, labelled_classes, zero_shot_metrics
 
 log = logging.getLogger(__name__)
 
+# Retrieval metrics score every caption against every image ([captions, images] scores, relevance and ranks, about
+# 17 bytes a cell): 4e8 cells (20,000 x 20,000) is ~7 GB. Past it an evaluation set is refused before any embedding.
+MAX_EVAL_CELLS = 400_000_000
+MAX_ZERO_SHOT_CLASSES = 10_000  # zero-shot embeds every class x template; past this it is skipped, with a warning
+
 
 @dataclass
 class PairEmbeddings:
@@ -104,13 +109,28 @@ def evaluate(
     """Text->image and image->text retrieval metrics of `clip` on `pairs` (flat 'direction/metric' keys), with
     duplicates sharing relevance; with two or more class labels among the images, also zero-shot classification
     accuracy ('zero_shot/...', each class the mean of its `templates`). `cache`: see embed_pairs."""
+    check_evaluation_size(pairs)
     emb = embed_pairs(clip, pairs, batch_size, num_workers, progress, cache)
     out = retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image, ks, relevance=emb.relevance())
     classes = labelled_classes(emb.image_labels)
-    if len(classes) >= 2:
+    if len(classes) > MAX_ZERO_SHOT_CLASSES:
+        log.warning("zero-shot accuracy skipped: %d classes is more than %d (each class is embedded with every label "
+                    "template)", len(classes), MAX_ZERO_SHOT_CLASSES)
+    elif len(classes) >= 2:
         vectors = class_vectors(clip, classes, templates, max(batch_size, 256))
         out.update(zero_shot_metrics(emb.image_features, emb.image_labels, classes, vectors))
     return out
+
+
+def check_evaluation_size(pairs: Sequence[CaptionPair]) -> None:
+    """DataError when the evaluation set is too large to score every caption against every image (distinct paths
+    and captions bound the distinct images and captions: checked before any embedding)."""
+    images, captions = len({p.image for p in pairs}), len({p.caption for p in pairs})
+    if images * captions > MAX_EVAL_CELLS:
+        raise DataError(f"the evaluation set of {len(pairs):,} pairs ({captions:,} captions x {images:,} images) is "
+                        f"too large: retrieval metrics score every caption against every image ({images * captions:,} "
+                        f"scores, about {images * captions * 17 / 2**30:,.0f} GB); at most {MAX_EVAL_CELLS:,} are "
+                        "supported. Evaluate on a sample: a smaller validation or test subset, or holdout_max_pairs")
 
 
 def wise_ft_sweep(
