@@ -22,8 +22,9 @@ from .zero_shot import class_vectors, labelled_classes, zero_shot_metrics
 
 log = logging.getLogger(__name__)
 
-# Retrieval metrics score every caption against every image ([captions, images] scores, relevance and ranks, about
-# 17 bytes a cell): 4e8 cells (20,000 x 20,000) is ~7 GB. Past it an evaluation set is refused before any embedding.
+# Retrieval metrics score every caption against every image: the [captions, images] scores and relevance, and their
+# image->text copies, about 10 bytes a cell; 4e8 cells (20,000 x 20,000) is ~4 GB. Past it an evaluation set is
+# refused before any embedding.
 MAX_EVAL_CELLS = 400_000_000
 MAX_ZERO_SHOT_CLASSES = 10_000  # zero-shot embeds every class x template; past this it is skipped, with a warning
 
@@ -129,7 +130,7 @@ def check_evaluation_size(pairs: Sequence[CaptionPair]) -> None:
     if images * captions > MAX_EVAL_CELLS:
         raise DataError(f"the evaluation set of {len(pairs):,} pairs ({captions:,} captions x {images:,} images) is "
                         f"too large: retrieval metrics score every caption against every image ({images * captions:,} "
-                        f"scores, about {images * captions * 17 / 2**30:,.0f} GB); at most {MAX_EVAL_CELLS:,} are "
+                        f"scores, about {images * captions * 10 / 2**30:,.0f} GB); at most {MAX_EVAL_CELLS:,} are "
                         "supported. Evaluate on a sample: a smaller validation or test subset, or holdout_max_pairs")
 
 
