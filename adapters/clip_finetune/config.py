@@ -157,6 +157,11 @@ class FinetuneConfig(BaseModel):
         True, description="drop validation and test pairs whose item id, image path or image content is also in "
         "train (counted in data_report.json); false: keep them, with the warning"
     )
+    leakage_picture_distance: int | None = Field(
+        None, ge=0, le=32, description="also count a validation or test image as in train when its perceptual hash "
+        "is within this many of 64 bits of a train image's: the same picture re-encoded or resized (4: docs/data.md "
+        "has the measured matches); null: by bytes only; needs pip install imagehash"
+    )
     label_templates: list[str] = Field(
         list(DEFAULT_LABEL_TEMPLATES), min_length=1, max_length=100, description="captions of labelled images "
         "without a description: the first template makes the training caption, all of them are averaged for "

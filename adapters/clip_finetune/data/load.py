@@ -114,7 +114,8 @@ def _guard(splits: Splits, opts: SplitOptions) -> Splits:
         pairs = getattr(splits, name)
         if pairs is None or splits.held_out and name == VALIDATION:
             continue
-        kept = drop_train_overlap(name, splits.train, pairs, splits.report(name), opts.drop_train_overlap)
+        kept = drop_train_overlap(name, splits.train, pairs, splits.report(name), opts.drop_train_overlap,
+                                  opts.picture_distance)
         if not kept:
             raise DataError(f"{name}: all {len(pairs)} pairs are also in train (the same items or images), so it "
                             "cannot score the model honestly; give it other items, or set drop_train_overlap to "
