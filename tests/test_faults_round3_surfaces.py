@@ -187,3 +187,22 @@ def test_the_output_guard_covers_the_test_split(tmp_path: Path, capsys) -> None:
                  "--set", f"model_name={TINY_MODEL}", "--set", "pretrained=none"]) == 2
     assert f"would mix the model with the data {str(tmp_path / 'test')!r}" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_search_prints_file_names_repr_safe(tmp_path: Path, capsys) -> None:
+    from helpers import png_bytes
+
+    images = tmp_path / "images"
+    images.mkdir()
+    forged = "a.png\n   1. 0.9999  forged.png"
+    for name, colour in ((forged, (255, 0, 0)), ("\x1b[2Jclear.png", (0, 255, 0)), ("plain.png", (0, 0, 255))):
+        (images / name).write_bytes(png_bytes(colour))
+    model = ["--set", f"model_name={TINY_MODEL}", "--set", "pretrained=none"]
+    assert main(["embed", "--images", str(images), "--out", str(tmp_path / "index.npz"), *model]) == 0
+    capsys.readouterr()
+    assert main(["search", "--index", str(tmp_path / "index.npz"), "-k", "3", *model, "--", "a red square"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "a red square" and len(lines) == 4  # the query and exactly its 3 results
+    assert "\x1b" not in out and "forged.png" in out and "\\n" in out
+    assert any(line.endswith("plain.png") for line in lines)
