@@ -122,3 +122,19 @@ def test_safetensors_on_a_full_disk_is_one_message_and_keeps_the_old_file(tmp_pa
 
     with pytest.raises(SafetensorError):
         atomic_write(target, a_bug)
+
+
+def test_a_checkpoint_with_pairs_out_of_range_is_refused_on_resume(data: Path, tmp_path: Path, monkeypatch,
+                                                                  capsys) -> None:
+    out = tmp_path / "out"
+    monkeypatch.setattr(torch, "save", _FailingSave(torch.save, fail_on=2))  # leaves epoch 1's checkpoint
+    args = ["train", "--data", str(data), "--out", str(out), *TRAIN, "--set", "num_epochs=2"]
+    assert main(args) == 2
+    monkeypatch.undo()
+    state = torch.load(out / CHECKPOINT_NAME, weights_only=True)
+    state["progress"]["bad_pairs"] = [3, 10**6]  # a damaged (or hand-edited) checkpoint
+    torch.save(state, out / CHECKPOINT_NAME)
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "records training pairs out of range ([1000000] of 32): it is damaged" in err and "Traceback" not in err

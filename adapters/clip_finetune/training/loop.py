@@ -37,6 +37,7 @@ from .state import (
     CHECKPOINT_NAME,
     CheckpointCallback,
     Progress,
+    RunMismatch,
     RunState,
     TrainResult,
     epoch_record,
@@ -91,6 +92,18 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
         if out is not None and run.is_main:
             _drop_unfinished_model(run, out, stamp)
         raise
+
+
+def _check_progress(run: RunState, n_pairs: int) -> None:
+    """RunMismatch for a checkpoint whose progress cannot be this run's (damaged, or written by hand): training
+    pairs out of range would fail at the end of the run (the data report names each), a negative position now."""
+    p = run.progress
+    bad = [i for i in p.bad_pairs if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_pairs]
+    if bad or p.epoch < 1 or p.batches_done < 0:
+        what = f"training pairs out of range ({bad[:3]} of {n_pairs})" if bad else \
+            f"epoch {p.epoch}, batch {p.batches_done}"
+        raise RunMismatch(f"{str(run.checkpoint)!r} records {what}: it is damaged; start over without resuming, or "
+                          "delete it")
 
 
 def _epochs(run: RunState, dataset: PairDataset, loss_fn: Callable, splits: Splits, hooks: Hooks, out: Path | None,
@@ -214,6 +227,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     if resume and not (run.checkpoint and run.checkpoint.is_file()):
         log.warning("nothing to resume: no %s in %s; starting from the beginning", CHECKPOINT_NAME, out)
     if resume and run.load_checkpoint(lambda theirs: identity_differences(theirs, run.identity)):
+        _check_progress(run, len(splits.train))
         log.info("resuming from %s: epoch %d, batch %d", run.checkpoint, run.progress.epoch,
                  run.progress.batches_done)
         # the best weights so far (the base's until an epoch beats it) are the artifact in out_dir
