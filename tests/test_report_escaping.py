@@ -86,7 +86,9 @@ def test_only_the_runs_own_pictures_are_inlined_the_rest_refused_and_named(tmp_p
 @pytest.mark.parametrize("damage", [
     ("result.json", "[1, 2, 3]", "is not a JSON object"),
     ("result.json", json.dumps({"history": [{"epoch": "x"}], "before": [1], "after": "x"}), "Fine-tuning report"),
-    ("result.json", json.dumps({"history": 5, "before": {"text_to_image/mrr": None}}), "Fine-tuning report"),
+    ("result.json", json.dumps({"history": [{"epoch": 1, "train_loss": 1.0, "lr": 0.1, "text_to_image/recall@1": 0.5},
+                                            {"epoch": 2, "train_loss": 0.5, "lr": 0.1, "text_to_image/recall@1": "x"}],
+                                "before": {"text_to_image/mrr": None}}), "Training curves"),
     ("data_report.json", json.dumps({"train": [1], "validation": {"skipped": [1, 2], "examples": 3}}), "Data"),
     ("data_report.json", json.dumps({"train": {"skipped": {"bad": "many"}, "examples": {"bad": "x"}}}), "Data"),
     ("state.json", json.dumps({"status": "finished", "created_at": "x"}), "No metrics yet"),

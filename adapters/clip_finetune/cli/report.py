@@ -173,8 +173,10 @@ def _history(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(history, list) or not all(
             isinstance(h, dict) and all(_number(h.get(k)) is not None for k in keys) for h in history):
         return []
-    first = set(history[0]) if history else set()  # a curve is drawn only from a key every epoch holds as a number
-    return [{k: v for k, v in h.items() if k in first and _number(v) is not None} for h in history]
+    # a curve is drawn only from a key every epoch holds as a number
+    common = set.intersection(*({k for k, v in h.items() if _number(v) is not None} for h in history)) \
+        if history else set()
+    return [{k: v for k, v in h.items() if k in common} for h in history]
 
 
 def _curves(result: Mapping[str, Any]) -> str:
