@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
 
 
@@ -28,7 +28,12 @@ def architecture_config(model_name: str) -> dict[str, Any]:
     if model_name.endswith(".json"):
         cfg = _read_config_json(Path(model_name).expanduser(), "model_name: model-config file")
         return model_cfg_of(cfg.get("model_cfg", cfg), f"model_name: {model_name!r}")  # an artifact's config too
-    import open_clip
+    try:
+        import open_clip
+    except Exception as e:  # a broken install (a missing shared library of torch, a version clash): said once
+        raise ModelError(f"model_name {model_name!r} cannot be checked: open_clip does not import ({type(e).__name__}: "
+                         f"{str(e)[:200]}); reinstall it (pip install --force-reinstall open_clip_torch torch); "
+                         "`clip-finetune doctor` lists what is broken") from e
 
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:

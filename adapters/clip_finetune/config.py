@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import string
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -156,6 +157,11 @@ class FinetuneConfig(BaseModel):
         True, description="drop validation and test pairs whose item id, image path or image content is also in "
         "train (counted in data_report.json); false: keep them, with the warning"
     )
+    leakage_picture_distance: int | None = Field(
+        None, ge=0, le=32, description="also count a validation or test image as in train when its perceptual hash "
+        "is within this many of 64 bits of a train image's: the same picture re-encoded or resized (4: docs/data.md "
+        "has the measured matches); null: by bytes only; needs pip install imagehash"
+    )
     label_templates: list[str] = Field(
         list(DEFAULT_LABEL_TEMPLATES), min_length=1, max_length=100, description="captions of labelled images "
         "without a description: the first template makes the training caption, all of them are averaged for "
@@ -256,11 +262,20 @@ class FinetuneConfig(BaseModel):
     @classmethod
     def _templates_name_the_label(cls, v: list[str]) -> list[str]:
         for t in v:
+            # parsed, never formatted here: '{label:>9999999999}' would build a 10 GB string, '{label.__class__}'
+            # reads attributes; only a bare {label} (no attribute, index, conversion or format spec) is allowed
             try:
-                filled = t.format(label="x")
-            except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(f"template {t!r} may only hold {{label}} ({type(e).__name__}: {e})") from None
-            if filled == t:
+                fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(t)
+                          if name is not None]
+            except ValueError as e:
+                raise ValueError(f"template {t!r} may only hold {{label}} ({e}); write a literal brace as {{{{ or "
+                                 "}}") from None
+            odd = next((f for f in fields if f != ("label", "", None)), None)
+            if odd is not None:
+                shown = "{" + odd[0] + (f"!{odd[2]}" if odd[2] else "") + (f":{odd[1]}" if odd[1] else "") + "}"
+                raise ValueError(f"template {t!r} may only hold {{label}}, with no format, attribute or index "
+                                 f"(found {shown[:60]!r})")
+            if not fields:
                 raise ValueError(f"template {t!r} does not hold {{label}}")
         return v
 

@@ -46,10 +46,11 @@ _HINTS = {
     errno.ENAMETOOLONG: "use a shorter name",
     errno.ENOSPC: "free some disk space or write elsewhere",
     errno.EDQUOT: "free some disk space or write elsewhere",
+    errno.EFBIG: "the file-size limit (ulimit -f) was reached; raise it or write elsewhere",
     errno.EROFS: "the file system is read-only; write elsewhere",
     errno.ENOTEMPTY: "the folder is not empty",
 }
-_ANYWHERE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the machine's fault whichever file it was
+_ANYWHERE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # the machine's fault whichever file it was
 
 
 def user_error(e: BaseException) -> ClipFinetuneError | None:

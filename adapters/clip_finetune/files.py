@@ -6,14 +6,17 @@ state, embeddings parts) goes through `atomic_write`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import ClipFinetuneError
 from .inputs import MAX_JSON_BYTES
 from .inputs import read_json as read_bounded_json
 
@@ -31,7 +34,15 @@ def atomic_write(target: str | Path, write: Callable[[Path], Any]) -> None:
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0666 less the umask, read without changing the process's umask
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, ClipFinetuneError):
+            raise
+        except Exception as e:  # torch and safetensors report a full disk as RuntimeError / SafetensorError
+            refused = disk_refusal(e, tmp)
+            if refused is None:
+                raise
+            raise OSError(refused, os.strerror(refused), str(target)) from e
         with open(tmp, "rb+") as f:
             if stat.S_IMODE(os.fstat(f.fileno()).st_mode) != mode:
                 os.fchmod(f.fileno(), mode)
@@ -40,6 +51,36 @@ def atomic_write(target: str | Path, write: Callable[[Path], Any]) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_folder(target.parent)
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's io::Error (safetensors) shows the errno
+_WRITE_FAILED = ("file write failed", "unexpected pos")  # torch's PytorchStreamWriter when a write falls short
+
+
+def disk_refusal(error: BaseException, partial: Path) -> int | None:
+    """The errno behind a writer's non-OSError failure when the disk refused the bytes (full, over the file-size
+    limit, read-only, quota), else None. Read from the message where the library keeps it (safetensors), else
+    asked of the disk: one more byte appended to the partial file fails the same way when the disk is the cause
+    (a full disk or RLIMIT_FSIZE fails the next write too)."""
+    found = _OS_ERROR.search(str(error))
+    if found is not None and int(found.group(1)) in DISK_ERRNOS:
+        return int(found.group(1))
+    if not any(text in str(error) for text in _WRITE_FAILED):
+        return None
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_APPEND)
+    except OSError as e:
+        return e.errno
+    try:
+        os.write(fd, b"\0")
+    except OSError as e:
+        return e.errno
+    finally:
+        os.close(fd)
+    return errno.EIO  # torch could not write it whole, though the disk takes a byte now: an I/O error all the same
+
+
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 
 
 def require_writable(path: str | Path, what: str) -> None:

@@ -11,7 +11,8 @@ Every request is recorded. A route the stand-in does not know answers 404 JSON a
 `server.unhandled`, so a test can assert that dtlpy needed nothing the stand-in lacks.
 
 Faults for reliability tests: `server.fail(method, path_regex, status=500, times=1)`,
-`server.drop(...)` (closes the connection without a reply) and `server.delay(..., seconds=...)`.
+`server.drop(...)` (closes the connection without a reply), `server.truncate(..., keep=0.5)` (the body breaks off
+after half its Content-Length) and `server.delay(..., seconds=...)`.
 
 Fixture: `platform` (defined as `platform_fixture`; import that name into a test module or conftest.py).
 dtlpy is imported lazily, so importing this package does not import dtlpy.

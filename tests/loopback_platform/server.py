@@ -34,11 +34,12 @@ from .wire import Call, _HttpError, _parse_multipart, _read_chunked, _Reply
 class _Fault:
     method: str
     pattern: re.Pattern[str]
-    kind: str  # "status" | "drop" | "delay"
+    kind: str  # "status" | "drop" | "delay" | "truncate"
     status: int = 500
     body: Any = None
     seconds: float = 0.0
     times: int | None = 1  # None: every matching request
+    keep: float = 0.5  # "truncate": the share of the body sent before the connection is cut
 
     def matches(self, method: str, path: str) -> bool:
         return self.times != 0 and self.method in ("*", method) and bool(self.pattern.search(path))
@@ -78,7 +79,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(payload)
+            self.wfile.write(payload if reply.cut_after is None else payload[: reply.cut_after])
+        if reply.cut_after is not None:  # the stream ends short of its Content-Length: the client sees it cut
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.wfile.flush()
+                self.connection.shutdown(2)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
 
@@ -175,6 +181,11 @@ class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines, Regi
         """Close the connection without answering (a network error on the client side)."""
         self._faults.append(_Fault(method.upper(), re.compile(path_regex), "drop", times=times))
 
+    def truncate(self, method: str, path_regex: str, keep: float = 0.5, times: int | None = 1) -> None:
+        """Answer normally, but cut the connection after `keep` of the body (a stream that breaks off mid-file,
+        as a storage backend or proxy dropping it does): Content-Length promises the whole file."""
+        self._faults.append(_Fault(method.upper(), re.compile(path_regex), "truncate", times=times, keep=keep))
+
     def delay(self, method: str, path_regex: str, seconds: float, times: int | None = None) -> None:
         """Sleep `seconds` before answering matching requests (then answer normally)."""
         self._faults.append(_Fault(method.upper(), re.compile(path_regex), "delay", seconds=seconds, times=times))
@@ -198,6 +209,12 @@ class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines, Regi
             call.fault = fault.kind
             if fault.kind == "drop":
                 return None
+            if fault.kind == "truncate":
+                reply = self._route(method, path, call, content_type, body)
+                call.status = reply.status
+                size = len(reply.body) if isinstance(reply.body, bytes) else 0
+                reply.cut_after = int(size * fault.keep)
+                return reply
             call.status = fault.status
             return _Reply(fault.status, fault.body)
         reply = self._route(method, path, call, content_type, body)

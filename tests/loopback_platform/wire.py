@@ -35,6 +35,7 @@ class _Reply:
     body: Any = None  # JSON-able, or bytes for streams
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    cut_after: int | None = None  # send the full Content-Length, then only this many bytes, and close (a cut stream)
 
 
 def _read_chunked(rfile: io.BufferedIOBase) -> bytes:

@@ -40,6 +40,9 @@ def get_model(
     if select_model not in TOWERS:
         raise ConfigError(f"select_model: {select_model!r} is not a tower; use 'clip-text' (texts) or "
                           "'clip-vision' (images)")
+    if not isinstance(artifact, (str, os.PathLike, Run)) or not os.fspath(
+            artifact.path if isinstance(artifact, Run) else artifact).strip():
+        raise ConfigError(f"artifact: expected a saved model folder or a finished Run (got {artifact!r:.80})")
     from ..model.clip import load_artifact
 
     folder = artifact.model_dir if isinstance(artifact, Run) else artifact
@@ -54,6 +57,12 @@ def encode(model: Encoder, data: Sequence[Any] | str | Image.Image, batch_size: 
 
     if not isinstance(model, Encoder):
         raise ConfigError(f"encode: model must be what get_model(...) returns (got {type(model).__name__})")
+    # bool is an int, but batch_size=True is a slip, not a batch of one
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ConfigError(f"encode: batch_size must be a whole number of at least 1 (got {batch_size!r:.80})")
+    if not isinstance(data, (str, os.PathLike, Image.Image, Sequence)) or isinstance(data, (bytes, bytearray)):
+        raise DataError(f"encode: data must be a text, an image (path or PIL) or a list of them "
+                        f"(got {type(data).__name__})")
     items = [data] if isinstance(data, (str, os.PathLike, Image.Image)) else list(data)
     if model.tower == "clip-text":
         if not all(isinstance(t, str) for t in items):

@@ -69,6 +69,9 @@ def fit(
     In the background (default) a worker process the caller need not manage trains; a foreground run that
     fails raises after recording the failure.
     """
+    if train_data is None:  # checked here: the background worker would die on it after the run was made
+        raise DataError("train_data: required; give a path (a Dataloop download, a folder, a CSV/TSV/JSONL table) "
+                        "or a list of (image, caption) pairs")
     cfg = build_config(_model_layer(model, hyperparameters), hyperparameters)
     specs = {"train_data": _check_data(train_data, "train_data"), "eval_data": _check_data(eval_data, "eval_data"),
              "test_data": _check_data(test_data, "test_data")}
@@ -103,6 +106,9 @@ def _model_layer(model: str | os.PathLike, hyperparameters: dict[str, Any]) -> d
     """
     if "model_name" in hyperparameters:
         raise ConfigError("model_name: give the model as fit(model=...), not as a hyperparameter")
+    if not isinstance(model, (str, os.PathLike)) or not os.fspath(model).strip():
+        raise ConfigError(f"model: expected an open_clip architecture name ('ViT-B-32'), a model-config JSON or a "
+                          f"saved model folder (got {model!r:.80})")
     pretrained = hyperparameters.get("pretrained")
     if isinstance(pretrained, str) and Path(pretrained).expanduser().exists():
         hyperparameters["pretrained"] = str(Path(pretrained).expanduser().resolve())

@@ -143,6 +143,12 @@ class Run:
         a model or other files is refused unless `overwrite`."""
         self._require_finished("model")
         target = Path(directory).expanduser()
+        source = (self.path / MODEL_DIR).resolve()
+        where = target.resolve()
+        if where == source or source in where.parents or where in source.parents:
+            # copytree onto or into itself recurses, and over its run folder it would mix the run's files in
+            raise RunError(f"save_artifact: {str(target)!r} is the run's own model folder, inside it or a folder "
+                           "holding it; give a folder outside the run")
         if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
             what = "is a file" if not target.is_dir() else f"already holds {len(list(target.iterdir()))} files"
             raise RunError(f"save_artifact: {str(target)!r} {what}; give a new or empty folder, or overwrite=True")
@@ -161,21 +167,32 @@ class Run:
         files = [self.path / EXAMPLES_DIR / f"{when}.npz" for when in ("before", "after")]
         if not all(f.is_file() for f in files):
             raise RunError(f"run {self.name!r} had no evaluation data, so it has no example results")
-        ranked = []
-        for file in files:
-            d = load_npz(file, EXAMPLE_ARRAYS, ("relevant",), "the run's example embeddings are damaged")
-            images, captions, owner = d["images"].tolist(), d["captions"].tolist(), d["text_to_image"]
-            links = d["relevant"].tolist() if "relevant" in d else list(enumerate(owner.tolist()))
-            idx, scores = top_k_by_dot(d["text_features"], d["image_features"], k)  # [n_texts, k]
-            top = [[(images[i], float(s)) for i, s in zip(row_i, row_s, strict=True)]
-                   for row_i, row_s in zip(idx, scores, strict=True)]
-            relevant: list[list[str]] = [[] for _ in captions]
-            for t, i in links:
-                relevant[t].append(images[i])
-            ranked.append((captions, [images[o] for o in owner], top, relevant))
-        (captions, targets, before, relevant), (_, _, after, _) = ranked
-        return [Example(q, t, b, a, tuple(r))
-                for q, t, b, a, r in zip(captions, targets, before, after, relevant, strict=True)]
+        try:
+            (captions, targets, before, relevant), (_, _, after, _) = (_ranked(file, k) for file in files)
+            return [Example(q, t, b, a, tuple(r))
+                    for q, t, b, a, r in zip(captions, targets, before, after, relevant, strict=True)]
+        except (KeyError, IndexError, ValueError, TypeError) as e:  # shapes or indices that do not fit
+            raise RunError(f"the example files of run {self.name!r} are damaged ({type(e).__name__}: {e}); it has no "
+                           "example results (its model and metrics are unaffected)") from None
+
+
+def _ranked(file: Path, k: int) -> tuple[list[str], list[str], list[list[tuple[str, float]]], list[list[str]]]:
+    """(captions, each caption's image, its top-k (image, score), its relevant images) of one examples file, read
+    bounded (a planted or truncated file is a DataError naming it; an index out of range an IndexError)."""
+    d = load_npz(file, EXAMPLE_ARRAYS, ("relevant",),
+                 "the run's example results are lost; its model and metrics are not")
+    images, captions, owner = d["images"].tolist(), d["captions"].tolist(), d["text_to_image"]
+    links = d["relevant"].tolist() if "relevant" in d else list(enumerate(owner.tolist()))
+    if len(owner) != len(captions) or any(not 0 <= int(i) < len(images) for i in owner.tolist()) or any(
+            not (0 <= int(t) < len(captions) and 0 <= int(i) < len(images)) for t, i in links):
+        raise IndexError(f"{len(captions)} captions, {len(images)} images: a pair or caption owner is out of range")
+    idx, scores = top_k_by_dot(d["text_features"], d["image_features"], k)  # [n_texts, k]
+    top = [[(images[i], float(s)) for i, s in zip(row_i, row_s, strict=True)]
+           for row_i, row_s in zip(idx, scores, strict=True)]
+    relevant: list[list[str]] = [[] for _ in captions]
+    for t, i in links:
+        relevant[int(t)].append(images[int(i)])
+    return captions, [images[int(o)] for o in owner], top, relevant
 
 
 @at_boundary

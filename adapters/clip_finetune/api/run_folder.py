@@ -196,5 +196,5 @@ def refresh_state(run_dir: Path) -> dict[str, Any]:
         only_if=lambda s: s["status"] not in TERMINAL and not worker_alive(s),
         status="failed", error=WORKER_DIED, finished_at=now(),
         details=f"{WORKER_DIED}: process {state['pid']} ended without reporting a result (killed, out of "
-                f"memory, or the machine restarted) while {state['details']!r}; see {LOG_NAME}",
+                f"memory, or the machine restarted) while {state.get('details')!r}; see {LOG_NAME}",
     )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import platform
 import shutil
+import subprocess
 import sys
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -44,6 +47,28 @@ class Checks:
 
 
 def run_doctor(cfg: FinetuneConfig, out: str | Path = ".") -> Checks:
+    checks = _packages()
+    broken = _imports(checks)
+    if "torch" not in broken:
+        _device(checks, cfg)
+    if not broken & {"torch", "open_clip"}:
+        _weights(checks, cfg)
+    _disk(checks, Path(out))
+    return checks
+
+
+def doctor_without_config(error: BaseException, out: str | Path = ".") -> Checks | None:
+    """The report when the configuration itself could not be read because torch or open_clip cannot be imported
+    (validating a model name imports open_clip); None when the imports work (a plain bad configuration)."""
+    checks = _packages()
+    if not _imports(checks):
+        return None
+    checks.add("problem", "configuration", f"not checked: {str(error)[:300]}")
+    _disk(checks, Path(out))
+    return checks
+
+
+def _packages() -> Checks:
     checks = Checks()
     checks.add("ok", "python", f"{platform.python_version()} ({sys.executable})")
     checks.add("ok", "clip-finetune", _version("clip-finetune") or "not installed (running from a checkout)")
@@ -54,10 +79,34 @@ def run_doctor(cfg: FinetuneConfig, out: str | Path = ".") -> Checks:
         missing = [n for n in names if not _version(n)]
         checks.add("ok" if not missing else "warning", f"extra [{extra}]",
                    "installed" if not missing else f"missing {', '.join(missing)}: pip install -e \".[{extra}]\"")
-    _device(checks, cfg)
-    _weights(checks, cfg)
-    _disk(checks, Path(out))
     return checks
+
+
+def _imports(checks: Checks) -> set[str]:
+    """Import what a run imports: an installed package that cannot import (a broken wheel, a missing shared
+    library, a version clash) is a problem, not a crash of doctor. Returns the modules that failed."""
+    broken = set()
+    for module in ("torch", "open_clip"):
+        try:
+            importlib.import_module(module)
+        except Exception as e:  # any failure of the import is the report: ImportError, OSError, RuntimeError, ...
+            broken.add(module)
+            checks.add("problem", f"import {module}", f"fails: {type(e).__name__}: {str(e)[:200]}; reinstall it "
+                       f"(pip install --force-reinstall {_DISTRIBUTION[module]})")
+    # dtlpy in a child process: only dataloop/ imports it here, and its import writes under $DATALOOP_PATH
+    try:
+        child = subprocess.run([sys.executable, "-c", "import dtlpy"], capture_output=True, text=True, timeout=120)
+        failure = child.stderr.strip().splitlines()[-1:] if child.returncode else []
+    except (OSError, subprocess.TimeoutExpired) as e:
+        failure = [f"{type(e).__name__}: {e}"]
+    if failure:
+        broken.add("dtlpy")
+        checks.add("problem", "import dtlpy", f"fails: {failure[0][:200]}; the Dataloop app needs it; reinstall it "
+                   "(pip install --force-reinstall dtlpy)")
+    return broken
+
+
+_DISTRIBUTION = {"torch": "torch", "open_clip": "open_clip_torch"}
 
 
 def _version(distribution: str) -> str | None:
@@ -83,7 +132,13 @@ def _device(checks: Checks, cfg: FinetuneConfig) -> None:
     else:
         checks.add("warning" if cfg.device == "cuda" else "ok", "cuda", "no GPU visible: training runs on the CPU "
                    "(fine for the demo and small runs; a GPU is ~50x faster for ViT-B-32)")
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..model.safe_load import check_device
+
+    try:  # meta, an absent mps or cuda:7 cannot run a model here: the run would stop at once
+        device = check_device(torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    except ClipFinetuneError as e:
+        checks.add("problem", "device", str(e))
+        return
     try:  # the CPU bf16 rule depends on the model's width
         model_cfg = architecture_config(cfg.model_name)
     except ClipFinetuneError:
@@ -102,7 +157,9 @@ def _weights(checks: Checks, cfg: FinetuneConfig) -> None:
         checks.add("ok", "weights", f"{cfg.model_name}: random init (nothing to download)")
         return
     if Path(cfg.pretrained).expanduser().exists():
-        checks.add("ok", "weights", f"local {cfg.pretrained}")
+        problem = _local_weights_problem(Path(cfg.pretrained).expanduser())
+        checks.add("problem" if problem else "ok", "weights", f"local {cfg.pretrained}" + (
+            f": {problem}; set pretrained to a weights file or a saved model folder" if problem else ""))
         return
     # an architecture from a JSON file is registered under the file's stem (model/clip.py)
     name = Path(cfg.model_name).stem if cfg.model_name.endswith(".json") else cfg.model_name
@@ -116,6 +173,32 @@ def _weights(checks: Checks, cfg: FinetuneConfig) -> None:
     else:
         checks.add("problem", "weights", f"{what}: not cached and {why}; copy the cache here or set pretrained to a "
                    "local weights file or saved model folder")
+
+
+def _local_weights_problem(path: Path) -> str | None:
+    """Why `path` cannot be the pretrained weights (None when it looks like them): a saved model folder, a whole
+    safetensors file, or torch's zip (or older pickle) format. Only the header is read: doctor stays quick."""
+    from ..model.clip import is_artifact_dir
+    from ..model.safe_load import check_safetensors
+
+    if path.is_dir():
+        return None if is_artifact_dir(path) else "a folder that is not a saved model (no open_clip_config.json)"
+    if not path.is_file():
+        return "not a regular file"
+    if path.suffix == ".safetensors":
+        try:
+            check_safetensors(path, "pretrained")
+        except ClipFinetuneError as e:
+            return str(e)
+        return None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # torch.save's zip, or its pre-1.6 pickle
+        return None
+    return "not a weights file (neither safetensors nor torch's format)"
 
 
 def _disk(checks: Checks, out: Path) -> None:

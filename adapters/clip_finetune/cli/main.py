@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import ConfigError, DataError, user_error
 from .index_cmd import cmd_index
 from .parser import build_parser
-from .runs import cmd_runs
+from .runs import cmd_runs, printable
 from .share import SHARE_COMMANDS
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args)  # validated before any data is read
     if not int(os.environ.get("RANK", "0")):  # rank 0 writes --out (under torchrun the others find it in use)
-        check_output_folder(args.out, (args.data, args.validation), overwrite=args.overwrite, resume=args.resume)
+        check_output_folder(args.out, (args.data, args.validation, args.test), overwrite=args.overwrite,
+                            resume=args.resume)
     splits = load_splits(args.data, args.validation, test=args.test, cfg=cfg, what="--data")
     result = finetune(cfg, splits, args.out, resume=args.resume)  # also writes data_report.json
     if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 writes and prints for the run
@@ -162,18 +163,19 @@ def cmd_embed(args: argparse.Namespace) -> int:
         require_writable(args.out, "--out")
     else:
         check_embeddings_out(args.out)  # suffix, folder, packages: before the work, not after it
-    clip, cfg = _load_clip(args)
     kind = "images" if args.images else "texts"
+    texts = None if args.images else _list_texts(args.texts)
+    if texts is not None and not texts:  # before the model loads; never a 0-row index
+        raise DataError(f"--texts {args.texts!r}: nothing to embed (no line holds text); give one text a line")
+    clip, cfg = _load_clip(args)
     if cfg.compile and args.images:
         from ..model.compiling import compile_module
 
         compile_module(clip.model.visual, "the image tower")
-    items = _list_images(args.images) if args.images else _list_texts(args.texts)
+    items = _list_images(args.images) if args.images else texts
     if args.images and not items:
         raise DataError(f"--images {args.images!r}: no images found")
     if spec is not None:
-        if not items:
-            raise DataError(f"--texts {args.texts!r}: nothing to embed")
         settings = {"max_image_pixels": cfg.max_image_pixels} if args.images else {}
         print(embed_shard(clip, kind, items, args.out, spec, cfg.batch_size, cfg.num_workers, settings).summary)
         return 0
@@ -194,9 +196,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     hits_per_query = search_texts(clip, index, args.queries, args.k)
     print(f"answered by the {index.describe()}", file=sys.stderr)  # on stderr: stdout stays the results alone
     for query, hits in zip(args.queries, hits_per_query, strict=True):
-        print(f"{query}")
+        print(printable(query))
         for rank, (item, score) in enumerate(hits, 1):
-            print(f"  {rank:2d}. {score:.4f}  {item}")
+            print(f"  {rank:2d}. {score:.4f}  {printable(str(item))}")
     return 0
 
 
@@ -227,9 +229,16 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import run_doctor
+    from .doctor import doctor_without_config, run_doctor
 
-    checks = run_doctor(_load_cfg(args), args.out)
+    try:
+        cfg = _load_cfg(args)
+    except Exception as e:  # a broken torch or open_clip fails the configuration itself: doctor reports that
+        checks = doctor_without_config(e, args.out)
+        if checks is None:
+            raise
+    else:
+        checks = run_doctor(cfg, args.out)
     print(checks.render())
     print(f"\n{checks.problems} problem(s)" if checks.problems else "\nno problems found")
     return 1 if checks.problems else 0

@@ -68,8 +68,47 @@ class _Sources:
         for folder in (self.run, self.model, self.folder):
             for name in names:
                 if folder is not None and (folder / name).is_file():
-                    return read_json(folder / name)  # bounded: a damaged file is a DataError naming it
+                    data = read_json(folder / name)  # bounded: a damaged file is a DataError naming it
+                    if not isinstance(data, dict):
+                        raise DataError(f"report: {str(folder / name)!r} is not a JSON object (damaged or written "
+                                        "by hand); restore it or delete it")
+                    return data
         return {}
+
+    def image_roots(self) -> tuple[list[Path], set[Path]]:
+        """The folders (and single files) whose images a report may inline: the run or model folder, and the data
+        the run recorded in request.json (a folder, a table's folder, the images fit() listed in its own tables).
+        Any other path an example names is refused: a run folder from someone else must not pull your files
+        into the page you share."""
+        roots, files = [self.folder.resolve(), self.model.resolve()], set()
+        request = self.json("request.json") if self.run is not None else {}
+        for key in ("train_data", "eval_data", "test_data"):
+            value = request.get(key)
+            if not isinstance(value, str) or not value or "\x00" in value:
+                continue
+            path = Path(value).resolve()
+            roots.append(path if path.is_dir() else path.parent)
+            if path.is_file() and self.run is not None and self.run.resolve() in path.parents:
+                files |= _table_images(path)  # fit()'s in-memory pairs: the image paths the caller gave
+        return roots, files
+
+
+def _table_images(table: Path) -> set[Path]:
+    from ..data.tables import read_table
+
+    try:
+        return {Path(p.image).resolve() for p in read_table(table)}
+    except DataError:  # a damaged table allows nothing more
+        return set()
+
+
+def _text(value: Any) -> str:
+    """Any value of a run's files as HTML text: escaped, whatever its type (the files may come from anyone)."""
+    return html.escape(str(value))
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def render(page: _Sources) -> str:
@@ -88,19 +127,18 @@ def render(page: _Sources) -> str:
 
 def _summary(result: Mapping[str, Any], state: Mapping[str, Any]) -> str:
     if not result:
-        status, details = html.escape(str(state.get("status", "unknown"))), html.escape(str(state.get("details", "")))
+        status, details = _text(state.get("status", "unknown")), _text(state.get("details", ""))
         return f"<p class='note'>No metrics yet: the run is {status} ({details}).</p>"
     rows = [("best epoch", result.get("best_epoch")), ("selection metric", result.get("metric")),
-            ("epochs trained", len(result.get("history") or [])), ("WiSE-FT alpha", result.get("wise_ft_alpha", 1.0)),
+            ("epochs trained", len(_history(result))), ("WiSE-FT alpha", result.get("wise_ft_alpha", 1.0)),
             ("training images that could not be decoded", result.get("skipped_images", 0))]
-    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>"
-                    for k, v in rows if v is not None)
-    note = f"<p class='note'>{html.escape(result['note'])}</p>" if result.get("note") else ""
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{_text(v)}</td></tr>" for k, v in rows if v is not None)
+    note = f"<p class='note'>{_text(result['note'])}</p>" if result.get("note") else ""
     return f"<h2>Summary</h2><table>{table}</table>{note}"
 
 
 def _metrics(result: Mapping[str, Any]) -> str:
-    before, after = result.get("before") or {}, result.get("after") or {}
+    before, after = (v if isinstance(v, dict) else {} for v in (result.get("before"), result.get("after")))
     if not before and not after:
         return "<h2>Retrieval metrics</h2><p>No validation data: no metrics.</p>"
     rows = []
@@ -109,7 +147,7 @@ def _metrics(result: Mapping[str, Any]) -> str:
         for name in DEFAULT_TABLE_METRICS:
             key = f"{direction}/{name}"
             if key in before or key in after:
-                rows.append(_metric_row(name, before.get(key), after.get(key)))
+                rows.append(_metric_row(name, _number(before.get(key)), _number(after.get(key))))
     head = "<tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>"
     return f"<h2>Retrieval metrics (validation)</h2><table>{head}{''.join(rows)}</table>"
 
@@ -128,14 +166,29 @@ def _metric_row(name: str, before: float | None, after: float | None) -> str:
             f"<td class='num {cls}'>{change}</td></tr>")
 
 
+def _history(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The per-epoch records, when each is a record with the numbers the curves need (else none: no curves)."""
+    history = result.get("history")
+    keys = ("epoch", "train_loss", "lr")
+    if not isinstance(history, list) or not all(
+            isinstance(h, dict) and all(_number(h.get(k)) is not None for k in keys) for h in history):
+        return []
+    # a curve is drawn only from a key every epoch holds as a number
+    common = set.intersection(*({k for k, v in h.items() if _number(v) is not None} for h in history)) \
+        if history else set()
+    return [{k: v for k, v in h.items() if k in common} for h in history]
+
+
 def _curves(result: Mapping[str, Any]) -> str:
-    history = result.get("history") or []
+    history = _history(result)
     if not history:
         return ""
     from .plots import plot_training_curves
 
+    before = {k: v for k, v in result["before"].items() if _number(v) is not None} if isinstance(
+        result.get("before"), dict) else None
     with tempfile.TemporaryDirectory() as tmp:
-        png = plot_training_curves(history, Path(tmp) / "curves.png", before=result.get("before"))
+        png = plot_training_curves(history, Path(tmp) / "curves.png", before=before)
         data = png.read_bytes()
     return f"<h2>Training curves</h2><img alt='training curves' style='max-width:100%' src='{_data_uri(data, 'png')}'>"
 
@@ -145,45 +198,77 @@ def _data_report(report: Mapping[str, Any]) -> str:
         return ""
     rows = []
     for split, r in report.items():
-        skipped = r.get("skipped") or {}
-        examples = r.get("examples") or {}
-        reasons = "; ".join(f"{n} {html.escape(reason)} (e.g. {html.escape(', '.join(examples.get(reason, [])[:3]))})"
+        r = r if isinstance(r, dict) else {}
+        skipped = {k: n for k, n in (r.get("skipped") or {}).items() if _number(n) is not None} if isinstance(
+            r.get("skipped"), dict) else {}
+        examples = r.get("examples") if isinstance(r.get("examples"), dict) else {}
+        reasons = "; ".join(f"{_text(n)} {_text(reason)} (e.g. {_examples_of(examples.get(reason))})"
                             for reason, n in skipped.items()) or "none"
-        rows.append(f"<tr><td>{html.escape(split)}</td><td class='num'>{r.get('used', 0)}</td>"
-                    f"<td class='num'>{sum(skipped.values())}</td><td>{reasons}</td></tr>")
+        rows.append(f"<tr><td>{_text(split)}</td><td class='num'>{_text(r.get('used', 0))}</td>"
+                    f"<td class='num'>{_text(sum(skipped.values()))}</td><td>{reasons}</td></tr>")
     head = "<tr><th>split</th><th>pairs used</th><th>skipped</th><th>why</th></tr>"
     return f"<h2>Data</h2><table>{head}{''.join(rows)}</table>"
+
+
+def _examples_of(examples: Any) -> str:
+    return _text(", ".join(str(e) for e in examples[:3])) if isinstance(examples, list) else ""
 
 
 def _examples(page: _Sources) -> str:
     if page.run is None or not (page.run / "examples" / "after.npz").is_file():
         return ""
     from ..api.run import Run
+    from ..errors import ClipFinetuneError
 
-    examples = Run(page.run).example_results(k=5)
+    try:
+        examples = Run(page.run).example_results(k=5)
+    except ClipFinetuneError as e:  # damaged example files: the rest of the report still stands
+        return f"<h2>Examples</h2><p class='note'>No examples: {_text(e)}</p>"
     improved = [e for e in examples if e.hit_after and not e.hit_before][:EXAMPLES_SHOWN]
     worse = [e for e in examples if e.hit_before and not e.hit_after][:EXAMPLES_SHOWN]
     counts = (f"<p>Of {len(examples)} validation captions, the described image entered the top 5 for "
               f"{sum(e.hit_after and not e.hit_before for e in examples)} and left it for "
               f"{sum(e.hit_before and not e.hit_after for e in examples)}.</p>")
-    return ("<h2>Examples</h2>" + counts + "<h3>Improved</h3>" + _example_list(improved)
-            + "<h3>Got worse</h3>" + _example_list(worse))
+    pictures = _Pictures(*page.image_roots())
+    lists = "<h3>Improved</h3>" + _example_list(improved, pictures) + "<h3>Got worse</h3>" + _example_list(
+        worse, pictures)
+    refused = ""
+    if pictures.refused:
+        refused = (f"<p class='note'>{len(pictures.refused)} pictures not shown: they lie outside the run folder and "
+                   f"the data it recorded (e.g. {_text(sorted(pictures.refused)[0])}).</p>")
+    return "<h2>Examples</h2>" + counts + refused + lists
 
 
-def _example_list(examples: Sequence[Any]) -> str:
+class _Pictures:
+    """Thumbnails of the images inside the allowed roots; the paths outside them are refused and remembered."""
+
+    def __init__(self, roots: Sequence[Path], files: set[Path]) -> None:
+        self.roots, self.files, self.refused = roots, files, set()
+
+    def uri(self, path: Any) -> str:
+        if not isinstance(path, str) or "\x00" in path:
+            return ""
+        real = Path(path).resolve()  # symlinks followed: a link inside the run to /home/... is outside
+        if real not in self.files and not any(real.is_relative_to(root) for root in self.roots):
+            self.refused.add(path)
+            return ""
+        return _thumbnail(str(real))
+
+
+def _example_list(examples: Sequence[Any], pictures: _Pictures) -> str:
     if not examples:
         return "<p>none</p>"
     blocks = []
     for e in examples:
-        rows = "".join(f"<div class='row'><span>{when}</span>{_thumbs(hits, e.image)}</div>"
+        rows = "".join(f"<div class='row'><span>{when}</span>{_thumbs(hits, e.image, pictures)}</div>"
                        for when, hits in (("before", e.before), ("after", e.after)))
-        blocks.append(f"<div class='example'><b>&ldquo;{html.escape(e.query)}&rdquo;</b>{rows}</div>")
+        blocks.append(f"<div class='example'><b>&ldquo;{_text(e.query)}&rdquo;</b>{rows}</div>")
     return "".join(blocks)
 
 
-def _thumbs(hits: Sequence[tuple[str, float]], target: str) -> str:
-    return "".join(f"<img class='t{' hit' if path == target else ''}' title='{html.escape(Path(path).name)} "
-                   f"({score:.3f})' alt='{html.escape(Path(path).name)}' src='{_thumbnail(path)}'>"
+def _thumbs(hits: Sequence[tuple[str, float]], target: str, pictures: _Pictures) -> str:
+    return "".join(f"<img class='t{' hit' if path == target else ''}' title='{_text(Path(path).name)} "
+                   f"({score:.3f})' alt='{_text(Path(path).name)}' src='{pictures.uri(path)}'>"
                    for path, score in hits)
 
 

@@ -34,8 +34,20 @@ def _runs_dir_here_too(p: argparse.ArgumentParser) -> None:
 
 
 def _progress(state: dict[str, Any]) -> str:
-    p = state.get("progress") or {}
-    return f"{p['epoch']}/{p['num_epochs']}" if p else "-"
+    p = state.get("progress")
+    return f"{p.get('epoch', '?')}/{p.get('num_epochs', '?')}" if isinstance(p, dict) and p else "-"
+
+
+def _row(state: dict[str, Any]) -> tuple[str, ...]:
+    """A run's line: fields a damaged or hand-written state lacks show as '-', printed repr-safe (no escape codes)."""
+    cells = (state.get("name"), state.get("status"), _progress(state), state.get("created_at"), state.get("details"))
+    return tuple("-" if c is None else printable(str(c)) for c in cells)
+
+
+def printable(text: str) -> str:
+    """`text` as one terminal line: with a control character (an escape code, a newline that would forge a line)
+    it prints as its repr, escapes visible."""
+    return text if text.isprintable() else repr(text)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -47,7 +59,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             print("no runs")
             return 0
         rows = [("NAME", "STATUS", "EPOCH", "CREATED", "DETAILS")]
-        rows += [(s["name"], s["status"], _progress(s), s["created_at"], s["details"]) for s in states]
+        rows += [_row(s) for s in states]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])

@@ -117,7 +117,8 @@ def _guard(splits: Splits, opts: SplitOptions) -> Splits:
         pairs, reference = getattr(splits, name), getattr(splits, against)
         if not pairs or reference is None or splits.held_out and name == VALIDATION:
             continue
-        kept = drop_train_overlap(name, reference, pairs, splits.report(name), opts.drop_train_overlap, against)
+        kept = drop_train_overlap(name, reference, pairs, splits.report(name), opts.drop_train_overlap, against,
+                                  opts.picture_distance)
         if not kept:
             raise DataError(f"{name}: all {len(pairs)} pairs are also in {against} (the same items or images), so "
                             "it cannot score the model honestly; give it other items, or set drop_train_overlap to "

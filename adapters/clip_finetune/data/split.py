@@ -16,6 +16,7 @@ from ..config import FinetuneConfig
 from .identity import content_key, linked_groups, normalise_caption
 from .labels import DEFAULT_TEMPLATE
 from .pairs import CaptionPair, DataReport, has_item_id, item_key
+from .perceptual import PictureIndex
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +36,14 @@ class SplitOptions:
     seed: int = _default("seed")  # type: ignore[assignment]
     drop_train_overlap: bool = _default("drop_train_overlap")  # type: ignore[assignment]
     label_template: str = DEFAULT_TEMPLATE
+    picture_distance: int | None = None  # leakage_picture_distance: the perceptual check (data/perceptual.py)
 
     @classmethod
     def of(cls, cfg: FinetuneConfig | None) -> SplitOptions:
         if cfg is None:
             return cls()
         return cls(cfg.holdout_fraction, cfg.holdout_max_pairs, cfg.seed, cfg.drop_train_overlap,
-                   cfg.label_templates[0])
+                   cfg.label_templates[0], cfg.leakage_picture_distance)
 
 
 def drop_duplicate_pairs(name: str, pairs: list[CaptionPair], report: DataReport) -> list[CaptionPair]:
@@ -99,13 +101,16 @@ def hold_out(train: list[CaptionPair], opts: SplitOptions, report: DataReport
 
 
 def drop_train_overlap(name: str, train: Sequence[CaptionPair], pairs: list[CaptionPair], report: DataReport,
-                       drop: bool = True, against: str = "train") -> list[CaptionPair]:
+                       drop: bool = True, against: str = "train", picture_distance: int | None = None
+                       ) -> list[CaptionPair]:
     """`pairs` (validation or test) without those also in train (or the split `against` names, e.g. test
-    against validation): the same item id, image path or image content. Counted per reason in `report` (dropped)
-    or its note (drop=False: kept), and warned about."""
+    against validation): the same item id, image path or image content, and with `picture_distance` the same
+    picture (a perceptual hash within that many bits). Counted per reason in `report` (dropped) or its note
+    (drop=False: kept), and warned about."""
     ids = {item_key(p) for p in train if has_item_id(p)}
     paths = {os.path.normpath(p.image) for p in train}
     contents = {content_key(p.image) for p in train}
+    pictures = PictureIndex(p.image for p in train) if picture_distance is not None else None
     counts: Counter[str] = Counter()
     kept = []
     for p in pairs:
@@ -115,6 +120,8 @@ def drop_train_overlap(name: str, train: Sequence[CaptionPair], pairs: list[Capt
             reason = "image path"
         elif content_key(p.image) in contents:
             reason = "image content"
+        elif pictures is not None and (bits := pictures.nearest(p.image)) is not None and bits <= picture_distance:
+            reason = "same picture"
         else:
             kept.append(p)
             continue

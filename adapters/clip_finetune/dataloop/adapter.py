@@ -25,6 +25,7 @@ from adapters.clip_finetune.dataloop.boundary import guarded
 from adapters.clip_finetune.dataloop.charts import evaluation_samples, plot_samples, publish
 from adapters.clip_finetune.dataloop.configuration import config_from_model, sync_embedding_keys
 from adapters.clip_finetune.dataloop.dataset_embedding import embed_dataset as embed_dataset_files
+from adapters.clip_finetune.dataloop.downloads import check_downloads, count_failed, failed_downloads
 from adapters.clip_finetune.dataloop.embed_job import EmbedJob, EmbedLocks, embed_prepared, run_job, without_unstored
 from adapters.clip_finetune.dataloop.items import PROMPT_IMAGES, PreparedItem, item_resolver, prepare_item
 from adapters.clip_finetune.dataloop.platform import as_filters
@@ -62,6 +63,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         self._failed = False  # training failed: nothing trained to save or upload
         self._cfg_model_id: str | None = None  # the model self.cfg was validated for
         self._weights: tuple | None = None  # weights_stamp of the model's artifacts the weights in memory came from
+        self._base_weights = False  # the weights in memory are the configured base model's: no trained artifacts
         super().__init__(model_entity=model_entity)  # calls load_from_model when given a model
 
     # --- configuration and weights ---------------------------------------------------------------------
@@ -81,8 +83,9 @@ class ClipAdapter(dl.BaseModelAdapter):
         if self._cfg_model_id != self.model_entity.id:  # load() called without load_from_model
             self._validate_config(self.model_entity)
         self._artifacts_dir = Path(local_path)
-        self.clip = load_artifact(local_path, self.cfg.device, self.cfg.precision) if is_artifact_dir(local_path) \
-            else load_model(self.cfg)
+        self._base_weights = not is_artifact_dir(local_path)
+        self.clip = load_model(self.cfg) if self._base_weights \
+            else load_artifact(local_path, self.cfg.device, self.cfg.precision)
         self.model = self.clip.model
         sync_embedding_keys(self.model_entity, self.clip, self.cfg)
 
@@ -131,14 +134,33 @@ class ClipAdapter(dl.BaseModelAdapter):
 
     # --- training ---------------------------------------------------------------------------------------
 
+    def prepare_data(self, dataset: dl.Dataset, root_path: str | None = None, data_path: str | None = None,
+                     output_path: str | None = None, overwrite: bool = False, **kwargs: Any) -> tuple[str, str, str]:
+        """dtlpy's download of the subsets; when it fails because a subset's every item failed to download (dtlpy
+        1.126 then ends in a TypeError of its own), the error says so."""
+        try:
+            return super().prepare_data(dataset, root_path=root_path, data_path=data_path, output_path=output_path,
+                                        overwrite=overwrite, **kwargs)
+        except (TypeError, ValueError):
+            # where dtlpy put the download (train_model passes root_path; its default data_path lies under it)
+            folder = data_path or self.adapter_defaults.resolve("data_path", None) or (
+                str(Path(root_path) / "datasets" / dataset.id) if root_path else None)
+            if folder is not None and Path(folder).is_dir():
+                check_downloads(failed_downloads(self.model_entity, Path(folder)), Path(folder))
+            raise
+
     def convert_from_dtlpy(self, data_path: str, **kwargs: Any) -> None:
         """Read and check the downloaded subsets (prepare_data calls this right after downloading), so a subset
         with no usable pairs fails here, before training starts."""
         root = Path(data_path)
+        # dtlpy only logs an item it could not download: counted against what the model's subsets select
+        failed = failed_downloads(self.model_entity, root) if self._model_entity is not None else {}
+        check_downloads(failed, root)
         self._splits = load_splits(root, resolver=item_resolver(root / PROMPT_IMAGES), cfg=self.cfg,
                                    what="the model's subsets",
                                    no_pairs_hint=SUBSETS_HINT, no_train_hint="define metadata.system.subsets.train "
                                    "on the model")
+        count_failed(failed, self._splits.reports)
         self.data_reports = self._splits.reports
         self._splits_root = root.resolve()
 
@@ -161,6 +183,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         publish(self.model_entity, plot_samples(0, self.result.selection.get("before", {})))
         self._trained_dir = Path(output_path).resolve()
         self._failed = False
+        self._base_weights = False
         logger.info("best epoch %d; before/after on the %s subset:\n%s", self.result.best_epoch,
                     "test" if self.result.scored_on == "test" else "validation",
                     format_table(self.result.before, self.result.after) if self.result.before else "(none)")
@@ -198,6 +221,7 @@ class ClipAdapter(dl.BaseModelAdapter):
         embed_report and listed. As in dtlpy, prompt items are uploaded only with upload_features=True, and the
         return value is the items that have a vector and their vectors, in input order; `only_stored` (a caller
         that only fills the feature set) does not embed the items whose vectors would not be stored."""
+        self._require_trained_weights()
         items = list(items) if isinstance(items, list | tuple) else [items]
         if upload_features is None:
             upload_features = self.model_entity.configuration.get("upload_features")  # the raw dict: no write
@@ -206,6 +230,16 @@ class ClipAdapter(dl.BaseModelAdapter):
             items = without_unstored(self.model_entity, items)
         job = EmbedJob(self.model_entity, items, feature_set, upload_prompts=upload_features is True)
         return run_job(job, self.prepare_item_func, self.embed, batch_size or self.cfg.batch_size, progress)
+
+    def _require_trained_weights(self) -> None:
+        """A model whose artifacts hold no trained weights loaded the configured base model: its vectors would be
+        stored as the model's own. Only a pre-trained entity (the app's shipped models) embeds with them."""
+        status = self.model_entity.status
+        if self._base_weights and status != "pre-trained":
+            raise ModelError(f"model {self.model_entity.name!r} (status {status!r}) has no trained weights in its "
+                             f"artifacts: embedding would store the base model's vectors ({self.cfg.model_name}) as "
+                             "its own; train it first (its artifacts then hold the weights), or embed with a "
+                             "pre-trained model")
 
     @dl.Package.decorators.function(
         display_name="Embed Dataset with DQL",

@@ -45,7 +45,12 @@ def config_from_model(model: dl.Model) -> FinetuneConfig:
     the configuration is one merged dict (Create New Model merges a pipeline's "Model config" over the base
     model's, whose embeddings_size names the base architecture), so a user choosing another model_name there
     could never set both right. The size is derived, and sync_embedding_keys writes it back to the model."""
-    hparams = hyperparameters(dict(model.configuration or {}))
+    raw = model.configuration
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"model {model.name!r} ({model.id}): its configuration is a JSON {type(raw).__name__}, not "
+                          "an object of hyperparameters; set it to an object such as {\"num_epochs\": 10}, or {} for "
+                          "the defaults")
+    hparams = hyperparameters(dict(raw or {}))
     hparams.pop("embeddings_size", None)
     try:
         return build_config(hparams, saved_model=bool(model.model_artifacts))

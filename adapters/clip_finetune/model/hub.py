@@ -11,7 +11,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import ParseResult, urlparse
 
 import open_clip
 from huggingface_hub import constants as hf_constants
@@ -31,6 +31,7 @@ class WeightsSource:
     where: str  # "hf-hub:<repo>" or the download URL
     host: str  # the host a download would contact
     cached: str | None  # the cached file, when there is one
+    port: int = 443  # the port a download would contact: a mirror in HF_ENDPOINT may listen on another
 
     def describe(self) -> str:
         return f"{self.where} ({'cached at ' + self.cached if self.cached else 'not cached'})"
@@ -49,10 +50,21 @@ def weights_source(model_name: str, tag: str) -> WeightsSource | None:
         if filename.endswith((".bin", ".pth")):
             names.insert(0, filename[:-4] + ".safetensors")
         cached = next((c for n in names if isinstance(c := try_to_load_from_cache(repo, n), str)), None)
-        return WeightsSource(f"hf-hub:{repo}", urlparse(hf_constants.ENDPOINT).hostname or "huggingface.co", cached)
+        endpoint = urlparse(hf_constants.ENDPOINT)
+        return WeightsSource(f"hf-hub:{repo}", endpoint.hostname or "huggingface.co", cached, _port(endpoint))
     url = cfg.get("url", "")
     local = URL_CACHE.expanduser() / os.path.basename(url)
-    return WeightsSource(url, urlparse(url).hostname or "", str(local) if local.is_file() else None)
+    return WeightsSource(url, urlparse(url).hostname or "", str(local) if local.is_file() else None,
+                         _port(urlparse(url)))
+
+
+def _port(url: ParseResult) -> int:
+    """The URL's port: the one it names, else its scheme's (80 for http, 443 otherwise); a malformed port 443."""
+    try:
+        port = url.port
+    except ValueError:  # 'http://mirror:notaport': the download fails on its own, and says so
+        port = None
+    return port or (80 if url.scheme == "http" else 443)
 
 
 def hub_offline() -> bool:
@@ -73,8 +85,9 @@ def download_blocked(source: WeightsSource) -> str | None:
     """Why weights that are not cached cannot be downloaded now; None when the hub can be used."""
     if hub_offline():
         return "HF_HUB_OFFLINE is set"
-    if not reachable(source.host):
-        return f"{source.host} cannot be reached from this machine"
+    if not reachable(source.host, source.port):
+        shown = source.host if source.port == 443 else f"{source.host}:{source.port}"
+        return f"{shown} cannot be reached from this machine"
     return None
 
 

@@ -22,6 +22,12 @@ from .zero_shot import class_vectors, labelled_classes, zero_shot_metrics
 
 log = logging.getLogger(__name__)
 
+# Retrieval metrics score every caption against every image: the [captions, images] scores and relevance, and their
+# image->text copies, about 10 bytes a cell; 4e8 cells (20,000 x 20,000) is ~4 GB. Past it an evaluation set is
+# refused before any embedding.
+MAX_EVAL_CELLS = 400_000_000
+MAX_ZERO_SHOT_CLASSES = 10_000  # zero-shot embeds every class x template; past this it is skipped, with a warning
+
 
 @dataclass
 class PairEmbeddings:
@@ -159,16 +165,32 @@ def evaluate_per_query(
     top: int = TOP_K,
 ) -> EvaluationResult:
     """evaluate() with each query's detail: the ranks of its relevant candidates and its `top` best candidates,
-    by the data's own ids (evaluation_result.py)."""
+    by the data's own ids (evaluation_result.py). A set too large to score every caption against every image is
+    refused before any embedding (check_evaluation_size)."""
+    check_evaluation_size(pairs)
     emb = embed_pairs(clip, pairs, batch_size, num_workers, progress, cache)
     images, captions = emb.id_tables()
     directions = rank_pairs(emb.image_features, emb.text_features, emb.relevance(), list(images), emb.captions, top)
     result = EvaluationResult(directions, images, captions, tuple(ks))
     classes = labelled_classes(emb.image_labels)
-    if len(classes) >= 2:
+    if len(classes) > MAX_ZERO_SHOT_CLASSES:
+        log.warning("zero-shot accuracy skipped: %d classes is more than %d (each class is embedded with every label "
+                    "template)", len(classes), MAX_ZERO_SHOT_CLASSES)
+    elif len(classes) >= 2:
         vectors = class_vectors(clip, classes, templates, max(batch_size, 256))
         result.zero_shot = zero_shot_metrics(emb.image_features, emb.image_labels, classes, vectors)
     return result
+
+
+def check_evaluation_size(pairs: Sequence[CaptionPair]) -> None:
+    """DataError when the evaluation set is too large to score every caption against every image (distinct paths
+    and captions bound the distinct images and captions: checked before any embedding)."""
+    images, captions = len({p.image for p in pairs}), len({p.caption for p in pairs})
+    if images * captions > MAX_EVAL_CELLS:
+        raise DataError(f"the evaluation set of {len(pairs):,} pairs ({captions:,} captions x {images:,} images) is "
+                        f"too large: retrieval metrics score every caption against every image ({images * captions:,} "
+                        f"scores, about {images * captions * 10 / 2**30:,.0f} GB); at most {MAX_EVAL_CELLS:,} are "
+                        "supported. Evaluate on a sample: a smaller validation or test subset, or holdout_max_pairs")
 
 
 def wise_ft_sweep(

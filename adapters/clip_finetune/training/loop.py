@@ -16,7 +16,7 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.constants import HF_SAFE_WEIGHTS_NAME
+from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -28,7 +28,7 @@ from ..data.load import TRAIN, Splits
 from ..errors import DataError
 from ..files import atomic_write
 from ..machine import apply_config
-from ..model.clip import ClipModel, load_model, save_artifact
+from ..model.clip import FINETUNE_CONFIG_NAME, METRICS_NAME, ClipModel, load_model, save_artifact
 from ..model.compiling import compile_module
 from ..model.safe_load import check_safetensors
 from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
@@ -44,6 +44,7 @@ from .state import (
     CHECKPOINT_NAME,
     CheckpointCallback,
     Progress,
+    RunMismatch,
     RunState,
     TrainResult,
     epoch_record,
@@ -87,11 +88,36 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     cfg = run.cfg  # train_batch_size fitted to the data
     loss_fn = _make_loss(unwrap(run.clip.model), cfg.duplicate_aware_loss, ctx.rank if ctx else 0, run.world_size)
     out = Path(out_dir) if out_dir is not None else None
-    best_state = _start(run, splits, out, resume, hooks.progress)
+    stamp = _model_stamp(out)
+    try:
+        best_state = _start(run, splits, out, resume, hooks.progress)
+        log.info("training %d pairs, %d steps/epoch, %d epochs, %s on %s%s", len(splits.train),
+                 len(splits.train) // cfg.train_batch_size, cfg.num_epochs, run.precision, run.clip.device,
+                 f", {run.world_size} processes" if ctx is not None else "")
+        best_state = _epochs(run, dataset, loss_fn, splits, hooks, out, best_state)
+        return _finish(run, splits, out, best_state)
+    except BaseException:  # a full disk, a diverged run, Ctrl-C: no model that looks finished without its checkpoint
+        if out is not None and run.is_main:
+            _drop_unfinished_model(run, out, stamp)
+        raise
+
+
+def _check_progress(run: RunState, n_pairs: int) -> None:
+    """RunMismatch for a checkpoint whose progress cannot be this run's (damaged, or written by hand): training
+    pairs out of range would fail at the end of the run (the data report names each), a negative position now."""
     p = run.progress
-    log.info("training %d pairs, %d steps/epoch, %d epochs, %s on %s%s", len(splits.train),
-             len(splits.train) // cfg.train_batch_size, cfg.num_epochs, run.precision, run.clip.device,
-             f", {run.world_size} processes" if ctx is not None else "")
+    bad = [i for i in p.bad_pairs if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_pairs]
+    if bad or p.epoch < 1 or p.batches_done < 0:
+        what = f"training pairs out of range ({bad[:3]} of {n_pairs})" if bad else \
+            f"epoch {p.epoch}, batch {p.batches_done}"
+        raise RunMismatch(f"{str(run.checkpoint)!r} records {what}: it is damaged; start over without resuming, or "
+                          "delete it")
+
+
+def _epochs(run: RunState, dataset: PairDataset, loss_fn: Callable, splits: Splits, hooks: Hooks, out: Path | None,
+            best_state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """Train epoch after epoch until the last or early stopping; returns the best weights (rank 0)."""
+    cfg, p = run.cfg, run.progress
     while p.epoch <= cfg.num_epochs and not p.finished:
         started = time.perf_counter() - p.epoch_seconds
         _train_epoch(run, dataset, loss_fn, splits, hooks, started)
@@ -107,7 +133,28 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
         _save_checkpoint(run, hooks)
         if hooks.on_epoch_end is not None:
             hooks.on_epoch_end(int(record["epoch"]), record)
-    return _finish(run, splits, out, best_state)
+    return best_state
+
+
+def _model_stamp(out: Path | None) -> tuple[int, int] | None:
+    """(inode, mtime) of the weights in `out`: every save replaces the file (atomic_write), so a changed stamp
+    means this run wrote them."""
+    try:
+        st = (out / HF_SAFE_WEIGHTS_NAME).stat() if out is not None else None
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns) if st is not None else None
+
+
+def _drop_unfinished_model(run: RunState, out: Path, stamp: tuple[int, int] | None) -> None:
+    """A run that fails before its first checkpoint (the disk filled while writing it, say) leaves the base model it
+    wrote, or half of it: without a checkpoint beside it, a later run and `check_output_folder` would take it for a
+    finished model. This run's model files go; with a checkpoint they stay (--resume continues from both)."""
+    if (run.checkpoint is not None and run.checkpoint.is_file()) or _model_stamp(out) == stamp:
+        return
+    for name in (HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, FINETUNE_CONFIG_NAME, METRICS_NAME):
+        (out / name).unlink(missing_ok=True)
+    log.warning("the run stopped before its first checkpoint: removed the unfinished model it had written to %s", out)
 
 
 def _make_loss(model: torch.nn.Module, duplicate_aware: bool, rank: int, world_size: int) -> ContrastiveLoss:
@@ -197,6 +244,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     if resume and not (run.checkpoint and run.checkpoint.is_file()):
         log.warning("nothing to resume: no %s in %s; starting from the beginning", CHECKPOINT_NAME, out)
     if resume and run.load_checkpoint(lambda theirs: identity_differences(theirs, run.identity)):
+        _check_progress(run, len(splits.train))
         log.info("resuming from %s: epoch %d, batch %d", run.checkpoint, run.progress.epoch,
                  run.progress.batches_done)
         # the best weights so far (the base's until an epoch beats it) are the artifact in out_dir, unless a
