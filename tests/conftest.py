@@ -37,8 +37,8 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedM
     """The tiny model trained once for the whole run (helpers.SHARED_TRAINING), for every test that needs "a
     trained model" (evaluate, embed, search, export ...) rather than testing training itself.
 
-    Read-only: tests run as root in CI, where file modes stop no one, so the folder's content is checked when the
-    run ends instead; a test that wrote into it fails there, named by this message.
+    Read-only: file modes stop no one where tests run as root (containers, this project's CI machines), so the
+    folder's content is compared when the run ends instead; a change there is an error of the last test using it.
     """
     shared = train_shared_model(tmp_path_factory.mktemp("trained-model"))
     before = folder_digest(shared.folder)
