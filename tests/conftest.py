@@ -1,4 +1,5 @@
-"""Shared test setup: an isolated DATALOOP_PATH (set before anything imports dtlpy) and the fixtures.
+"""Shared test setup: an isolated DATALOOP_PATH (set before anything imports dtlpy) and the fixtures, among them
+`trained_model`: one model trained once for the whole test run.
 
 What tests share that is not a fixture (the tiny model's path and settings, image writers, seeding) is in
 helpers.py.
@@ -21,7 +22,7 @@ for _folder in (os.environ["DATALOOP_PATH"], os.environ["CLIP_FINETUNE_CACHE"]):
     atexit.register(shutil.rmtree, _folder, True)  # removed when the test run ends
 
 import pytest  # noqa: E402
-from helpers import TINY_MODEL  # noqa: E402
+from helpers import TINY_MODEL, TrainedModel, folder_digest, train_shared_model  # noqa: E402
 from loopback_platform import platform_fixture  # noqa: E402,F401  (the `platform` fixture)
 
 
@@ -29,6 +30,22 @@ from loopback_platform import platform_fixture  # noqa: E402,F401  (the `platfor
 def tiny_model_config() -> Path:
     """Path of the tiny open_clip architecture (random init) that tests train in seconds on a CPU."""
     return TINY_MODEL
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedModel]:
+    """The tiny model trained once for the whole run (helpers.SHARED_TRAINING), for every test that needs "a
+    trained model" (evaluate, embed, search, export ...) rather than testing training itself.
+
+    Read-only: file modes stop no one where tests run as root (containers, this project's CI machines), so the
+    folder's content is compared when the run ends instead; a change there is an error of the last test using it.
+    """
+    shared = train_shared_model(tmp_path_factory.mktemp("trained-model"))
+    before = folder_digest(shared.folder)
+    yield shared
+    after = folder_digest(shared.folder)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"a test changed the shared trained model's folder {shared.folder}: {changed}; copy it first"
 
 
 @pytest.fixture(scope="module")

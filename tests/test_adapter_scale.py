@@ -23,6 +23,7 @@ from adapters.clip_finetune.model.clip import load_model
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.mark.slow
 def test_train_model_on_two_processes_with_locked_image_tower_accumulation_and_wise_ft(
     platform: LoopbackPlatform, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

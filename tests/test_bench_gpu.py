@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO
 
 
+@pytest.mark.slow
 def test_gpu_benchmark_smoke_mode_writes_the_table(tmp_path):
     out = tmp_path / "gpu.md"
     # the last step (every setting on: fused AdamW, bf16, channels_last, compile) and a peer: all the wiring

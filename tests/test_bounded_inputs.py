@@ -10,7 +10,6 @@ import os
 import stat
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 from helpers import TINY_MODEL, TINY_TRAINING, deadline, png_bytes
@@ -34,9 +33,6 @@ from adapters.clip_finetune.inputs import (
     read_json,
 )
 from adapters.clip_finetune.model.clip import load_model, save_artifact
-from adapters.clip_finetune.retrieval.exact_index import ExactIndex
-from adapters.clip_finetune.retrieval.search import search_texts
-from adapters.clip_finetune.retrieval.store import read_embeddings, save_embeddings
 from adapters.clip_finetune.training.guard import (
     RunFolderError,
     check_output_folder,
@@ -206,19 +202,6 @@ def test_the_weights_file_gets_the_permissions_of_its_siblings(tmp_path: Path) -
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert len(set(modes.values())) == 1, modes
     assert modes["open_clip_model.safetensors"] & 0o044 == 0o044  # readable by group and others (umask 022)
-
-
-# -------------------------------------------------------------------------------------- embeddings, search
-def test_an_embeddings_file_records_its_maker_and_search_checks_k(tmp_path: Path) -> None:
-    cfg = build_config({**TINY_TRAINING, "model_name": str(TINY_MODEL)})
-    clip = load_model(cfg, "cpu")
-    save_embeddings(tmp_path / "e.npz", ["a"], np.ones((1, 64), np.float32), {"kind": "texts", "model": "m",
-                                                                                "model_sha256": "abc"})
-    read = read_embeddings(tmp_path / "e.npz")
-    assert read.ids == ["a"] and read.meta["kind"] == "texts" and read.meta["model_sha256"] == "abc"
-    for k in (0, -38):
-        with pytest.raises(DataError, match="k must be"):
-            search_texts(clip, ExactIndex.from_embeddings(read), ["q"], k)
 
 
 # ---------------------------------------------------------------------------------------------- boundaries

@@ -1,4 +1,7 @@
-"""The `clip-finetune` command line, called through main(argv) on small synthetic data."""
+"""The `clip-finetune` command line, called through main(argv) on small synthetic data.
+
+The commands that need a trained model (evaluate, embed, search) use the run's shared one (conftest.trained_model).
+"""
 
 from __future__ import annotations
 
@@ -23,38 +26,30 @@ def tiny_sets(tiny_model_config: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def trained_model(tmp_path_factory, tiny_sets) -> tuple[Path, Path]:
-    """A model trained for one epoch by `clip-finetune train` on a CSV table."""
-    root = tmp_path_factory.mktemp("cli")
-    table = write_csv(root / "pairs.csv", 64, seed=3)
-    out = root / "model"
-    assert main(["train", "--data", str(table), "--out", str(out), *tiny_sets, "--set", "num_epochs=1"]) == 0
-    return out, table
+def table(tmp_path_factory) -> Path:
+    """A CSV table of 64 synthetic pairs, its PNGs in images/ beside it."""
+    return write_csv(tmp_path_factory.mktemp("cli") / "pairs.csv", 64, seed=3)
 
 
-def test_train_writes_a_loadable_artifact(trained_model) -> None:
-    out, _ = trained_model
-    names = {p.name for p in out.iterdir()}
-    assert {"open_clip_config.json", "open_clip_model.safetensors", "finetune_config.json", "metrics.json"} <= names
-    assert json.loads((out / "finetune_config.json").read_text())["num_epochs"] == 1
-
-
-def test_train_on_a_dataloop_download_prints_the_before_after_table(tmp_path, tiny_sets, capsys) -> None:
+def test_train_writes_a_loadable_artifact_and_prints_the_before_after_table(tmp_path, tiny_sets, capsys) -> None:
     data = write_dataloop_download(tmp_path / "data", 48, 24, seed=4)
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), *tiny_sets, "--set", "num_epochs=1"]) == 0
     out = capsys.readouterr().out
     assert "before" in out and "after" in out and "recall@1" in out and "best epoch" in out
+    names = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"open_clip_config.json", "open_clip_model.safetensors", "finetune_config.json", "metrics.json"} <= names
+    assert json.loads((tmp_path / "m" / "finetune_config.json").read_text())["num_epochs"] == 1
 
 
-def test_evaluate_prints_metrics_as_json(trained_model, capsys) -> None:
-    out, table = trained_model
+def test_evaluate_prints_metrics_as_json(trained_model, table, capsys) -> None:
+    out = trained_model.folder
     assert main(["evaluate", "--model", str(out), "--data", str(table), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert 0 <= metrics["text_to_image/recall@1"] <= 1 and metrics["image_to_text/median_rank"] >= 1
 
 
-def test_embed_images_writes_unit_vectors_with_their_paths(trained_model, tmp_path, capsys) -> None:
-    out, table = trained_model
+def test_embed_images_writes_unit_vectors_with_their_paths(trained_model, table, tmp_path, capsys) -> None:
+    out = trained_model.folder
     images = table.parent / "images"
     (images / "broken.png").write_bytes(b"not an image")  # skipped, not fatal
     index = tmp_path / "index.npz"
@@ -68,7 +63,7 @@ def test_embed_images_writes_unit_vectors_with_their_paths(trained_model, tmp_pa
 
 
 def test_search_finds_an_indexed_text_first_with_score_one(trained_model, tmp_path, capsys) -> None:
-    out, _ = trained_model
+    out = trained_model.folder
     texts = tmp_path / "texts.txt"
     texts.write_text("a red circle on the left\na blue square at the top\na green ring in the middle\n")
     index = tmp_path / "texts.npz"
@@ -101,8 +96,8 @@ def test_demo_writes_model_metrics_and_pictures(tmp_path) -> None:
     assert (res.files["model"] / "open_clip_model.safetensors").is_file()
 
 
-def test_the_configured_pixel_limit_applies_to_embedding(trained_model, tmp_path, capsys) -> None:
-    out, table = trained_model
+def test_the_configured_pixel_limit_applies_to_embedding(trained_model, table, tmp_path, capsys) -> None:
+    out = trained_model.folder
     try:
         rc = main(["embed", "--model", str(out), "--images", str(table.parent / "images"), "--out",
                    str(tmp_path / "none.npz"), "--set", "max_image_pixels=1000"])  # the 64x64 images are 4096 px
@@ -111,8 +106,8 @@ def test_the_configured_pixel_limit_applies_to_embedding(trained_model, tmp_path
     assert rc == 0 and "wrote 0 vectors" in capsys.readouterr().out
 
 
-def test_evaluate_titles_its_one_column_by_what_it_evaluated(trained_model, capsys) -> None:
-    out, table = trained_model
+def test_evaluate_titles_its_one_column_by_what_it_evaluated(trained_model, table, capsys) -> None:
+    out = trained_model.folder
     assert main(["evaluate", "--model", str(out), "--data", str(table)]) == 0
     assert capsys.readouterr().out.splitlines()[0].split() == ["metric", "model"]
 

@@ -1,6 +1,6 @@
 """Duplicates are not misses: evaluation keys images by content and lets images sharing a caption share its
-relevance (docs/metrics.md), the loss keeps pairs sharing an image or a caption out of each other's negatives,
-the sampler spreads them over batches, and the Python API keeps a PIL image given with several captions whole."""
+relevance (docs/metrics.md), the sampler spreads them over batches, and the Python API keeps a PIL image given
+with several captions whole. The loss that keeps such pairs out of each other's negatives: test_loss.py."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
-import torch
-import torch.nn.functional as F
 from helpers import TINY_TRAINING
-from open_clip.loss import SigLipLoss
 from PIL import Image
 
 from adapters.clip_finetune.api import fit
@@ -24,7 +20,6 @@ from adapters.clip_finetune.data.synthetic import render, sample_specs
 from adapters.clip_finetune.retrieval import evaluate as evaluate_module
 from adapters.clip_finetune.retrieval.evaluate import evaluate
 from adapters.clip_finetune.retrieval.metrics import retrieval_metrics
-from adapters.clip_finetune.training.loss import ContrastiveLoss
 
 T2I, I2T = "text_to_image", "image_to_text"
 
@@ -108,58 +103,6 @@ def test_the_api_keeps_a_pil_image_with_several_captions_whole(tmp_path, tiny_mo
         assert len(d["images"]) == 12 and len(d["captions"]) == len({normalise_caption(c) for _, c in pairs})
         assert len(d["relevant"]) == 36
     assert run.metrics()["before"][f"{I2T}/recall@10"] > 0
-
-
-# ---------------------------------------------------------------------------------------------- the loss
-def _features(n: int, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return (F.normalize(torch.randn(n, d, generator=g), dim=-1).requires_grad_(),
-            F.normalize(torch.randn(n, d, generator=g), dim=-1).requires_grad_())
-
-
-def _keys(images: list[int], captions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor(images), torch.tensor(captions)
-
-
-def test_without_duplicates_the_loss_is_open_clips_own() -> None:
-    img, txt = _features(6)
-    scale, bias = torch.tensor(20.0), torch.tensor([-5.0])
-    keys = _keys(list(range(6)), list(range(6)))
-    ours = ContrastiveLoss(open_clip.ClipLoss(), False, duplicate_aware=True)(img, txt, scale, None, keys)
-    assert torch.equal(ours, open_clip.ClipLoss()(img, txt, scale))
-    ours = ContrastiveLoss(SigLipLoss(), True, duplicate_aware=True)(img, txt, scale, bias, keys)
-    assert torch.equal(ours, SigLipLoss()(img, txt, scale, bias))
-
-
-def test_pairs_sharing_an_image_or_caption_are_masked_out_of_each_others_negatives() -> None:
-    img, txt = _features(5, seed=1)
-    scale = torch.tensor(10.0)
-    # pairs 0 and 1: two captions of one image; pairs 2 and 3: two images with one title; pair 4 alone
-    keys = _keys([0, 0, 1, 2, 3], [0, 1, 2, 2, 3])
-    loss = ContrastiveLoss(open_clip.ClipLoss(), False, duplicate_aware=True)(img, txt, scale, None, keys)
-    logits = scale * img @ txt.T
-    masked = logits.clone()
-    for i, j in ((0, 1), (1, 0), (2, 3), (3, 2)):
-        masked[i, j] = float("-inf")
-    labels = torch.arange(5)
-    expected = (F.cross_entropy(masked, labels) + F.cross_entropy(masked.T, labels)) / 2
-    torch.testing.assert_close(loss, expected)
-    loss.backward()
-    assert torch.isfinite(img.grad).all() and torch.isfinite(txt.grad).all()
-    plain = ContrastiveLoss(open_clip.ClipLoss(), False, duplicate_aware=False)(img, txt, scale, None, keys)
-    assert plain > loss  # the false negatives no longer count against the model
-
-
-def test_the_sigmoid_loss_drops_the_duplicates_negative_terms() -> None:
-    img, txt = _features(4, seed=2)
-    scale, bias = torch.tensor(10.0), torch.tensor([-3.0])
-    keys = _keys([0, 0, 1, 2], [0, 1, 2, 3])
-    loss = ContrastiveLoss(SigLipLoss(), True, duplicate_aware=True)(img, txt, scale, bias, keys)
-    logits = scale * img @ txt.T + bias
-    labels = 2 * torch.eye(4) - 1
-    terms = -F.logsigmoid(labels * logits)
-    terms[0, 1] = terms[1, 0] = 0  # the two captions of image 0 are no negatives of each other
-    torch.testing.assert_close(loss, terms.sum() / 4)
 
 
 # ------------------------------------------------------------------------------------------- the sampler

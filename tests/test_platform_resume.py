@@ -33,6 +33,7 @@ def _weights(platform: LoopbackPlatform, model_id: str) -> dict[str, torch.Tenso
     return safetensors.torch.load(platform.artifact_files(model_id)[WEIGHTS])
 
 
+@pytest.mark.slow
 def test_a_rerun_resumes_the_interrupted_run_and_matches_an_uninterrupted_one(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     with LoopbackPlatform() as platform, dtlpy_pointed_at(platform):

@@ -326,6 +326,7 @@ def test_an_item_that_fails_to_download_fails_the_job_and_a_rerun_embeds_it(embe
 
 
 # -------------------------------------------------------------------------------------- artifact faults
+@pytest.mark.slow
 def test_a_failed_artifact_upload_fails_training_and_a_rerun_stores_each_artifact_once(
     platform: LoopbackPlatform, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

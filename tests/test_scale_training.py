@@ -80,6 +80,7 @@ def two_processes(tiny_model_config, data, tmp_path_factory):
     return result, out, epochs
 
 
+@pytest.mark.slow
 def test_two_processes_follow_the_single_process_loss_curve(single, two_processes) -> None:
     (one, one_dir), (two, two_dir, epochs) = single, two_processes
     assert epochs == [1, 2, 3]  # rank 0 ran the caller's callback, once per epoch
@@ -93,6 +94,7 @@ def test_two_processes_follow_the_single_process_loss_curve(single, two_processe
     assert not (two_dir / CHECKPOINT_NAME).exists()  # the finished run cleaned up once
 
 
+@pytest.mark.slow
 def test_a_distributed_run_resumes_from_its_checkpoint(tiny_model_config, data, two_processes, tmp_path) -> None:
     train, val, _, _ = data
     cfg = _cfg(tiny_model_config, num_processes=2)
@@ -110,6 +112,7 @@ def test_a_distributed_run_resumes_from_its_checkpoint(tiny_model_config, data, 
     assert _max_diff(_weights(tmp_path), _weights(out)) < 1e-5
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_at_start_fails_the_run_at_once(tiny_model_config, data, monkeypatch, tmp_path) -> None:
     train, _, _, _ = data
 
@@ -122,6 +125,7 @@ def test_a_rank_that_dies_at_start_fails_the_run_at_once(tiny_model_config, data
         finetune(_cfg(tiny_model_config, num_processes=2), Splits(train), out_dir=tmp_path, progress=False)
 
 
+@pytest.mark.slow
 def test_torchrun_trains_through_the_command_line(tiny_model_config, data, single, tmp_path) -> None:
     _, _, train_csv, val_csv = data
     sets = set_args(TINY)

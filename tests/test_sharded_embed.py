@@ -91,6 +91,7 @@ def _state(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow
 def test_torchrun_shards_join_to_exactly_the_single_process_embedding(sharded, reference, model_dir, capsys) -> None:
     folder, output = sharded
     assert sorted(p.name for p in folder.iterdir()) == sorted([*PARTS, "index.json"])
@@ -117,6 +118,7 @@ def test_torchrun_shards_join_to_exactly_the_single_process_embedding(sharded, r
     assert len(hits) == 3 and all(h.split()[-1] in ref_ids for h in hits)
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_parts_and_recomputes_only_a_deleted_one(sharded, model_dir, images, tmp_path,
                                                                       capsys, caplog) -> None:
     caplog.set_level(logging.INFO, logger="adapters.clip_finetune.retrieval.shards")
@@ -147,6 +149,7 @@ def test_rerun_skips_finished_parts_and_recomputes_only_a_deleted_one(sharded, m
     assert json.loads((folder / "index.json").read_text())["total"] == 24
 
 
+@pytest.mark.slow
 def test_a_folder_of_another_job_is_an_error_and_is_left_alone(sharded, model_dir, images, tiny_model_config,
                                                               tmp_path, capsys) -> None:
     folder = _copy(sharded[0], tmp_path / "out")
@@ -178,6 +181,7 @@ def test_a_folder_of_another_job_is_an_error_and_is_left_alone(sharded, model_di
     assert "with sharding, --out is a folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_loading_a_folder_with_a_missing_part_names_the_missing_shard(sharded, tmp_path) -> None:
     folder = _copy(sharded[0], tmp_path / "out")
     (folder / PARTS[1]).unlink()

@@ -1,6 +1,7 @@
 """The one embeddings store (retrieval/store.py): write_npz is the single .npz writer (embeddings files, shard
-parts, a run's example embeddings), files stay readable by plain numpy, files written before it still load,
-and what is read is checked."""
+parts, a run's example embeddings), files stay readable by plain numpy, files written before it still load, what
+is read is checked; .npz and .parquet keep their ids, vectors and maker; a sharded folder of parts joins in input
+order, and a missing part is an error that names its shard."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_MODEL, TINY_TRAINING
 
+from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.errors import DataError
+from adapters.clip_finetune.model.clip import load_model
+from adapters.clip_finetune.retrieval.exact_index import ExactIndex
+from adapters.clip_finetune.retrieval.search import search_texts
 from adapters.clip_finetune.retrieval.store import (
     embeddings_arrays,
     load_embeddings,
@@ -59,3 +65,52 @@ def test_a_file_with_mismatched_ids_is_refused_by_name(tmp_path: Path) -> None:
     write_npz(tmp_path / "bad.npz", {"ids": np.array(["a"]), "vectors": VECTORS})
     with pytest.raises(DataError, match="1 ids for 3 vectors"):
         read_embeddings(tmp_path / "bad.npz")
+
+
+MAKER = {"kind": "texts", "model": "m", "model_sha256": "abc"}
+
+
+def test_an_embeddings_file_records_its_maker_and_search_checks_k(tmp_path: Path) -> None:
+    cfg = build_config({**TINY_TRAINING, "model_name": str(TINY_MODEL)})
+    clip = load_model(cfg, "cpu")
+    save_embeddings(tmp_path / "e.npz", ["a"], np.ones((1, 64), np.float32), MAKER)
+    read = read_embeddings(tmp_path / "e.npz")
+    assert read.ids == ["a"] and read.meta["kind"] == "texts" and read.meta["model_sha256"] == "abc"
+    for k in (0, -38):
+        with pytest.raises(DataError, match="k must be"):
+            search_texts(clip, ExactIndex.from_embeddings(read), ["q"], k)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".parquet"])
+def test_an_embeddings_file_reads_back_exactly(tmp_path: Path, suffix: str) -> None:
+    if suffix == ".parquet":
+        pytest.importorskip("pandas")
+        pytest.importorskip("pyarrow")
+    ids = ["a", "b/c.png", "ü"]
+    vectors = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float64)  # stored as float32
+    read = read_embeddings(save_embeddings(tmp_path / f"e{suffix}", ids, vectors, MAKER))
+    assert read.ids == ids and read.vectors.dtype == np.float32
+    np.testing.assert_array_equal(read.vectors, vectors.astype(np.float32))
+    assert {k: read.meta[k] for k in MAKER} == MAKER and read.meta["dim"] == 5 and read.meta["count"] == 3
+    assert read_embeddings(save_embeddings(tmp_path / f"plain{suffix}", ids, vectors)).meta is None
+
+
+def _part(folder: Path, index: int, count: int, ids: list[str], fingerprint: str = "job") -> None:
+    """One part of a sharded embedding as shards.py writes it: ids, vectors and a JSON meta."""
+    meta = {"fingerprint": fingerprint, "count": len(ids), "dim": 4, **MAKER}
+    vectors = np.full((len(ids), 4), index, np.float32)
+    np.savez(folder / f"part-{index:05d}-of-{count:05d}.npz", ids=np.asarray(ids, dtype=str), vectors=vectors,
+             meta=np.asarray(json.dumps(meta)))
+
+
+def test_a_sharded_folder_joins_its_parts_in_order_and_names_a_missing_one(tmp_path: Path) -> None:
+    for i, ids in ((2, ["e"]), (0, ["a", "b"]), (1, [])):  # written out of order; one shard had no inputs
+        _part(tmp_path, i, 3, ids)
+    ids, vectors = load_embeddings(tmp_path)
+    assert ids == ["a", "b", "e"] and vectors[:, 0].tolist() == [0, 0, 2]
+    (tmp_path / "part-00001-of-00003.npz").unlink()
+    with pytest.raises(DataError, match=r"1 of 3 parts missing: shard 1 \(part-00001-of-00003.npz\).*--shard-index"):
+        load_embeddings(tmp_path)
+    _part(tmp_path, 1, 3, ["c"], fingerprint="another job")
+    with pytest.raises(DataError, match="part-00001-of-00003.npz.* does not belong with the other parts"):
+        load_embeddings(tmp_path)

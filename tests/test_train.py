@@ -4,16 +4,14 @@ kept, runs are reproducible, artifacts load in stock open_clip."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_TRAINING, stock_open_clip_embeddings
+from helpers import TrainedModel, stock_open_clip_embeddings
 
 from adapters.clip_finetune.config import build_config
-from adapters.clip_finetune.data.load import Splits, load_dataset
-from adapters.clip_finetune.data.synthetic import write_dataloop_download
+from adapters.clip_finetune.data.load import Splits
 from adapters.clip_finetune.errors import ConfigError
 from adapters.clip_finetune.machine import seed_everything
 from adapters.clip_finetune.model.clip import load_artifact, load_model
@@ -23,33 +21,22 @@ from adapters.clip_finetune.training import finetune
 
 R1, R10, MEDIAN = "text_to_image/recall@1", "text_to_image/recall@10", "text_to_image/median_rank"
 
-# 6 epochs of the 480 training pairs in batches of 32 (90 steps), warmup then cosine decay, no early stop.
-TRAINING = {**TINY_TRAINING, "train_batch_size": 32, "batch_size": 128, "num_epochs": 6, "warmup": 0.1,
-            "early_stopping": False}
+
+# The run's shared model (conftest.trained_model: helpers.SHARED_TRAINING, 6 epochs of 480 pairs, 90 steps) is the
+# training run these tests judge; the tests below it train again only where they change the run.
+@pytest.fixture(scope="module")
+def tiny_cfg(trained_model: TrainedModel):
+    return trained_model.config
 
 
 @pytest.fixture(scope="module")
-def tiny_cfg(tiny_model_config: Path):
-    return build_config(TRAINING, {"model_name": str(tiny_model_config)})
+def splits(trained_model: TrainedModel) -> tuple[list, list, list]:
+    return trained_model.train, trained_model.validation, trained_model.test
 
 
 @pytest.fixture(scope="module")
-def splits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    write_dataloop_download(root / "dev", 480, 120, seed=1)
-    write_dataloop_download(root / "test", 0, 150, seed=2)  # held out from training AND model selection
-    dev, _ = load_dataset(root / "dev")
-    test, _ = load_dataset(root / "test")
-    return dev["train"], dev["validation"], test["validation"]
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_cfg, splits, tmp_path_factory):
-    train, val, _ = splits
-    out = tmp_path_factory.mktemp("model")
-    epochs: list[dict] = []
-    result = finetune(tiny_cfg, Splits(train, val), out, on_epoch_end=lambda e, rec: epochs.append(rec), progress=False)
-    return result, out, epochs
+def trained(trained_model: TrainedModel):
+    return trained_model.result, trained_model.folder, trained_model.epochs
 
 
 def test_fine_tuning_lifts_held_out_text_to_image_recall_far_above_the_base(tiny_cfg, splits, trained) -> None:
