@@ -21,7 +21,7 @@ from ..data.datasets import PairDataset, collate_skipping_bad, default_num_worke
 from ..data.decode_cache import train_cache
 from ..data.identity import pair_keys
 from ..data.load import TRAIN, Splits
-from ..machine import apply_config
+from ..machine import seed_everything
 from ..model.clip import ClipModel, load_model, save_artifact
 from ..model.compiling import compile_module
 from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
@@ -31,7 +31,7 @@ from ..retrieval.evaluate import evaluate
 from .distributed import DistContext, broadcast, process_group
 from .guard import identity_differences, run_identity
 from .loss import ContrastiveLoss
-from .optim import apply_locks, check_sizes, make_optimizer, make_scheduler, step_budget_note
+from .optim import apply_locks, make_optimizer, make_scheduler, step_budget_note
 from .state import (
     CHECKPOINT_NAME,
     CheckpointCallback,
@@ -113,10 +113,10 @@ def _make_loss(model: torch.nn.Module, duplicate_aware: bool, rank: int, world_s
 
 def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip: ClipModel | None,
            ctx: DistContext | None, device: torch.device | None, progress: bool) -> tuple[RunState, PairDataset]:
-    """Check sizes, seed, build the model, its optimizer, schedule and dataset, before any training."""
-    world = ctx.world_size if ctx is not None else 1
-    cfg = check_sizes(cfg, len(splits.train), world)
-    apply_config(cfg)
+    """Seed, build the model, its optimizer, schedule and dataset, before any training. `cfg` is fitted to the
+    data already (fit.plan_run: sizes checked and settings applied once per run); the seeds are set again here
+    because loading and scoring the base model before the run draws from them."""
+    seed_everything(cfg.seed)
     clip = clip or load_model(cfg, device)
     if device is not None:
         clip.model.to(device)

@@ -179,8 +179,8 @@ class RunState:
         diffs = differences(state.get("identity"))
         if diffs:
             raise RunMismatch(f"{str(self.checkpoint)!r} belongs to another run: {'; '.join(diffs)}. Resume it with "
-                              "the data and hyperparameters it was started with, or start over (clip-finetune train "
-                              "--overwrite, or another output folder)")
+                              "the data and hyperparameters it was started with, or start over in another output "
+                              "folder")
         try:
             self._restore(state)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
