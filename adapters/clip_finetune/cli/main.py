@@ -55,8 +55,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from ..app.train import training_of
     from ..retrieval.formatting import format_table
+    from ..training.checkpoint import RunMismatch
     from ..training.guard import check_output_folder
-    from ..training.state import RunMismatch
 
     cfg = _load_cfg(args, apply=False)  # validated before any data is read
     if not int(os.environ.get("RANK", "0")):  # rank 0 writes --out (under torchrun the others find it in use)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import FinetuneConfig
-from ..data.datasets import PairDataset, collate_skipping_bad, default_num_workers, epoch_batches
+from ..data.datasets import PairDataset, collate_skipping_bad, default_num_workers
 from ..data.decode_cache import train_cache
 from ..data.identity import pair_keys
 from ..data.load import TRAIN, Splits
@@ -28,10 +28,13 @@ from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
 from ..progress import progress as show_progress
 from ..retrieval.eval_cache import EvalCache, eval_cache_for
 from ..retrieval.evaluate import evaluate
+from . import checkpoint
 from .distributed import DistContext, broadcast, process_group
 from .guard import identity_differences, run_identity
 from .loss import ContrastiveLoss
 from .optim import apply_locks, make_optimizer, make_scheduler, step_budget_note
+from .sampler import BatchSampler
+from .selection import Selection
 from .state import (
     CHECKPOINT_NAME,
     CheckpointCallback,
@@ -87,13 +90,13 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
         started = time.perf_counter() - p.epoch_seconds
         _train_epoch(run, dataset, loss_fn, splits, hooks, started)
         record = epoch_record(run, _validate(run, splits, hooks.progress), time.perf_counter() - started)
-        improved, stop = judge_epoch(run, record, bool(splits.validation))
+        improved, stop = judge_epoch(run, record)
         if improved and splits.validation and run.is_main:
             best_state = cpu_state(run.clip.model)
             if out is not None:
                 save_artifact(run.clip, out, cfg, {"best_epoch": p.epoch, "history": p.history})
         p.next_epoch(stop, cfg.num_epochs)
-        run.save_checkpoint(hooks.on_checkpoint)
+        checkpoint.save(run, hooks.on_checkpoint)
         if hooks.on_epoch_end is not None:
             hooks.on_epoch_end(int(record["epoch"]), record)
     return _finish(run, splits, out, best_state)
@@ -142,13 +145,18 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     if cfg.compile:
         train_model = compile_module(train_model, "the training model")
     total_steps = cfg.num_epochs * (len(splits.train) // cfg.train_batch_size)
-    run = RunState(cfg, clip, optimizer, make_scheduler(optimizer, cfg, total_steps),
-                   torch.amp.GradScaler(device.type, enabled=precision == "fp16"), Progress(),
-                   out / CHECKPOINT_NAME if out is not None else None, train_model, precision, ctx,
-                   cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, workers,
-                   run_identity(cfg, splits) if out is not None else None,
-                   pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches else None,
-                   _notes(cfg, splits, total_steps) if is_main else [], eval_cache)
+    keys = pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches else None
+    run = RunState(
+        cfg=cfg, clip=clip, optimizer=optimizer, scheduler=make_scheduler(optimizer, cfg, total_steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), progress=Progress(),
+        selection=Selection(metric=cfg.early_stopping_metric, has_validation=bool(splits.validation),
+                            early_stopping=cfg.early_stopping, patience=cfg.early_stopping_epochs),
+        sampler=BatchSampler(n=len(splits.train), batch_size=cfg.train_batch_size, seed=cfg.seed,
+                             keys=keys if cfg.unique_batches else None),
+        checkpoint=out / CHECKPOINT_NAME if out is not None else None, train_model=train_model, precision=precision,
+        ctx=ctx, base_state=cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, num_workers=workers,
+        identity=run_identity(cfg, splits) if out is not None else None, keys=keys,
+        notes=_notes(cfg, splits, total_steps) if is_main else [], eval_cache=eval_cache)
     return run, dataset
 
 
@@ -178,7 +186,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     keep_best = bool(splits.validation) and run.is_main
     if resume and not (run.checkpoint and run.checkpoint.is_file()):
         log.warning("nothing to resume: no %s in %s; starting from the beginning", CHECKPOINT_NAME, out)
-    if resume and run.load_checkpoint(lambda theirs: identity_differences(theirs, run.identity)):
+    if resume and checkpoint.load(run, lambda theirs: identity_differences(theirs, run.identity)):
         log.info("resuming from %s: epoch %d, batch %d", run.checkpoint, run.progress.epoch,
                  run.progress.batches_done)
         # the best weights so far (the base's until an epoch beats it) are the artifact in out_dir
@@ -187,7 +195,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
         log.warning("%s exists: starting over (resume=True continues it)", run.checkpoint)
     run.progress.before = _validate(run, splits, progress, base=True)
     run.progress.test_before = _score(run, splits.test, progress)
-    run.progress.best_score = run.progress.before.get(run.cfg.early_stopping_metric, -math.inf)
+    run.selection.start(run.progress.before)
     if out is not None and keep_best:  # the base is the best so far: a crash from here keeps a model
         save_artifact(run.clip, out, run.cfg)
     return cpu_state(run.clip.model) if keep_best else None
@@ -198,8 +206,7 @@ def _train_epoch(run: RunState, dataset: PairDataset, loss_fn: Callable, splits:
     """One pass over the training data, from where a resumed run stopped."""
     cfg, p = run.cfg, run.progress
     run.train_model.train()
-    batches = epoch_batches(len(splits.train), cfg.train_batch_size, cfg.seed, p.epoch,
-                            run.keys if cfg.unique_batches else None)
+    batches = run.sampler.batches(p.epoch)
     per_epoch = len(batches)
     batches = batches[p.batches_done:]
     if run.ctx is not None:  # this rank's slice of each global batch
@@ -224,7 +231,7 @@ def _train_epoch(run: RunState, dataset: PairDataset, loss_fn: Callable, splits:
         if cfg.checkpoint_every_steps and p.global_step % cfg.checkpoint_every_steps == 0:
             p.epoch_seconds = time.perf_counter() - started
             run.sync_bad_pairs()
-            run.save_checkpoint(hooks.on_checkpoint)
+            checkpoint.save(run, hooks.on_checkpoint)
     run.sync_bad_pairs()
 
 
