@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "adapters" / "clip_finetune"
 # Lower layers never import higher ones; folders of one layer do not import each other.
 LAYERS = {
     # the ground floor
-    "architecture": 0, "config": 0, "errors": 0, "files": 0, "inputs": 0, "machine": 0, "progress": 0,
+    "architecture": 0, "config": 0, "errors": 0, "files": 0, "inputs": 0, "machine": 0, "progress": 0, "sections": 0,
     "data": 1, "model": 1,
     "retrieval": 2,
     "training": 3,

@@ -69,4 +69,4 @@ def training_of(cfg: FinetuneConfig, data: str | Path, validation: str | Path | 
                 test: str | Path | None = None, what: str = "data", **read: Any) -> Training:
     """A run on the data at `data` (its train subset; validation and test as load_splits chooses them); `what`
     names the data in messages, `read` is load_splits' (a resolver, hints)."""
-    return Training(cfg, load_splits(data, validation, test=test, cfg=cfg, what=what, **read))
+    return Training(cfg, load_splits(data, validation, test=test, cfg=cfg.data, what=what, **read))

@@ -51,7 +51,10 @@ def plan_run(cfg: FinetuneConfig, n_train: int, applied: bool = False) -> RunPla
         nprocs = ctx.world_size
     else:  # a launcher's single process (torchrun --nproc_per_node 1) sets RANK: it asked for one process
         nprocs = 1 if "RANK" in os.environ else resolve_num_processes(cfg.num_processes, cfg.device)
-    plan = RunPlan(check_sizes(cfg, n_train, nprocs), nprocs, ctx)
+    size = check_sizes(cfg.optimisation, n_train, nprocs)
+    if size != cfg.train_batch_size:
+        cfg = cfg.model_copy(update={"train_batch_size": size})
+    plan = RunPlan(cfg, nprocs, ctx)
     if not applied:  # sizes change no process setting: applying `cfg` before them is the same
         apply_config(plan.cfg)
     return plan

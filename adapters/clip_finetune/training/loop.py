@@ -125,7 +125,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
         clip.model.to(device)
     clip.use_precision(cfg.precision)  # for the device it trains on (evaluation: clip.inference_precision)
     model, device = clip.model, clip.device
-    apply_locks(unwrap(model), cfg)
+    apply_locks(unwrap(model), cfg.model)
     workers = default_num_workers(cfg.num_workers, device, ctx.local_world_size if ctx is not None else 1)
     is_main = ctx is None or ctx.is_main
     eval_cache, train_mb = None, float(cfg.image_cache_mb)
@@ -136,7 +136,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_optimizer(model, cfg.optimisation, device)
     precision = clip.precision
     train_model = model
     if ctx is not None:
@@ -147,10 +147,9 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     total_steps = cfg.num_epochs * (len(splits.train) // cfg.train_batch_size)
     keys = pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches else None
     run = RunState(
-        cfg=cfg, clip=clip, optimizer=optimizer, scheduler=make_scheduler(optimizer, cfg, total_steps),
+        cfg=cfg, clip=clip, optimizer=optimizer, scheduler=make_scheduler(optimizer, cfg.optimisation, total_steps),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), progress=Progress(),
-        selection=Selection(metric=cfg.early_stopping_metric, has_validation=bool(splits.validation),
-                            early_stopping=cfg.early_stopping, patience=cfg.early_stopping_epochs),
+        selection=Selection.of(cfg.selection, has_validation=bool(splits.validation)),
         sampler=BatchSampler(n=len(splits.train), batch_size=cfg.train_batch_size, seed=cfg.seed,
                              keys=keys if cfg.unique_batches else None),
         checkpoint=out / CHECKPOINT_NAME if out is not None else None, train_model=train_model, precision=precision,
@@ -162,7 +161,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
 
 def _notes(cfg: FinetuneConfig, splits: Splits, total_steps: int) -> list[str]:
     """What the result's reader should know about its figures and its budget (also logged)."""
-    notes = [note] if (note := step_budget_note(cfg, len(splits.train), total_steps)) else []
+    notes = [note] if (note := step_budget_note(cfg.optimisation, len(splits.train), total_steps)) else []
     if splits.held_out:
         notes.append(f"no validation data was given: {len(splits.validation or [])} pairs were held out of the "
                      "training data to pick the best epoch")

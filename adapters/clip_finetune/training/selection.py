@@ -8,6 +8,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..sections import SelectionSection
+
 log = logging.getLogger(__name__)
 
 
@@ -22,6 +24,11 @@ class Selection:
     best_score: float = -math.inf
     best_epoch: int = 0  # 0: no epoch beat the base model (so far)
     stale: int = 0  # epochs since the best
+
+    @classmethod
+    def of(cls, section: SelectionSection, has_validation: bool) -> Selection:
+        return cls(metric=section.early_stopping_metric, has_validation=has_validation,
+                   early_stopping=section.early_stopping, patience=section.early_stopping_epochs)
 
     def start(self, base_scores: dict[str, float]) -> None:
         """The base model's scores are the ones to beat."""
