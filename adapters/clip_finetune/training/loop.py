@@ -28,7 +28,8 @@ from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
 from ..progress import progress as show_progress
 from ..retrieval.eval_cache import EvalCache, eval_cache_for
 from ..retrieval.evaluate import evaluate
-from . import checkpoint
+from .checkpoint import load as load_checkpoint
+from .checkpoint import save as save_checkpoint
 from .distributed import DistContext, broadcast, process_group
 from .guard import identity_differences, run_identity
 from .loss import ContrastiveLoss
@@ -96,7 +97,7 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
             if out is not None:
                 save_artifact(run.clip, out, cfg, {"best_epoch": p.epoch, "history": p.history})
         p.next_epoch(stop, cfg.num_epochs)
-        checkpoint.save(run, hooks.on_checkpoint)
+        save_checkpoint(run, hooks.on_checkpoint)
         if hooks.on_epoch_end is not None:
             hooks.on_epoch_end(int(record["epoch"]), record)
     return _finish(run, splits, out, best_state)
@@ -185,7 +186,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     keep_best = bool(splits.validation) and run.is_main
     if resume and not (run.checkpoint and run.checkpoint.is_file()):
         log.warning("nothing to resume: no %s in %s; starting from the beginning", CHECKPOINT_NAME, out)
-    if resume and checkpoint.load(run, lambda theirs: identity_differences(theirs, run.identity)):
+    if resume and load_checkpoint(run, lambda theirs: identity_differences(theirs, run.identity)):
         log.info("resuming from %s: epoch %d, batch %d", run.checkpoint, run.progress.epoch,
                  run.progress.batches_done)
         # the best weights so far (the base's until an epoch beats it) are the artifact in out_dir
@@ -230,7 +231,7 @@ def _train_epoch(run: RunState, dataset: PairDataset, loss_fn: Callable, splits:
         if cfg.checkpoint_every_steps and p.global_step % cfg.checkpoint_every_steps == 0:
             p.epoch_seconds = time.perf_counter() - started
             run.sync_bad_pairs()
-            checkpoint.save(run, hooks.on_checkpoint)
+            save_checkpoint(run, hooks.on_checkpoint)
     run.sync_bad_pairs()
 
 
