@@ -28,6 +28,7 @@ from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
 from ..progress import progress as show_progress
 from ..retrieval.eval_cache import EvalCache, eval_cache_for
 from ..retrieval.evaluate import evaluate
+from ..sections import OptimisationSection
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save as save_checkpoint
 from .distributed import DistContext, broadcast, process_group
@@ -137,7 +138,8 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
-    optimizer = make_optimizer(model, cfg.optimisation, device)
+    opt = cfg.optimisation  # the section, built once for the run
+    optimizer = make_optimizer(model, opt, device)
     precision = clip.precision
     train_model = model
     if ctx is not None:
@@ -148,7 +150,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     total_steps = cfg.num_epochs * (len(splits.train) // cfg.train_batch_size)
     keys = pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches else None
     run = RunState(
-        cfg=cfg, clip=clip, optimizer=optimizer, scheduler=make_scheduler(optimizer, cfg.optimisation, total_steps),
+        cfg=cfg, opt=opt, clip=clip, optimizer=optimizer, scheduler=make_scheduler(optimizer, opt, total_steps),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), progress=Progress(),
         selection=Selection.of(cfg.selection, has_validation=bool(splits.validation)),
         sampler=BatchSampler(n=len(splits.train), batch_size=cfg.train_batch_size, seed=cfg.seed,
@@ -156,13 +158,13 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
         checkpoint=out / CHECKPOINT_NAME if out is not None else None, train_model=train_model, precision=precision,
         ctx=ctx, base_state=cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, num_workers=workers,
         identity=run_identity(cfg, splits) if out is not None else None, keys=keys,
-        notes=_notes(cfg, splits, total_steps) if is_main else [], eval_cache=eval_cache)
+        notes=_notes(opt, splits, total_steps) if is_main else [], eval_cache=eval_cache)
     return run, dataset
 
 
-def _notes(cfg: FinetuneConfig, splits: Splits, total_steps: int) -> list[str]:
+def _notes(opt: OptimisationSection, splits: Splits, total_steps: int) -> list[str]:
     """What the result's reader should know about its figures and its budget (also logged)."""
-    notes = [note] if (note := step_budget_note(cfg.optimisation, len(splits.train), total_steps)) else []
+    notes = [note] if (note := step_budget_note(opt, len(splits.train), total_steps)) else []
     if splits.held_out:
         notes.append(f"no validation data was given: {len(splits.validation or [])} pairs were held out of the "
                      "training data to pick the best epoch")

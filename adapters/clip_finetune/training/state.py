@@ -19,6 +19,7 @@ from ..config import FinetuneConfig
 from ..errors import ClipFinetuneError
 from ..model.clip import ClipModel
 from ..retrieval.eval_cache import EvalCache
+from ..sections import OptimisationSection
 from .distributed import DistContext, all_gather_lists
 from .sampler import BatchSampler
 from .selection import Selection
@@ -104,6 +105,7 @@ class RunState:
     """The live objects of a run, grouped so checkpoints save and restore them together (built by keyword)."""
 
     cfg: FinetuneConfig
+    opt: OptimisationSection  # cfg's optimisation section, what the steps and the result read
     clip: ClipModel
     optimizer: torch.optim.Optimizer
     scheduler: LRScheduler
@@ -136,11 +138,11 @@ class RunState:
             self.progress.bad_pairs = sorted(set(all_gather_lists(self.progress.bad_pairs)))
 
     def diverged(self, what: str) -> TrainingDiverged:
-        p, cfg = self.progress, self.cfg
+        p = self.progress
         kept = f"the last good checkpoint is kept in {self.checkpoint}" if self.checkpoint else "no checkpoint was kept"
         return TrainingDiverged(
             f"training diverged at epoch {p.epoch}, step {p.global_step}: {what}; {kept}. Likely causes: "
-            f"learning_rate {cfg.learning_rate:g} too high (fine-tuning recipes use 1e-7 to 5e-6), or fp16 "
+            f"learning_rate {self.opt.learning_rate:g} too high (fine-tuning recipes use 1e-7 to 5e-6), or fp16 "
             f"overflow (set precision to 'bf16' or 'fp32')"
         )
 
@@ -165,22 +167,23 @@ def judge_epoch(run: RunState, record: dict[str, float]) -> tuple[bool, bool]:
 def result_of(run: RunState) -> TrainResult:
     """The run's result from its progress: the best epoch's validation scores are the selection set's 'after'
     figures, and the headline ones until a test split replaces them (loop._finish)."""
-    p, cfg, best_epoch = run.progress, run.cfg, run.selection.best_epoch
+    p, opt, sel = run.progress, run.opt, run.selection
+    best_epoch = sel.best_epoch
     best = p.history[best_epoch - 1] if best_epoch else p.before
     after = {k: v for k, v in best.items() if "/" in k}
-    result = TrainResult(best_epoch, cfg.early_stopping_metric, p.before, after, p.history,
+    result = TrainResult(best_epoch, sel.metric, p.before, after, p.history,
                          skipped_images=len(p.bad_pairs), skipped_steps=p.skipped_steps,
-                         wise_ft_alpha=cfg.wise_ft_alpha, scored_on="selection" if p.before else "none",
+                         wise_ft_alpha=opt.wise_ft_alpha, scored_on="selection" if p.before else "none",
                          selection={"before": p.before, "after": after} if p.before else {}, notes=list(run.notes))
     if not result.improved:
-        result.note = no_gain_note(cfg, p.before.get(cfg.early_stopping_metric, math.nan), len(p.history))
+        result.note = no_gain_note(opt, sel, p.before.get(sel.metric, math.nan), len(p.history))
     return result
 
 
-def no_gain_note(cfg: FinetuneConfig, base_score: float, epochs: int) -> str:
+def no_gain_note(opt: OptimisationSection, sel: Selection, base_score: float, epochs: int) -> str:
     """What to say, and what to change, when no epoch beat the base model."""
-    return (f"no epoch beat the base model on {cfg.early_stopping_metric} ({base_score:.4f}) in {epochs} epochs: "
-            f"the saved weights are the base model's. Train longer (num_epochs, now {cfg.num_epochs}; "
-            f"early_stopping_epochs, now {cfg.early_stopping_epochs}), raise learning_rate (now "
-            f"{cfg.learning_rate:g}; fine-tuning a pretrained CLIP works at 1e-7 to 5e-6, a random init needs far "
+    return (f"no epoch beat the base model on {sel.metric} ({base_score:.4f}) in {epochs} epochs: "
+            f"the saved weights are the base model's. Train longer (num_epochs, now {opt.num_epochs}; "
+            f"early_stopping_epochs, now {sel.patience}), raise learning_rate (now "
+            f"{opt.learning_rate:g}; fine-tuning a pretrained CLIP works at 1e-7 to 5e-6, a random init needs far "
             "more), or check that the validation captions describe their images")
