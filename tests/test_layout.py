@@ -16,12 +16,13 @@ ROOT = Path(__file__).resolve().parents[1] / "adapters" / "clip_finetune"
 # Lower layers never import higher ones; folders of one layer do not import each other.
 LAYERS = {
     # the ground floor
-    "architecture": 0, "config": 0, "errors": 0, "files": 0, "inputs": 0, "machine": 0, "progress": 0,
+    "architecture": 0, "config": 0, "errors": 0, "files": 0, "inputs": 0, "machine": 0, "progress": 0, "sections": 0,
     "data": 1, "model": 1,
     "retrieval": 2,
     "training": 3,
-    "cli": 4, "api": 4, "dataloop": 4,  # the faces
-    "__init__": 5, "__main__": 5,  # the package's public face and `python -m`
+    "app": 4,  # the use cases (train, evaluate, embed, search, export) the faces call
+    "cli": 5, "api": 5, "dataloop": 5,  # the faces
+    "__init__": 6, "__main__": 6,  # the package's public face and `python -m`
 }
 GROUND = 0  # its files (config, errors, files, inputs, machine) may use one another
 ALLOWED_ACROSS = {("cli", "api")}  # `clip-finetune runs` shows the runs the Python API starts

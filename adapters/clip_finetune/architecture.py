@@ -5,8 +5,10 @@ open_clip needs."""
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +30,19 @@ def architecture_config(model_name: str) -> dict[str, Any]:
     if model_name.endswith(".json"):
         cfg = _read_config_json(Path(model_name).expanduser(), "model_name: model-config file")
         return model_cfg_of(cfg.get("model_cfg", cfg), f"model_name: {model_name!r}")  # an artifact's config too
-    try:
-        import open_clip
-    except Exception as e:  # a broken install (a missing shared library of torch, a version clash): said once
-        raise ModelError(f"model_name {model_name!r} cannot be checked: open_clip does not import ({type(e).__name__}: "
-                         f"{str(e)[:200]}); reinstall it (pip install --force-reinstall open_clip_torch torch); "
-                         "`clip-finetune doctor` lists what is broken") from e
+    if "open_clip" in sys.modules or ":" in model_name:  # its registry (architectures added at run time) or a
+        try:  # hf-hub:/local-dir: name, which only open_clip resolves
+            import open_clip
+        except Exception as e:  # a broken install (a missing shared library of torch, a version clash): said once
+            raise ModelError(f"model_name {model_name!r} cannot be checked: open_clip does not import "
+                             f"({type(e).__name__}: {str(e)[:200]}); reinstall it (pip install --force-reinstall "
+                             "open_clip_torch torch); `clip-finetune doctor` lists what is broken") from e
 
-    cfg = open_clip.get_model_config(model_name)
+        cfg, known = open_clip.get_model_config(model_name), open_clip.list_models
+    else:
+        cfg, known = _bundled_config(model_name), _bundled_names
     if cfg is None:
-        known = open_clip.list_models()
+        known = known()
         close = difflib.get_close_matches(model_name, known, n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see open_clip.list_models()"
         raise ConfigError(f"model_name: unknown architecture {model_name!r}{hint}")
@@ -48,6 +53,28 @@ def hf_tokenizer_name(model_cfg: dict[str, Any]) -> str | None:
     """The Hugging Face tokenizer (hub id or folder) of a model that has one (a transformer text tower, or
     open_clip's own text tower fed by an HF tokenizer, as SigLIP's), else None."""
     return (model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name") or None
+
+
+def _bundled_folder() -> Path | None:
+    """open_clip's model_configs folder, found without importing open_clip (which imports torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return Path(locations[0]) / "model_configs" if locations else None
+
+
+def _bundled_names() -> list[str]:
+    folder = _bundled_folder()
+    return sorted(p.stem for p in folder.glob("*.json")) if folder is not None else []
+
+
+def _bundled_config(model_name: str) -> dict[str, Any] | None:
+    """The architecture open_clip ships as model_configs/<name>.json (what open_clip.get_model_config returns
+    for it: files without embed_dim, vision_cfg and text_cfg are not architectures), else None."""
+    folder = _bundled_folder()
+    if folder is None or Path(model_name).name != model_name or not (folder / f"{model_name}.json").is_file():
+        return None
+    cfg = json.loads((folder / f"{model_name}.json").read_text())
+    return cfg if all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")) else None
 
 
 def _artifact_model_config(pretrained: str | None) -> dict[str, Any] | None:

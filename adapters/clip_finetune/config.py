@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import string
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +32,7 @@ from .architecture import (
 )
 from .errors import ConfigError
 from .inputs import MAX_CONFIG_BYTES, Unreadable, read_json
+from .sections import DataSection, ModelSection, OptimisationSection, RuntimeSection, SelectionSection, section_of
 
 # Metric names the early-stopping / best-checkpoint selection may use (see metrics.py for formulas).
 DIRECTIONS = ("text_to_image", "image_to_text")
@@ -46,6 +48,11 @@ DEFAULT_LABEL_TEMPLATES = (
     "a cropped photo of the {label}.",
     "a bright photo of a {label}.",
 )
+
+
+# the device types torch.device accepts (torch 2.x's c10 DeviceType names), optionally with an index
+TORCH_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|xla|meta|hpu|mtia|ipu|ve|fpga|maia|opengl|opencl|ideep|hip|lazy|vulkan"
+                          r"|privateuseone)(:(0|[1-9][0-9]*))?")
 
 
 def metric_names(ks: tuple[int, ...] = EVAL_KS) -> list[str]:
@@ -210,6 +217,27 @@ class FinetuneConfig(BaseModel):
         "the same base model on the same data reads its 'before' evaluation instead of computing it"
     )
 
+    # --- the sections the engine's functions take (sections.py): views of the flat keys above -------------
+    @property
+    def model(self) -> ModelSection:
+        return section_of(self, ModelSection)
+
+    @property
+    def optimisation(self) -> OptimisationSection:
+        return section_of(self, OptimisationSection)
+
+    @property
+    def data(self) -> DataSection:
+        return section_of(self, DataSection)
+
+    @property
+    def selection(self) -> SelectionSection:
+        return section_of(self, SelectionSection)
+
+    @property
+    def runtime(self) -> RuntimeSection:
+        return section_of(self, RuntimeSection)
+
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_numbers(cls, v: Any, info: ValidationInfo) -> Any:
@@ -222,14 +250,9 @@ class FinetuneConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _torch_device(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        import torch  # only when a device is named: validating a config otherwise stays light
-
-        try:
-            torch.device(v)
-        except (RuntimeError, ValueError, TypeError):
-            raise ValueError("unknown torch device; use cpu, cuda, cuda:N, mps, or null (automatic)") from None
+        # torch.device's own grammar, checked without importing torch: validation stays light and does no I/O
+        if v is not None and not TORCH_DEVICE.fullmatch(v):
+            raise ValueError("unknown torch device; use cpu, cuda, cuda:N, mps, or null (automatic)")
         return v
 
     @field_validator("model_name")

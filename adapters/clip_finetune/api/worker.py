@@ -68,38 +68,27 @@ def execute(run_dir: Path) -> dict[str, Any]:
 
 
 def _train(run_dir: Path) -> dict[str, Any]:
+    from ..app.train import training_of
     from ..config import build_config
-    from ..data.load import load_splits
 
     request = read_json(run_dir / REQUEST_NAME)
     cfg = build_config(request["config"])
-    splits = load_splits(request["train_data"], request.get("eval_data"), test=request.get("test_data"), cfg=cfg,
-                         what="train_data")
+    # the splits are read before torch loads (app.train imports it only to plan): a bad data path fails in a second
+    training = training_of(cfg, request["train_data"], request.get("eval_data"), test=request.get("test_data"),
+                           what="train_data")
+    splits, cfg = training.splits, training.cfg
     val = splits.validation
     log.info("run %s: %d training pairs, %d evaluation pairs, %d test pairs", run_dir.name, len(splits.train),
              len(val or []), len(splits.test or []))
-
-    # heavy imports only now: a bad data path fails in a second, without loading torch
-    from ..machine import apply_config
-    from ..model.clip import load_model
-    from ..retrieval.evaluate import embed_pairs
-    from ..training import finetune
-    from ..training.optim import check_sizes
-
-    check_sizes(cfg, len(splits.train))
     update_state(run_dir, details="loading the model")
-    apply_config(cfg)  # the base model embeds before training applies it
-    clip = load_model(cfg)
+    training.model()
     if val:
         update_state(run_dir, details="embedding the evaluation set with the base model")
-        save_pair_embeddings(run_dir / EXAMPLES_DIR / "before.npz", embed_pairs(clip, val, cfg.batch_size,
-                                                                              cfg.num_workers))
+        save_pair_embeddings(run_dir / EXAMPLES_DIR / "before.npz", training.embed_validation())
     update_state(run_dir, details="training", progress={"epoch": 0, "num_epochs": cfg.num_epochs})
-    result = finetune(cfg, splits, run_dir / MODEL_DIR, on_epoch_end=_epoch_reporter(run_dir, cfg), clip=clip,
-                      progress=False).to_dict()
+    result = training.run(run_dir / MODEL_DIR, on_epoch_end=_epoch_reporter(run_dir, cfg), progress=False).to_dict()
     if val:
-        save_pair_embeddings(run_dir / EXAMPLES_DIR / "after.npz", embed_pairs(clip, val, cfg.batch_size,
-                                                                             cfg.num_workers))
+        save_pair_embeddings(run_dir / EXAMPLES_DIR / "after.npz", training.embed_validation())
     write_json(run_dir / RESULT_NAME, result)
     summary = _summary(result)
     # logged before the state says finished: a log reader that sees 'finished' has every line

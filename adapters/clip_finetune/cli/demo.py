@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..app.train import Training
 from ..config import FinetuneConfig, build_config
 from ..data.load import Splits, load_dataset
 from ..data.pairs import CaptionPair
 from ..data.synthetic import write_dataloop_download
-from ..model.clip import load_model
-from ..retrieval.evaluate import PairEmbeddings, embed_pairs
+from ..retrieval.evaluate import PairEmbeddings
 from ..retrieval.formatting import format_table
 from ..retrieval.ranking import top_k_by_dot
-from ..training import TrainResult, finetune
+from ..training import TrainResult
 from ..training.guard import check_output_folder
 from .plots import plot_training_curves, search_sheet
 
@@ -75,13 +75,12 @@ def run_demo(
         write_dataloop_download(data_root, n_train, n_validation, seed=seed)
     subsets, reports = load_dataset(data_root)
     train, val = subsets["train"], subsets["validation"]
-    cfg = build_config(DEMO_CONFIG, {"seed": seed}, overrides)
-
-    clip = load_model(cfg)  # random init under the seed: a demo run is reproducible
+    training = Training(build_config(DEMO_CONFIG, {"seed": seed}, overrides), Splits(train, val, reports))
+    training.model()  # random init under the seed: a demo run is reproducible
     queries = _sheet_queries(val, n=4)
-    before = embed_pairs(clip, val, cfg.batch_size, cfg.num_workers)
-    result = finetune(cfg, Splits(train, val, reports), out / "model", clip=clip, progress=progress)
-    after = embed_pairs(clip, val, cfg.batch_size, cfg.num_workers)
+    before = training.embed_validation()
+    result = training.run(out / "model", progress=progress)
+    after = training.embed_validation()
 
     files = {
         "model": out / "model",

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, user_error
@@ -20,22 +19,27 @@ from .share import SHARE_COMMANDS
 log = logging.getLogger(__name__)
 
 
-def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None):
+# what the engine's RunMismatch cannot say: how to start over from the command line
+START_OVER_HINT = "from the command line: --overwrite starts over in --out, or train into another --out folder"
+
+
+def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None, apply: bool = True):
     from ..config import build_config, load_config_file, parse_set_options
     from ..machine import apply_config
 
     file_cfg = load_config_file(args.config) if getattr(args, "config", None) else None
     # CLI --set > --config file > defaults
     cfg = build_config(extra, file_cfg, parse_set_options(args.sets))
-    apply_config(cfg)  # every decode of this command honours the configured pixel limit; seeded
+    if apply:  # every decode of this command honours the configured pixel limit; seeded (train: app.train does)
+        apply_config(cfg)
     return cfg
 
 
 def _load_clip(args: argparse.Namespace, cfg: Any = None):
-    from ..model.clip import load_artifact, load_model
+    from ..app.models import open_model
 
     cfg = cfg or _load_cfg(args)
-    return (load_artifact(args.model, cfg.device, cfg.precision) if args.model else load_model(cfg)), cfg
+    return open_model(cfg, args.model), cfg
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -52,17 +56,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..data.load import load_splits
+    from ..app.train import training_of
     from ..retrieval.formatting import format_table
-    from ..training import finetune
+    from ..training.checkpoint import RunMismatch
     from ..training.guard import check_output_folder
 
-    cfg = _load_cfg(args)  # validated before any data is read
+    cfg = _load_cfg(args, apply=False)  # validated before any data is read
     if not int(os.environ.get("RANK", "0")):  # rank 0 writes --out (under torchrun the others find it in use)
         check_output_folder(args.out, (args.data, args.validation, args.test), overwrite=args.overwrite,
                             resume=args.resume)
-    splits = load_splits(args.data, args.validation, test=args.test, cfg=cfg, what="--data")
-    result = finetune(cfg, splits, args.out, resume=args.resume)  # also writes data_report.json
+    training = training_of(cfg, args.data, args.validation, test=args.test, what="--data")
+    try:
+        result = training.run(args.out, resume=args.resume)  # also writes data_report.json
+    except RunMismatch as e:
+        raise RunMismatch(f"{e} ({START_OVER_HINT})") from None
     if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 writes and prints for the run
         return 0
     if result.before:
@@ -76,8 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..data.load import load_dataset
-    from ..retrieval.evaluate import evaluate
+    from ..app.evaluate import default_subset, read_subsets, score
     from ..retrieval.formatting import format_scores
 
     alphas = _parse_alphas(args.wise_ft) if args.wise_ft else None
@@ -91,26 +97,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_output_folder(args.save_mix, (args.data,), overwrite=args.overwrite, flag="--save-mix")
     cfg = _load_cfg(args)
     # the data before the model: a bad path fails before a model loads
-    subsets, _ = load_dataset(args.data, label_template=cfg.label_templates[0])
-    # the test split never chose anything (an epoch, a WiSE-FT alpha): its scores are the honest ones
-    name = args.subset or next((s for s in ("test", "validation") if s in subsets), next(iter(subsets)))
+    subsets = read_subsets(args.data, cfg)
+    name = args.subset or default_subset(subsets)
     if name not in subsets:
         raise DataError(f"--subset {name!r} not found in {args.data!r}; subsets: {sorted(subsets)}")
     clip, cfg = _load_clip(args, cfg)
     if alphas is None:
-        metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers, progress=not args.json,
-                           templates=cfg.label_templates)
+        metrics = score(clip, subsets[name], cfg, progress=not args.json)
         print(json.dumps(metrics, indent=2) if args.json else format_scores(metrics, "model" if args.model else "base"))
         return 0
-    from ..retrieval.evaluate import base_model_of, save_wise_ft_mix, wise_ft_sweep
+    from ..app.evaluate import wise_ft_sweep
     from ..retrieval.formatting import format_sweep
 
-    base = base_model_of(clip, args.base, cfg.device)
-    results = wise_ft_sweep(clip, base, alphas, subsets[name], cfg.batch_size, cfg.num_workers,
-                            cfg.label_templates)
+    results = wise_ft_sweep(clip, args.base, alphas, subsets[name], cfg, save_mix_to=args.save_mix)
     print(json.dumps({f"{a:g}": m for a, m in results.items()}, indent=2) if args.json else format_sweep(results))
     if args.save_mix:
-        save_wise_ft_mix(clip, base, alphas[0], args.save_mix, results[alphas[0]])
         print(f"saved the alpha={alphas[0]:g} mix to {args.save_mix}")
     return 0
 
@@ -126,36 +127,11 @@ def _parse_alphas(text: str) -> list[float]:
     return alphas
 
 
-def _list_images(source: str) -> list[str]:
-    path = Path(source)
-    if path.is_dir():  # files that are not images (FIFOs, links to nothing) are skipped when decoded, and listed
-        from ..data.labels import IMAGE_SUFFIXES
-
-        return sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not path.exists():
-        raise DataError(f"--images {source!r} does not exist; give a folder of images or a CSV/TSV/JSONL table")
-    from ..data.tables import read_table
-
-    return list(dict.fromkeys(p.image for p in read_table(path)))
-
-
-def _list_texts(source: str) -> list[str]:
-    path = Path(source)
-    if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
-        from ..data.tables import read_table
-
-        return [p.caption for p in read_table(path)]
-    from ..data.safe_read import text_lines
-
-    return text_lines(path)  # a regular file, UTF-8 (or the encoding it looks like is named), bounded lines
-
-
 def cmd_embed(args: argparse.Namespace) -> int:
+    from ..app.embed import embed_items, list_images, list_texts
     from ..files import require_writable
-    from ..retrieval.embed import encode_items
-    from ..retrieval.provenance import made_by
-    from ..retrieval.shards import embed_shard, pin_local_gpu, shard_spec
-    from ..retrieval.store import check_embeddings_out, save_embeddings
+    from ..retrieval.shards import pin_local_gpu, shard_spec
+    from ..retrieval.store import check_embeddings_out
 
     spec = shard_spec(args.shard_index, args.num_shards)  # None: one process writes the one --out file
     if spec is not None:
@@ -164,36 +140,24 @@ def cmd_embed(args: argparse.Namespace) -> int:
     else:
         check_embeddings_out(args.out)  # suffix, folder, packages: before the work, not after it
     kind = "images" if args.images else "texts"
-    texts = None if args.images else _list_texts(args.texts)
+    texts = None if args.images else list_texts(args.texts)
     if texts is not None and not texts:  # before the model loads; never a 0-row index
         raise DataError(f"--texts {args.texts!r}: nothing to embed (no line holds text); give one text a line")
     clip, cfg = _load_clip(args)
-    if cfg.compile and args.images:
-        from ..model.compiling import compile_module
-
-        compile_module(clip.model.visual, "the image tower")
-    items = _list_images(args.images) if args.images else texts
+    items = list_images(args.images, "--images") if args.images else texts
     if args.images and not items:
         raise DataError(f"--images {args.images!r}: no images found")
-    if spec is not None:
-        settings = {"max_image_pixels": cfg.max_image_pixels} if args.images else {}
-        print(embed_shard(clip, kind, items, args.out, spec, cfg.batch_size, cfg.num_workers, settings).summary)
-        return 0
-    ids, vectors, _ = encode_items(clip, kind, items, cfg.batch_size, cfg.num_workers)
-    out = save_embeddings(args.out, ids, vectors, made_by(clip, kind))
-    print(f"wrote {len(ids)} vectors of {vectors.shape[1]} dimensions to {out}")
+    done = embed_items(clip, cfg, kind, items, args.out, spec)
+    print(done.summary or f"wrote {done.count} vectors of {done.dimensions} dimensions to {done.out}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from ..retrieval.index import open_index
-    from ..retrieval.provenance import check_index
-    from ..retrieval.search import search_texts
+    from ..app.search import read_index, search
 
-    index = open_index(args.index)  # a bad file fails before the model loads
+    index = read_index(args.index)  # a bad file fails before the model loads
     clip, _ = _load_clip(args)
-    check_index(index, args.index, clip, "images", allow=args.allow_mismatch)
-    hits_per_query = search_texts(clip, index, args.queries, args.k)
+    hits_per_query = search(clip, index, args.index, args.queries, args.k, allow_mismatch=args.allow_mismatch)
     print(f"answered by the {index.describe()}", file=sys.stderr)  # on stderr: stdout stays the results alone
     for query, hits in zip(args.queries, hits_per_query, strict=True):
         print(printable(query))
@@ -203,10 +167,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from ..model.onnx_export import export_onnx
+    from ..app.export import export
 
-    out = export_onnx(args.model, args.out, args.opset)
-    settings = json.loads((out / "preprocess.json").read_text())
+    out, settings = export(args.model, args.out, args.opset)
     print(f"exported {args.model} (opset {settings['opset']}, {settings['embed_dim']} dimensions) to {out}:")
     for path in sorted(out.rglob("*")):
         if path.is_file():

@@ -19,6 +19,7 @@ from typing import Any
 from ..config import FinetuneConfig
 from ..errors import DataError
 from ..inputs import file_problem
+from ..sections import DataSection
 from .dataloop import ImageResolver, read_subset
 from .labels import DEFAULT_TEMPLATE, is_class_folder_layout, read_class_folders
 from .pairs import CaptionPair, DataReport
@@ -61,7 +62,7 @@ def load_splits(
     resolver: ImageResolver | None = None,
     *,
     test: str | Path | None = None,
-    cfg: FinetuneConfig | SplitOptions | None = None,
+    cfg: FinetuneConfig | DataSection | SplitOptions | None = None,
     what: str = "data",
     no_pairs_hint: str = NO_PAIRS_HINT,
     no_train_hint: str = "name the training subset train/ or pass that subset's folder",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import FinetuneConfig
+from ..sections import DataSection
 from .identity import content_key, linked_groups, normalise_caption
 from .labels import DEFAULT_TEMPLATE
 from .pairs import CaptionPair, DataReport, has_item_id, item_key
@@ -39,7 +40,7 @@ class SplitOptions:
     picture_distance: int | None = None  # leakage_picture_distance: the perceptual check (data/perceptual.py)
 
     @classmethod
-    def of(cls, cfg: FinetuneConfig | None) -> SplitOptions:
+    def of(cls, cfg: FinetuneConfig | DataSection | None) -> SplitOptions:
         if cfg is None:
             return cls()
         return cls(cfg.holdout_fraction, cfg.holdout_max_pairs, cfg.seed, cfg.drop_train_overlap,

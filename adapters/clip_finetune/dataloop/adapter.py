@@ -17,6 +17,8 @@ from typing import Any
 
 import dtlpy as dl
 
+from adapters.clip_finetune.app.evaluate import score_per_query
+from adapters.clip_finetune.app.train import Training
 from adapters.clip_finetune.config import FinetuneConfig
 from adapters.clip_finetune.data.load import Splits, load_dataset, load_splits, require_pairs
 from adapters.clip_finetune.data.pairs import DataReport
@@ -32,10 +34,9 @@ from adapters.clip_finetune.dataloop.platform import as_filters
 from adapters.clip_finetune.errors import ModelError
 from adapters.clip_finetune.machine import apply_config
 from adapters.clip_finetune.model.clip import ClipModel, is_artifact_dir, load_artifact, load_model, save_artifact
-from adapters.clip_finetune.retrieval.evaluate import evaluate_per_query
 from adapters.clip_finetune.retrieval.evaluation_result import EvaluationResult
 from adapters.clip_finetune.retrieval.formatting import format_table
-from adapters.clip_finetune.training import TrainResult, finetune
+from adapters.clip_finetune.training import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -172,10 +173,10 @@ class ClipAdapter(dl.BaseModelAdapter):
             self.convert_from_dtlpy(data_path)
         self._sync = RunStateSync(self.model_entity)
         try:
-            self.result = finetune(self.cfg, self._splits, output_path, clip=self.clip,
-                                   on_epoch_end=self._epoch_reporter(kwargs.get("on_epoch_end_callback")),
-                                   on_checkpoint=self._sync.upload,
-                                   resume=self._sync.stage(self._artifacts_dir, Path(output_path)))
+            # _validate_config applied self.cfg when the model loaded
+            self.result = Training(self.cfg, self._splits, clip=self.clip, applied=True).run(
+                output_path, on_epoch_end=self._epoch_reporter(kwargs.get("on_epoch_end_callback")),
+                on_checkpoint=self._sync.upload, resume=self._sync.stage(self._artifacts_dir, Path(output_path)))
         except BaseException:
             self._sync.finish()  # the last checkpoint reaches the artifacts: a restart resumes from it
             raise
@@ -283,8 +284,7 @@ class ClipAdapter(dl.BaseModelAdapter):
                                         annotation_options=dl.ViewAnnotationOptions.JSON))  # a lazy generator
             name = f"dataset {dataset.name!r}"
             pairs, report = self._read_evaluation_set(folder, Path(tmp) / PROMPT_IMAGES, name)
-            self.evaluation_result = evaluate_per_query(self.clip, pairs, self.cfg.batch_size, self.cfg.num_workers,
-                                                        templates=self.cfg.label_templates)
+            self.evaluation_result = score_per_query(self.clip, pairs, self.cfg)
             self.evaluation = self.evaluation_result.metrics()
         logger.info("evaluation on %s (%s):\n%s", dataset.name, report.summary(), format_table(self.evaluation))
         publish(model, evaluation_samples(self.evaluation, dataset.name), dataset.id)

@@ -1,4 +1,6 @@
-"""THE entry to training, for every face (CLI, Python API worker, Dataloop adapter): `finetune`.
+"""THE entry to training: `finetune`, and `plan_run`, what a run fixes before any work (the sizes checked
+against the data, the process count, the process-wide settings applied), done once per run: app.train plans
+before it loads the model, then hands the plan to `finetune`.
 
 It runs the loop in this process, as a rank under torchrun, or starts the other ranks itself (launch.py)
 when the configuration asks for several processes; and it writes what the data readers reported (and the
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import FinetuneConfig
@@ -31,8 +34,36 @@ log = logging.getLogger(__name__)
 DATA_REPORT_NAME = "data_report.json"
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """A configuration fitted to its run: `cfg` with the train_batch_size the data allows, the number of
+    processes, and this process's place among them (None: not under torchrun)."""
+
+    cfg: FinetuneConfig
+    nprocs: int
+    ctx: DistContext | None
+
+
+def plan_run(cfg: FinetuneConfig, n_train: int, applied: bool = False) -> RunPlan:
+    """Check the sizes against `n_train` training pairs (a batch larger than the data is lowered to it) and apply
+    the configuration's process-wide settings (pixel limit, seeds, threads): once per run, before any work.
+    `applied`: the caller applied `cfg`'s settings already (the Dataloop adapter does when it loads a model)."""
+    ctx = DistContext.from_env()
+    if ctx is not None:
+        nprocs = ctx.world_size
+    else:  # a launcher's single process (torchrun --nproc_per_node 1) sets RANK: it asked for one process
+        nprocs = 1 if "RANK" in os.environ else resolve_num_processes(cfg.num_processes, cfg.device)
+    size = check_sizes(cfg.optimisation, n_train, nprocs)
+    if size != cfg.train_batch_size:
+        cfg = cfg.model_copy(update={"train_batch_size": size})
+    plan = RunPlan(cfg, nprocs, ctx)
+    if not applied:  # sizes change no process setting: applying `cfg` before them is the same
+        apply_config(plan.cfg)
+    return plan
+
+
 def finetune(
-    cfg: FinetuneConfig,
+    cfg: FinetuneConfig | RunPlan,
     splits: Splits,
     out_dir: str | Path | None = None,
     *,
@@ -61,22 +92,24 @@ def finetune(
     Distributed: under torchrun every rank calls finetune(); rank 0 evaluates, writes and calls the callbacks,
     and its result is the run's. Outside torchrun, `cfg.num_processes` > 1 (or null with several GPUs) makes
     this call start the other ranks and train as rank 0.
+
+    `cfg` may be a RunPlan (plan_run's): its sizes are then not checked nor its settings applied again.
     """
-    if cfg.export_onnx:  # missing packages fail now, not after the training
+    plan = cfg if isinstance(cfg, RunPlan) else plan_run(cfg, len(splits.train))
+    if plan.cfg.export_onnx:  # missing packages fail now, not after the training
         from ..model.onnx_export import require_exporter
 
         require_exporter()
-    require_tracker(cfg.tracking)  # a missing tracking package fails now, not after the training
-    ctx = DistContext.from_env()
-    writes = out_dir is not None and (ctx is None or ctx.is_main)
+    require_tracker(plan.cfg.tracking)  # a missing tracking package fails now, not after the training
+    writes = out_dir is not None and (plan.ctx is None or plan.ctx.is_main)
     if writes:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
     # one writer per output folder: a second training into it is refused while this one runs (guard.py)
     with writer_lock(Path(out_dir)) if writes else contextlib.nullcontext():
-        tracker = _tracker(cfg, out_dir) if ctx is None or ctx.is_main else None
+        tracker = _tracker(plan.cfg, out_dir) if plan.ctx is None or plan.ctx.is_main else None
         hooks = Hooks(_tracked(on_epoch_end, tracker), on_checkpoint, progress)
         try:
-            result = _run(cfg, splits, out_dir, clip, hooks, resume, ctx)
+            result = _run(plan, splits, out_dir, clip, hooks, resume)
         except BaseException:
             if tracker is not None:
                 tracker.finish(ok=False)
@@ -84,10 +117,7 @@ def finetune(
         if writes:
             _write_data_report(Path(out_dir), splits)
         if tracker is not None:
-            tracker.log_result(result.to_dict())
-            if writes:
-                tracker.log_folder(Path(out_dir))
-            tracker.finish(ok=True)
+            tracker.close(result.to_dict(), Path(out_dir) if writes else None)
     return result
 
 
@@ -117,16 +147,9 @@ def _tracked(on_epoch_end: EpochCallback | None, tracker: Tracker | None) -> Epo
     return both
 
 
-def _run(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip: ClipModel | None, hooks: Hooks,
-         resume: bool, ctx: DistContext | None) -> TrainResult:
+def _run(plan: RunPlan, splits: Splits, out_dir: str | Path | None, clip: ClipModel | None, hooks: Hooks,
+         resume: bool) -> TrainResult:
     """Train as a torchrun rank, as the one process, or as rank 0 of ranks started here."""
-    if ctx is not None:
-        return train_rank(check_sizes(cfg, len(splits.train), ctx.world_size), splits, out_dir, clip, hooks,
-                          resume, ctx)
-    # a launcher's single process (torchrun --nproc_per_node 1) sets RANK: it asked for one process
-    nprocs = 1 if "RANK" in os.environ else resolve_num_processes(cfg.num_processes, cfg.device)
-    cfg = check_sizes(cfg, len(splits.train), nprocs)  # a batch larger than the data is lowered to it
-    if nprocs > 1:
-        apply_config(cfg)
-        return launch(nprocs, cfg, splits, clip or load_model(cfg, "cpu"), out_dir, hooks, resume)
-    return train_rank(cfg, splits, out_dir, clip, hooks, resume)
+    if plan.ctx is None and plan.nprocs > 1:
+        return launch(plan.nprocs, plan.cfg, splits, clip or load_model(plan.cfg, "cpu"), out_dir, hooks, resume)
+    return train_rank(plan.cfg, splits, out_dir, clip, hooks, resume, plan.ctx)

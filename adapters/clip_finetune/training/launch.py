@@ -27,7 +27,7 @@ import torch
 from ..config import FinetuneConfig
 from ..data.load import Splits
 from ..errors import ClipFinetuneError, ConfigError
-from ..machine import cpu_cores
+from ..machine import apply_config, cpu_cores
 from ..model.clip import ClipModel, load_artifact, save_artifact
 from .distributed import DistContext
 from .loop import Hooks, train_rank
@@ -100,8 +100,9 @@ def _worker(staging: Path) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"rank {rank}: %(levelname)s %(name)s: %(message)s")
     with open(staging / JOB_NAME, "rb") as f:
         job = pickle.load(f)  # written by launch() in this run's private folder, for these processes only
-    torch.set_num_threads(job["threads"])
     cfg = FinetuneConfig.model_validate_json(job["cfg"])
+    apply_config(cfg)  # this process's own settings (pixel limit, seeds); rank 0 planned the sizes
+    torch.set_num_threads(job["threads"])  # after apply_config, which only ever lowers the count
     clip = load_artifact(staging / "model", "cpu")
     (staging / f"{READY_PREFIX}{rank}").touch()
     train_rank(cfg, job["splits"], job["out_dir"], clip, Hooks(progress=False), job["resume"],

@@ -21,13 +21,13 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from ..config import FinetuneConfig
-from ..data.datasets import PairDataset, collate_skipping_bad, default_num_workers, epoch_batches
+from ..data.datasets import PairDataset, collate_skipping_bad, default_num_workers
 from ..data.decode_cache import train_cache
 from ..data.identity import normalise_caption, pair_keys
 from ..data.load import TRAIN, Splits
 from ..errors import DataError
 from ..files import atomic_write
-from ..machine import apply_config
+from ..machine import seed_everything
 from ..model.clip import FINETUNE_CONFIG_NAME, METRICS_NAME, ClipModel, load_model, save_artifact
 from ..model.compiling import compile_module
 from ..model.safe_load import check_safetensors
@@ -36,10 +36,15 @@ from ..progress import progress as show_progress
 from ..retrieval.eval_cache import EvalCache, eval_cache_for
 from ..retrieval.evaluate import evaluate
 from ..retrieval.evaluation_result import PER_QUERY_NAME, EvaluationResult
+from ..sections import OptimisationSection
+from .checkpoint import load as load_checkpoint
+from .checkpoint import save as save_checkpoint
 from .distributed import DistContext, broadcast, process_group
 from .guard import identity_differences, require_locked_folder, run_identity
 from .loss import ContrastiveLoss
-from .optim import apply_locks, check_sizes, make_optimizer, make_scheduler, step_budget_note
+from .optim import apply_locks, make_optimizer, make_scheduler, step_budget_note
+from .sampler import BatchSampler
+from .selection import Selection
 from .state import (
     CHECKPOINT_NAME,
     CheckpointCallback,
@@ -122,7 +127,7 @@ def _epochs(run: RunState, dataset: PairDataset, loss_fn: Callable, splits: Spli
         started = time.perf_counter() - p.epoch_seconds
         _train_epoch(run, dataset, loss_fn, splits, hooks, started)
         record = epoch_record(run, _validate(run, splits, hooks.progress), time.perf_counter() - started)
-        improved, stop = judge_epoch(run, record, bool(splits.validation))
+        improved, stop = judge_epoch(run, record)
         if improved and splits.validation and run.is_main:
             best_state = cpu_state(run.clip.model)
             if out is not None:
@@ -171,16 +176,16 @@ def _make_loss(model: torch.nn.Module, duplicate_aware: bool, rank: int, world_s
 
 def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip: ClipModel | None,
            ctx: DistContext | None, device: torch.device | None, progress: bool) -> tuple[RunState, PairDataset]:
-    """Check sizes, seed, build the model, its optimizer, schedule and dataset, before any training."""
-    world = ctx.world_size if ctx is not None else 1
-    cfg = check_sizes(cfg, len(splits.train), world)
-    apply_config(cfg)
+    """Seed, build the model, its optimizer, schedule and dataset, before any training. `cfg` is fitted to the
+    data already (fit.plan_run: sizes checked and settings applied once per run); the seeds are set again here
+    because loading and scoring the base model before the run draws from them."""
+    seed_everything(cfg.seed)
     clip = clip or load_model(cfg, device)
     if device is not None:
         clip.model.to(device)
     clip.use_precision(cfg.precision)  # for the device it trains on (evaluation: clip.inference_precision)
     model, device = clip.model, clip.device
-    apply_locks(unwrap(model), cfg)
+    apply_locks(unwrap(model), cfg.model)
     workers = default_num_workers(cfg.num_workers, device, ctx.local_world_size if ctx is not None else 1)
     is_main = ctx is None or ctx.is_main
     eval_cache, train_mb = None, float(cfg.image_cache_mb)
@@ -191,7 +196,8 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and is_main:
         out.mkdir(parents=True, exist_ok=True)
-    optimizer = make_optimizer(model, cfg, device)
+    opt = cfg.optimisation  # the section, built once for the run
+    optimizer = make_optimizer(model, opt, device)
     precision = clip.precision
     train_model = model
     if ctx is not None:
@@ -200,19 +206,23 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     if cfg.compile:
         train_model = compile_module(train_model, "the training model")
     total_steps = cfg.num_epochs * (len(splits.train) // cfg.train_batch_size)
-    run = RunState(cfg, clip, optimizer, make_scheduler(optimizer, cfg, total_steps),
-                   torch.amp.GradScaler(device.type, enabled=precision == "fp16"), Progress(),
-                   out / CHECKPOINT_NAME if out is not None else None, train_model, precision, ctx,
-                   cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, workers,
-                   run_identity(cfg, splits) if out is not None else None,
-                   pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches else None,
-                   _notes(cfg, splits, total_steps) if is_main else [], eval_cache)
+    keys = pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches else None
+    run = RunState(
+        cfg=cfg, opt=opt, clip=clip, optimizer=optimizer, scheduler=make_scheduler(optimizer, opt, total_steps),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), progress=Progress(),
+        selection=Selection.of(cfg.selection, has_validation=bool(splits.validation)),
+        sampler=BatchSampler(n=len(splits.train), batch_size=cfg.train_batch_size, seed=cfg.seed,
+                             keys=keys if cfg.unique_batches else None),
+        checkpoint=out / CHECKPOINT_NAME if out is not None else None, train_model=train_model, precision=precision,
+        ctx=ctx, base_state=cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, num_workers=workers,
+        identity=run_identity(cfg, splits) if out is not None else None, keys=keys,
+        notes=_notes(opt, splits, total_steps) if is_main else [], eval_cache=eval_cache)
     return run, dataset
 
 
-def _notes(cfg: FinetuneConfig, splits: Splits, total_steps: int) -> list[str]:
+def _notes(opt: OptimisationSection, splits: Splits, total_steps: int) -> list[str]:
     """What the result's reader should know about its figures and its budget (also logged)."""
-    notes = [note] if (note := step_budget_note(cfg, len(splits.train), total_steps)) else []
+    notes = [note] if (note := step_budget_note(opt, len(splits.train), total_steps)) else []
     if len({normalise_caption(p.caption) for p in splits.train}) == 1 and len(splits.train) > 1:
         notes.append(f"only one distinct caption in the {len(splits.train)} training pairs: contrastive training has "
                      "nothing to tell apart (the loss falls to 0 and retrieval learns nothing); give the images "
@@ -243,7 +253,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     keep_best = bool(splits.validation) and run.is_main
     if resume and not (run.checkpoint and run.checkpoint.is_file()):
         log.warning("nothing to resume: no %s in %s; starting from the beginning", CHECKPOINT_NAME, out)
-    if resume and run.load_checkpoint(lambda theirs: identity_differences(theirs, run.identity)):
+    if resume and load_checkpoint(run, lambda theirs: identity_differences(theirs, run.identity)):
         _check_progress(run, len(splits.train))
         log.info("resuming from %s: epoch %d, batch %d", run.checkpoint, run.progress.epoch,
                  run.progress.batches_done)
@@ -257,7 +267,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     run.progress.before = _validate(run, splits, progress, base=True)
     base_evaluation = run.evaluation
     run.progress.test_before = _score(run, splits.test, progress)
-    run.progress.best_score = run.progress.before.get(run.cfg.early_stopping_metric, -math.inf)
+    run.selection.start(run.progress.before)
     if out is not None and keep_best:  # the base is the best so far: a crash from here keeps a model
         save_artifact(run.clip, out, run.cfg)
         _write_per_query(base_evaluation, out)
@@ -269,8 +279,7 @@ def _train_epoch(run: RunState, dataset: PairDataset, loss_fn: Callable, splits:
     """One pass over the training data, from where a resumed run stopped."""
     cfg, p = run.cfg, run.progress
     run.train_model.train()
-    batches = epoch_batches(len(splits.train), cfg.train_batch_size, cfg.seed, p.epoch,
-                            run.keys if cfg.unique_batches else None)
+    batches = run.sampler.batches(p.epoch)
     per_epoch = len(batches)
     batches = batches[p.batches_done:]
     if run.ctx is not None:  # this rank's slice of each global batch
@@ -393,7 +402,7 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
 def _save_checkpoint(run: RunState, hooks: Hooks) -> None:
     if run.checkpoint is not None and run.is_main:
         require_locked_folder(run.checkpoint.parent)  # not into another run's folder made at the same path
-    run.save_checkpoint(hooks.on_checkpoint)
+    save_checkpoint(run, hooks.on_checkpoint)
 
 
 def _keep_unmixed_best(out: Path) -> None:

@@ -37,7 +37,7 @@ def train_step(run: RunState, loss_fn: LossFn, batch: Any) -> float | None:
     n = len(images) if images is not None else 0
     if ctx is not None:  # every rank must feed the same number of pairs to the gathered loss
         n = all_reduce_min(n, device)
-    k = min(run.cfg.accum_freq, n)
+    k = min(run.opt.accum_freq, n)
     if n * run.world_size < 2 or k < 1:
         return None  # a contrastive step needs two pairs
     images = images[:n].to(device, non_blocking=True)
@@ -121,7 +121,7 @@ def _apply(run: RunState) -> bool:
     """Clip the gradients and step; False (and nothing applied) when their norm is not finite."""
     model = run.train_model
     run.scaler.unscale_(run.optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.cfg.grad_clip_norm or math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), run.opt.grad_clip_norm or math.inf)
     # with fp16 the GradScaler itself skips steps whose gradients overflowed (and lowers its scale)
     if not torch.isfinite(norm) and not run.scaler.is_enabled():
         run.optimizer.zero_grad(set_to_none=True)

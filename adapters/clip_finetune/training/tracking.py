@@ -74,6 +74,13 @@ class Tracker:
     def finish(self, ok: bool) -> None:
         self._call(self._finish, ok)
 
+    def close(self, result: dict[str, Any], folder: Path | None) -> None:
+        """A finished run: its figures, the saved model folder when one was written, and the end."""
+        self.log_result(result)
+        if folder is not None:
+            self.log_folder(folder)
+        self.finish(ok=True)
+
 
 class MlflowTracker(Tracker):
     name = "mlflow"
