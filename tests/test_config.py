@@ -6,13 +6,13 @@ import json
 
 import pytest
 
+from adapters.clip_finetune.cli.config_args import parse_set_options
 from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.config import (
     FinetuneConfig,
     build_config,
     metric_names,
     normalize_model_name,
-    parse_set_options,
 )
 from adapters.clip_finetune.errors import ConfigError
 

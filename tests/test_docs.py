@@ -6,8 +6,8 @@ import re
 
 from helpers import REPO
 
+from adapters.clip_finetune.cli.config_args import markdown_reference
 from adapters.clip_finetune.cli.main import build_parser
-from adapters.clip_finetune.config import markdown_reference
 
 
 def test_configuration_reference_is_current() -> None:

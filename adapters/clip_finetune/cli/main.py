@@ -24,8 +24,9 @@ START_OVER_HINT = "from the command line: --overwrite starts over in --out, or t
 
 
 def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None, apply: bool = True):
-    from ..config import build_config, load_config_file, parse_set_options
+    from ..config import build_config
     from ..machine import apply_config
+    from .config_args import load_config_file, parse_set_options
 
     file_cfg = load_config_file(args.config) if getattr(args, "config", None) else None
     # CLI --set > --config file > defaults
@@ -43,7 +44,7 @@ def _load_clip(args: argparse.Namespace, cfg: Any = None):
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..config import parse_set_options
+    from .config_args import parse_set_options
     from .demo import run_demo
 
     res = run_demo(args.out, args.train, args.validation, args.seed, parse_set_options(args.sets),
@@ -180,7 +181,8 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    from ..config import FinetuneConfig, markdown_reference
+    from ..config import FinetuneConfig
+    from .config_args import markdown_reference
 
     if args.markdown:
         print(markdown_reference(), end="")

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -16,8 +14,6 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from ..config import FinetuneConfig
@@ -26,30 +22,38 @@ from ..data.decode_cache import train_cache
 from ..data.identity import normalise_caption, pair_keys
 from ..data.load import TRAIN, Splits
 from ..errors import DataError
-from ..files import atomic_write
 from ..machine import seed_everything
-from ..model.clip import FINETUNE_CONFIG_NAME, METRICS_NAME, ClipModel, load_model, save_artifact
+from ..model.clip import ClipModel, load_model, save_artifact
 from ..model.compiling import compile_module
-from ..model.safe_load import check_safetensors
-from ..model.weights import cpu_state, cpu_state_from_artifact, unwrap, wise_ft
+from ..model.weights import cpu_state, unwrap, wise_ft
 from ..progress import progress as show_progress
 from ..retrieval.eval_cache import EvalCache, eval_cache_for
 from ..retrieval.evaluate import evaluate
-from ..retrieval.evaluation_result import PER_QUERY_NAME, EvaluationResult
+from ..retrieval.evaluation_result import EvaluationResult
 from ..sections import OptimisationSection
+from .checkpoint import RunMismatch
 from .checkpoint import load as load_checkpoint
 from .checkpoint import save as save_checkpoint
 from .distributed import DistContext, broadcast, process_group
 from .guard import identity_differences, require_locked_folder, run_identity
 from .loss import ContrastiveLoss
 from .optim import apply_locks, make_optimizer, make_scheduler, step_budget_note
+from .run_files import (
+    ONNX_DIR,
+    UNMIXED_BEST_NAME,
+    best_so_far,
+    clear_previous_run,
+    drop_unfinished_model,
+    keep_unmixed_best,
+    model_stamp,
+    write_per_query,
+)
 from .sampler import BatchSampler
 from .selection import Selection
 from .state import (
     CHECKPOINT_NAME,
     CheckpointCallback,
     Progress,
-    RunMismatch,
     RunState,
     TrainResult,
     epoch_record,
@@ -62,8 +66,6 @@ from .step import train_step
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-ONNX_DIR = "onnx"  # export_onnx: the ONNX towers go to this folder inside the saved model
-UNMIXED_BEST_NAME = ".best-unmixed.safetensors"  # a WiSE-FT run's best weights while its mix is being written
 
 
 @dataclass
@@ -93,7 +95,7 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     cfg = run.cfg  # train_batch_size fitted to the data
     loss_fn = _make_loss(unwrap(run.clip.model), cfg.duplicate_aware_loss, ctx.rank if ctx else 0, run.world_size)
     out = Path(out_dir) if out_dir is not None else None
-    stamp = _model_stamp(out)
+    stamp = model_stamp(out)
     try:
         best_state = _start(run, splits, out, resume, hooks.progress)
         log.info("training %d pairs, %d steps/epoch, %d epochs, %s on %s%s", len(splits.train),
@@ -103,7 +105,7 @@ def _train(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
         return _finish(run, splits, out, best_state)
     except BaseException:  # a full disk, a diverged run, Ctrl-C: no model that looks finished without its checkpoint
         if out is not None and run.is_main:
-            _drop_unfinished_model(run, out, stamp)
+            drop_unfinished_model(run, out, stamp)
         raise
 
 
@@ -133,33 +135,12 @@ def _epochs(run: RunState, dataset: PairDataset, loss_fn: Callable, splits: Spli
             if out is not None:
                 require_locked_folder(out)
                 save_artifact(run.clip, out, cfg, {"best_epoch": p.epoch, "history": p.history})
-                _write_per_query(run.evaluation, out)  # this epoch's validation
+                write_per_query(run.evaluation, out)  # this epoch's validation
         p.next_epoch(stop, cfg.num_epochs)
         _save_checkpoint(run, hooks)
         if hooks.on_epoch_end is not None:
             hooks.on_epoch_end(int(record["epoch"]), record)
     return best_state
-
-
-def _model_stamp(out: Path | None) -> tuple[int, int] | None:
-    """(inode, mtime) of the weights in `out`: every save replaces the file (atomic_write), so a changed stamp
-    means this run wrote them."""
-    try:
-        st = (out / HF_SAFE_WEIGHTS_NAME).stat() if out is not None else None
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns) if st is not None else None
-
-
-def _drop_unfinished_model(run: RunState, out: Path, stamp: tuple[int, int] | None) -> None:
-    """A run that fails before its first checkpoint (the disk filled while writing it, say) leaves the base model it
-    wrote, or half of it: without a checkpoint beside it, a later run and `check_output_folder` would take it for a
-    finished model. This run's model files go; with a checkpoint they stay (--resume continues from both)."""
-    if (run.checkpoint is not None and run.checkpoint.is_file()) or _model_stamp(out) == stamp:
-        return
-    for name in (HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, FINETUNE_CONFIG_NAME, METRICS_NAME):
-        (out / name).unlink(missing_ok=True)
-    log.warning("the run stopped before its first checkpoint: removed the unfinished model it had written to %s", out)
 
 
 def _make_loss(model: torch.nn.Module, duplicate_aware: bool, rank: int, world_size: int) -> ContrastiveLoss:
@@ -259,18 +240,18 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
                  run.progress.batches_done)
         # the best weights so far (the base's until an epoch beats it) are the artifact in out_dir, unless a
         # WiSE-FT run stopped after writing its mix: then the unmixed best kept beside it (mixed once, in _finish)
-        return _best_so_far(out) if keep_best else None
+        return best_so_far(out) if keep_best else None
     if run.checkpoint is not None and run.checkpoint.is_file() and run.is_main:
         log.warning("%s exists: starting over (resume=True continues it)", run.checkpoint)
     if out is not None and run.is_main:
-        _clear_previous_run(out)
+        clear_previous_run(out)
     run.progress.before = _validate(run, splits, progress, base=True)
     base_evaluation = run.evaluation
     run.progress.test_before = _score(run, splits.test, progress)
     run.selection.start(run.progress.before)
     if out is not None and keep_best:  # the base is the best so far: a crash from here keeps a model
         save_artifact(run.clip, out, run.cfg)
-        _write_per_query(base_evaluation, out)
+        write_per_query(base_evaluation, out)
     return cpu_state(run.clip.model) if keep_best else None
 
 
@@ -348,12 +329,6 @@ def _score(run: RunState, pairs: list | None, progress: bool = False, cache: Eva
     return scores
 
 
-def _write_per_query(evaluation: EvaluationResult | None, out: Path | None) -> None:
-    """The evaluation whose metrics the model folder's metrics.json reports, per query, next to it."""
-    if evaluation is not None and out is not None:
-        evaluation.write(out / PER_QUERY_NAME)
-
-
 def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[str, torch.Tensor] | None
             ) -> TrainResult:
     """Keep the best epoch's weights (not the last epoch's), mixed with the base's for WiSE-FT, and write
@@ -369,7 +344,7 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
     final = None  # a final evaluation that replaces the best epoch's in metrics.json, per query too
     if run.base_state is not None and run.is_main:
         if best_state is not None and out is not None:
-            _keep_unmixed_best(out)
+            keep_unmixed_best(out)
         unwrap(model).load_state_dict(wise_ft(run.base_state, cpu_state(model), cfg.wise_ft_alpha))
         if splits.validation:
             result.after_fine_tuned = result.after
@@ -385,7 +360,7 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
     if out is not None and run.is_main:
         require_locked_folder(out)  # removed and made again by another run: its model is not ours to replace
         result.out_dir = save_artifact(run.clip, out, cfg, result.to_dict())
-        _write_per_query(final, out)
+        write_per_query(final, out)
         if cfg.export_onnx:
             from ..model.onnx_export import export_onnx
 
@@ -403,40 +378,6 @@ def _save_checkpoint(run: RunState, hooks: Hooks) -> None:
     if run.checkpoint is not None and run.is_main:
         require_locked_folder(run.checkpoint.parent)  # not into another run's folder made at the same path
     save_checkpoint(run, hooks.on_checkpoint)
-
-
-def _keep_unmixed_best(out: Path) -> None:
-    """Keep the best weights (the artifact in `out` until the mix replaces it) as UNMIXED_BEST_NAME, so a run
-    stopped after the mix was written (during the ONNX export, say) resumes from them and mixes once, not twice.
-    A hard link costs nothing (the artifact's rename leaves the linked file whole); a copy where links fail. A
-    resumed run finds it already kept."""
-    kept, artifact = out / UNMIXED_BEST_NAME, out / HF_SAFE_WEIGHTS_NAME
-    if kept.is_file() or not artifact.is_file():
-        return
-    try:
-        os.link(artifact, kept)
-    except OSError:
-        atomic_write(kept, lambda p: shutil.copyfile(artifact, p))
-
-
-def _best_so_far(out: Path | None) -> dict[str, torch.Tensor] | None:
-    """The best weights a resumed run had so far: the unmixed ones a WiSE-FT run kept, else the artifact's."""
-    kept = out / UNMIXED_BEST_NAME if out is not None else None
-    if kept is not None and kept.is_file():
-        check_safetensors(kept, "the best weights before the WiSE-FT mix")
-        return load_file(str(kept))
-    return cpu_state_from_artifact(out)
-
-
-def _clear_previous_run(out: Path) -> None:
-    """A fresh start in `out` (an --overwrite, or a run stopped before its first checkpoint): what an earlier
-    run left that the new model would not replace goes first: its ONNX towers (they would disagree with the new
-    weights) and its kept unmixed weights."""
-    (out / UNMIXED_BEST_NAME).unlink(missing_ok=True)
-    if (out / ONNX_DIR).is_dir() and not (out / ONNX_DIR).is_symlink():
-        log.warning("%s: removing the previous model's ONNX export (it belongs to the weights being replaced)",
-                    out / ONNX_DIR)
-        shutil.rmtree(out / ONNX_DIR)
 
 
 def _count_bad_images(splits: Splits, bad_pairs: list[int]) -> None:
