@@ -55,6 +55,7 @@ class DataSection:
     holdout_fraction: float
     holdout_max_pairs: int
     drop_train_overlap: bool
+    leakage_picture_distance: int | None
     label_templates: tuple[str, ...]
     max_image_pixels: int | None
     seed: int  # the held-out split is drawn under the run's seed
@@ -79,6 +80,7 @@ class RuntimeSection:
     device: str | None
     num_processes: int | None
     image_cache_mb: int
+    tracking: str
     base_eval_cache: bool
 
 
