@@ -23,8 +23,9 @@ def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None):
     from ..machine import apply_config
 
     file_cfg = load_config_file(args.config) if getattr(args, "config", None) else None
-    # CLI --set > --config file > defaults
-    cfg = build_config(extra, file_cfg, parse_set_options(args.sets))
+    columns = {key: getattr(args, key) for key in ("image_column", "caption_column") if getattr(args, key, None)}
+    # CLI --image-column/--caption-column > --set > --config file > defaults
+    cfg = build_config(extra, file_cfg, parse_set_options(args.sets), columns)
     apply_config(cfg)  # every decode of this command honours the configured pixel limit; seeded
     return cfg
 
@@ -87,16 +88,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         check_output_folder(args.save_mix, (args.data,), overwrite=args.overwrite, flag="--save-mix")
     cfg = _load_cfg(args)
     # the data before the model: a bad path fails before a model loads
-    subsets, _ = load_dataset(args.data, label_template=cfg.label_templates[0])
+    subsets, _ = load_dataset(args.data, label_template=cfg.label_templates[0],
+                              column_names=(cfg.image_column, cfg.caption_column))
     # the test split never chose anything (an epoch, a WiSE-FT alpha): its scores are the honest ones
     name = args.subset or next((s for s in ("test", "validation") if s in subsets), next(iter(subsets)))
     if name not in subsets:
         raise DataError(f"--subset {name!r} not found in {args.data!r}; subsets: {sorted(subsets)}")
     clip, cfg = _load_clip(args, cfg)
+    # which subset was scored, and why that one: a score without its subset cannot be compared with another
+    why = "--subset" if args.subset else "by default: test, else validation, else the first subset"
+    scored = f"scored the {name!r} subset of {args.data} ({len(subsets[name])} pairs; {why})"
     if alphas is None:
         metrics = evaluate(clip, subsets[name], cfg.batch_size, cfg.num_workers, progress=not args.json,
                            templates=cfg.label_templates)
         print(json.dumps(metrics, indent=2) if args.json else format_scores(metrics, "model" if args.model else "base"))
+        print(scored, file=sys.stderr if args.json else sys.stdout)  # --json: stdout stays one JSON document
         return 0
     from ..retrieval.evaluate import base_model_of, save_wise_ft_mix, wise_ft_sweep
     from ..retrieval.formatting import format_sweep
@@ -105,6 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     results = wise_ft_sweep(clip, base, alphas, subsets[name], cfg.batch_size, cfg.num_workers,
                             cfg.label_templates)
     print(json.dumps({f"{a:g}": m for a, m in results.items()}, indent=2) if args.json else format_sweep(results))
+    print(scored, file=sys.stderr if args.json else sys.stdout)
     if args.save_mix:
         save_wise_ft_mix(clip, base, alphas[0], args.save_mix, results[alphas[0]])
         print(f"saved the alpha={alphas[0]:g} mix to {args.save_mix}")
@@ -122,7 +129,7 @@ def _parse_alphas(text: str) -> list[float]:
     return alphas
 
 
-def _list_images(source: str) -> list[str]:
+def _list_images(source: str, column_names: tuple[str | None, str | None] = (None, None)) -> list[str]:
     path = Path(source)
     if path.is_dir():  # files that are not images (FIFOs, links to nothing) are skipped when decoded, and listed
         from ..data.labels import IMAGE_SUFFIXES
@@ -132,15 +139,15 @@ def _list_images(source: str) -> list[str]:
         raise DataError(f"--images {source!r} does not exist; give a folder of images or a CSV/TSV/JSONL table")
     from ..data.tables import read_table
 
-    return list(dict.fromkeys(p.image for p in read_table(path)))
+    return list(dict.fromkeys(p.image for p in read_table(path, column_names=column_names)))
 
 
-def _list_texts(source: str) -> list[str]:
+def _list_texts(source: str, column_names: tuple[str | None, str | None] = (None, None)) -> list[str]:
     path = Path(source)
     if path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
         from ..data.tables import read_table
 
-        return [p.caption for p in read_table(path)]
+        return [p.caption for p in read_table(path, column_names=column_names)]
     from ..data.safe_read import text_lines
 
     return text_lines(path)  # a regular file, UTF-8 (or the encoding it looks like is named), bounded lines
@@ -165,7 +172,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         from ..model.compiling import compile_module
 
         compile_module(clip.model.visual, "the image tower")
-    items = _list_images(args.images) if args.images else _list_texts(args.texts)
+    columns = (cfg.image_column, cfg.caption_column)
+    items = _list_images(args.images, columns) if args.images else _list_texts(args.texts, columns)
     if args.images and not items:
         raise DataError(f"--images {args.images!r}: no images found")
     if spec is not None:
@@ -218,7 +226,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     elif args.schema:
         print(json.dumps(FinetuneConfig.model_json_schema(), indent=2))
     else:
-        print(_load_cfg(args).model_dump_json(indent=2))
+        # embeddings_size is derived from the architecture: written as null, so the output edited to another
+        # model_name is still a valid --config (a written 512 would contradict a 1024-wide model)
+        print(json.dumps({**_load_cfg(args).model_dump(mode="json"), "embeddings_size": None}, indent=2))
     return 0
 
 
@@ -244,19 +254,34 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "emb
             "export-onnx": cmd_export_onnx, "doctor": cmd_doctor, "report": cmd_report}
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """For an interrupted train whose --out holds a checkpoint: the command that continues it."""
+    from ..training.state import CHECKPOINT_NAME
+
+    if args.command != "train" or not (Path(args.out) / CHECKPOINT_NAME).is_file():
+        return ""
+    return f"; continue from its checkpoint with the same command plus --resume ({Path(args.out) / CHECKPOINT_NAME})"
+
+
 def main(argv: list[str] | None = None) -> int:
     """The boundary of the command line: our errors, and the system refusing a file the user named, print one
     message and exit 2; anything else is a bug and stays a traceback (errors.user_error)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # the root logger at WARNING: open_clip logs its own progress through logging.info on the root logger
+    # (13 "INFO root:" lines before a search's results); this package's loggers say INFO
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if os.environ.get("RANK", "0") not in ("", "0"):  # under torchrun rank 0 speaks for the run; others warn
+        level = max(level, logging.WARNING)
+    logging.getLogger(__package__.rpartition(".")[0]).setLevel(level)
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, never crashes
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print(f"clip-finetune {args.command}: interrupted", file=sys.stderr)
+        print(f"clip-finetune {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `clip-finetune ... | head`: the reader left; say nothing more
         with contextlib.suppress(OSError, ValueError, AttributeError):  # no flush error at exit either

@@ -35,13 +35,14 @@ class SplitOptions:
     seed: int = _default("seed")  # type: ignore[assignment]
     drop_train_overlap: bool = _default("drop_train_overlap")  # type: ignore[assignment]
     label_template: str = DEFAULT_TEMPLATE
+    column_names: tuple[str | None, str | None] = (None, None)  # a table's (image, caption) columns
 
     @classmethod
     def of(cls, cfg: FinetuneConfig | None) -> SplitOptions:
         if cfg is None:
             return cls()
         return cls(cfg.holdout_fraction, cfg.holdout_max_pairs, cfg.seed, cfg.drop_train_overlap,
-                   cfg.label_templates[0])
+                   cfg.label_templates[0], (cfg.image_column, cfg.caption_column))
 
 
 def drop_duplicate_pairs(name: str, pairs: list[CaptionPair], report: DataReport) -> list[CaptionPair]:
