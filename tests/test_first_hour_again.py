@@ -182,3 +182,21 @@ def test_the_readme_has_a_cpu_only_install_line_and_keeps_its_first_two_commands
     assert "cannot" in readme[readme.index(cpu):][:600]  # the README says this line is not run by the tests
 
 
+
+
+def test_the_readmes_python_example_runs_twice_in_the_same_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    readme = (REPO / "README.md").read_text()
+    block = next(b for b in re.findall(r"^```python\n(.*?)^```", readme, flags=re.S | re.M) if "fit(" in b)
+    # the same code on less data and one epoch (the README's sizes take minutes on a CPU): only numbers change
+    small = block
+    for old, new in (("n_train=500", "n_train=48"), ("n_validation=100", "n_validation=16"),
+                     ("num_epochs=6", "num_epochs=1")):
+        assert old in small
+        small = small.replace(old, new)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CLIP_FINETUNE_RUNS_DIR", raising=False)
+    for _ in range(2):  # a newcomer runs the example, then runs it again
+        exec(compile(small, "README.md", "exec"), {})
+        assert capsys.readouterr().out.strip().splitlines()[-1] == "(1, 64)"
+    assert len(list((tmp_path / "runs").iterdir())) == 2
+    assert (tmp_path / "example_model" / "open_clip_model.safetensors").is_file()
