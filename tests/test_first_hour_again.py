@@ -200,3 +200,22 @@ def test_the_readmes_python_example_runs_twice_in_the_same_folder(tmp_path: Path
         assert capsys.readouterr().out.strip().splitlines()[-1] == "(1, 64)"
     assert len(list((tmp_path / "runs").iterdir())) == 2
     assert (tmp_path / "example_model" / "open_clip_model.safetensors").is_file()
+
+
+def test_the_report_of_a_cli_run_names_its_split_keeps_the_notes_and_shows_examples(tmp_path: Path, capsys) -> None:
+    data = write_dataloop_download(tmp_path / "data", 64, 24, seed=7)
+    test = write_dataloop_download(tmp_path / "test", 1, 20, seed=8) / "validation"
+    quick = [*TINY, "--set", "num_epochs=2", "--set", "learning_rate=2e-3"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "m"), *quick]) == 0
+    assert main(["train", "--data", str(data), "--test", str(test), "--out", str(tmp_path / "t"), *quick]) == 0
+    assert main(["report", str(tmp_path / "m")]) == 0 and main(["report", str(tmp_path / "t")]) == 0
+    capsys.readouterr()
+    selection, tested = ((tmp_path / m / "report.html").read_text() for m in ("m", "t"))
+    assert "Retrieval metrics (validation, the selection set)" in selection
+    assert "so it flatters the model" in selection
+    assert "Retrieval metrics (test split, scored once at the end)" in tested and "(validation)" not in tested
+    assert "it chose nothing" in tested
+    # examples for a CLI-trained model: embedded at training time, bounded, beside the weights
+    for page in (selection, tested):
+        assert re.search(r"Of 24 validation captions, the described image entered the top 5 for \d+", page)
+        assert "<h3>Improved</h3>" in page and "<h3>Got worse</h3>" in page

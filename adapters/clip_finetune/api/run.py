@@ -157,24 +157,32 @@ class Run:
     def example_results(self, k: int = 5) -> list[Example]:
         """For each evaluation caption, the top-k evaluation images before and after fine-tuning."""
         self._require_finished("example results")
-        files = [self.path / EXAMPLES_DIR / f"{when}.npz" for when in ("before", "after")]
-        if not all(f.is_file() for f in files):
+        if not (self.path / EXAMPLES_DIR / "after.npz").is_file():
             raise RunError(f"run {self.name!r} had no evaluation data, so it has no example results")
-        ranked = []
-        for file in files:
-            with np.load(file, allow_pickle=False) as d:
-                images, captions, owner = d["images"].tolist(), d["captions"].tolist(), d["text_to_image"]
-                links = d["relevant"].tolist() if "relevant" in d.files else list(enumerate(owner.tolist()))
-                idx, scores = top_k(d["text_features"] @ d["image_features"].T, k)  # [n_texts, k]
-            top = [[(images[i], float(s)) for i, s in zip(row_i, row_s, strict=True)]
-                   for row_i, row_s in zip(idx, scores, strict=True)]
-            relevant: list[list[str]] = [[] for _ in captions]
-            for t, i in links:
-                relevant[t].append(images[i])
-            ranked.append((captions, [images[o] for o in owner], top, relevant))
-        (captions, targets, before, relevant), (_, _, after, _) = ranked
-        return [Example(q, t, b, a, tuple(r))
-                for q, t, b, a, r in zip(captions, targets, before, after, relevant, strict=True)]
+        return read_examples(self.path / EXAMPLES_DIR, k)
+
+
+def read_examples(folder: Path, k: int = 5) -> list[Example]:
+    """The examples of `folder` (before.npz and after.npz, written by worker.save_pair_embeddings): a run's
+    examples/, or a saved model's (`clip-finetune train` writes them there for `clip-finetune report`)."""
+    files = [folder / f"{when}.npz" for when in ("before", "after")]
+    if not all(f.is_file() for f in files):
+        raise RunError(f"{str(folder)!r} holds no before.npz and after.npz, so there are no example results")
+    ranked = []
+    for file in files:
+        with np.load(file, allow_pickle=False) as d:
+            images, captions, owner = d["images"].tolist(), d["captions"].tolist(), d["text_to_image"]
+            links = d["relevant"].tolist() if "relevant" in d.files else list(enumerate(owner.tolist()))
+            idx, scores = top_k(d["text_features"] @ d["image_features"].T, k)  # [n_texts, k]
+        top = [[(images[i], float(s)) for i, s in zip(row_i, row_s, strict=True)]
+               for row_i, row_s in zip(idx, scores, strict=True)]
+        relevant: list[list[str]] = [[] for _ in captions]
+        for t, i in links:
+            relevant[t].append(images[i])
+        ranked.append((captions, [images[o] for o in owner], top, relevant))
+    (captions, targets, before, relevant), (_, _, after, _) = ranked
+    return [Example(q, t, b, a, tuple(r))
+            for q, t, b, a, r in zip(captions, targets, before, after, relevant, strict=True)]
 
 
 @at_boundary
