@@ -219,3 +219,39 @@ def test_the_report_of_a_cli_run_names_its_split_keeps_the_notes_and_shows_examp
     for page in (selection, tested):
         assert re.search(r"Of 24 validation captions, the described image entered the top 5 for \d+", page)
         assert "<h3>Improved</h3>" in page and "<h3>Got worse</h3>" in page
+
+
+def _class_folders(root: Path, n: int) -> Path:
+    """`n` synthetic images sorted into one folder per shape (5 classes), as a newcomer's class-folder set."""
+    from adapters.clip_finetune.data.synthetic import render, sample_specs
+
+    for i, sample in enumerate(sample_specs(n, 11)):
+        folder = root / sample.attributes["shape"]
+        folder.mkdir(parents=True, exist_ok=True)
+        render(sample, 32).save(folder / f"{i:03d}.png")
+    return root
+
+
+def test_a_small_class_folder_set_gets_held_out_scores(tmp_path: Path) -> None:
+    splits = load_splits(_class_folders(tmp_path / "classes", 48))
+    assert splits.held_out and len(splits.validation) == 10 and len(splits.train) == 38  # was: no hold-out at all
+    # captions written per image keep the 10% rule: 48 pairs hold out 5, too few, so none
+    assert load_splits(write_csv(tmp_path / "pairs.csv", 48, seed=1)).validation is None
+
+
+def test_a_base_model_near_the_metrics_ceiling_is_named_in_the_no_gain_note() -> None:
+    from adapters.clip_finetune.training.state import no_gain_note
+
+    cfg = build_config({**TINY_TRAINING, "model_name": str(TINY_MODEL)})
+    near = no_gain_note(cfg, 0.96, 2)
+    assert "the base model already scores 0.96 of at most 1 on text_to_image/mrr" in near
+    assert "select on text_to_image/map (early_stopping_metric)" in near and "early_stopping false" in near
+    assert "already scores" not in no_gain_note(cfg, 0.4, 2)
+
+
+def test_a_run_without_validation_does_not_end_on_a_best_epoch_line(tmp_path: Path, capsys) -> None:
+    table = write_csv(tmp_path / "pairs.csv", 24, seed=4)  # too few to hold any out
+    assert main(["train", "--data", str(table), "--out", str(tmp_path / "m"), *TINY, "--set", "num_epochs=1"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("no validation data: the last epoch's weights (epoch 1), not scored against the base")
+    assert not last.startswith("best epoch")

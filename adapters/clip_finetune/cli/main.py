@@ -75,6 +75,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         where = {"test": "the test split (it chose nothing)",
                  "selection": "the selection set (it also picked the epoch: optimistic)"}[result.scored_on]
         print(f"scored on {where}:\n{format_table(result.before, result.after)}")
+    if not result.before:  # nothing scored an epoch: say so, not "best epoch N" of a metric never computed
+        print(f"\nno validation data: the last epoch's weights (epoch {len(result.history)}), not scored against "
+              f"the base model, saved to {result.out_dir}; give --validation (or more data to hold some out) to "
+              "pick the best epoch and measure it")
+        return 0
     print(f"\nbest epoch {result.best_epoch} ({cfg.early_stopping_metric}); model saved to {result.out_dir}")
     if not result.improved:
         print(f"warning: {result.note}")  # the last line: a short run may have changed nothing

@@ -71,6 +71,10 @@ def hold_out(train: list[CaptionPair], opts: SplitOptions, report: DataReport
     target = min(round(opts.holdout_fraction * len(train)), opts.holdout_max_pairs)
     if opts.holdout_fraction <= 0:
         return None
+    if target < MIN_HOLDOUT_PAIRS <= len(train) // 4 and all(p.templated for p in train):
+        # class folders are often small (48 images: a 10% hold-out is 5 pairs, too few): rather than no held-out
+        # scores at all, hold out the minimum while it leaves three quarters of the pairs to train on
+        target = MIN_HOLDOUT_PAIRS
     if target < MIN_HOLDOUT_PAIRS:
         logger.warning("no validation data, and %d training pairs are too few to hold out %d: the last epoch "
                        "counts as the best", len(train), MIN_HOLDOUT_PAIRS)

@@ -267,4 +267,17 @@ def no_gain_note(cfg: FinetuneConfig, base_score: float, epochs: int) -> str:
             f"the saved weights are the base model's. Train longer (num_epochs, now {cfg.num_epochs}; "
             f"early_stopping_epochs, now {cfg.early_stopping_epochs}), raise learning_rate (now "
             f"{cfg.learning_rate:g}; fine-tuning a pretrained CLIP works at 1e-7 to 5e-6, a random init needs far "
-            "more), or check that the validation captions describe their images")
+            "more), or check that the validation captions describe their images" + _ceiling_hint(cfg, base_score))
+
+
+CEILING = 0.9  # a base score this close to the best possible 1 leaves early stopping little to see
+
+
+def _ceiling_hint(cfg: FinetuneConfig, base_score: float) -> str:
+    """Few distinct captions (a class folder of few classes: one caption per class) put MRR near 1 before any
+    training, so no epoch can beat it by much and early stopping ends the run on noise."""
+    if not base_score >= CEILING or cfg.early_stopping_metric.endswith(("/map", "/r_precision")):
+        return ""
+    return (f"; the base model already scores {base_score:.2f} of at most 1 on {cfg.early_stopping_metric}, which "
+            "happens with few distinct captions (e.g. few classes): select on text_to_image/map "
+            "(early_stopping_metric), which counts every image of a class, or set early_stopping false")
