@@ -61,7 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_output_folder(args.out, (args.data, args.validation), overwrite=args.overwrite, resume=args.resume)
     splits = load_splits(args.data, args.validation, test=args.test, cfg=cfg, what="--data")
     rank0 = not int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 writes and prints for the run
-    examples, clip = example_pairs(splits) if rank0 else [], None
+    examples = example_pairs(splits) if rank0 else []
+    clip = None
     if examples:  # the base model embeds the report's examples first, as the Python API's worker does
         from ..model.clip import load_model
 
