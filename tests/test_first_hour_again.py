@@ -121,7 +121,7 @@ def test_an_interrupted_train_suggests_resume_when_a_checkpoint_exists(tmp_path:
     data = write_dataloop_download(tmp_path / "data", 16, 12, seed=3)
     out = tmp_path / "m"
 
-    def interrupted(cfg, splits, out_dir, resume=False):  # Ctrl-C after a checkpoint was written
+    def interrupted(cfg, splits, out_dir, **kwargs):  # Ctrl-C after a checkpoint was written
         if write_checkpoint:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             (Path(out_dir) / CHECKPOINT_NAME).write_bytes(b"")

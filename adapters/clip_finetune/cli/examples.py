@@ -25,13 +25,17 @@ def example_pairs(splits: Splits) -> list[CaptionPair]:
     return list(splits.validation or [])[:EXAMPLE_PAIRS]
 
 
-def save_examples(clip: Any, pairs: list[CaptionPair], out: str | Path, when: str, cfg: Any) -> None:
-    """Embed `pairs` with `clip` as it is now into <out>/examples/<when>.npz (when: before or after)."""
+def embed_examples(clip: Any, pairs: list[CaptionPair], cfg: Any) -> Any:
+    """The PairEmbeddings of `pairs` by `clip` as it is now."""
     from ..retrieval.evaluate import embed_pairs
 
-    if not pairs:
-        return
-    emb = embed_pairs(clip, pairs, cfg.batch_size, cfg.num_workers, progress=False)
-    save_pair_embeddings(Path(out) / EXAMPLES_DIR / f"{when}.npz", emb)
-    if when == "after":
-        log.info("wrote %d example pairs for `clip-finetune report` to %s", len(pairs), Path(out) / EXAMPLES_DIR)
+    return embed_pairs(clip, pairs, cfg.batch_size, cfg.num_workers, progress=False)
+
+
+def save_examples(before: Any, after: Any, out: str | Path) -> None:
+    """Write the embeddings before and after training into <out>/examples/, once the run has finished (an
+    interrupted run leaves nothing there but what training wrote)."""
+    for when, emb in (("before", before), ("after", after)):
+        save_pair_embeddings(Path(out) / EXAMPLES_DIR / f"{when}.npz", emb)
+    log.info("wrote %d example pairs for `clip-finetune report` to %s", len(before.captions),
+             Path(out) / EXAMPLES_DIR)

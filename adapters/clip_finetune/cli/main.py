@@ -54,7 +54,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..retrieval.formatting import format_table
     from ..training import finetune
     from ..training.guard import check_output_folder
-    from .examples import example_pairs, save_examples
+    from .examples import embed_examples, example_pairs, save_examples
 
     cfg = _load_cfg(args)  # validated before any data is read
     if not int(os.environ.get("RANK", "0")):  # rank 0 writes --out (under torchrun the others find it in use)
@@ -62,16 +62,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = load_splits(args.data, args.validation, test=args.test, cfg=cfg, what="--data")
     rank0 = not int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 writes and prints for the run
     examples = example_pairs(splits) if rank0 else []
-    clip = None
+    clip = before = None
     if examples:  # the base model embeds the report's examples first, as the Python API's worker does
         from ..model.clip import load_model
 
         clip = load_model(cfg)
-        save_examples(clip, examples, args.out, "before", cfg)
+        before = embed_examples(clip, examples, cfg)
     result = finetune(cfg, splits, args.out, resume=args.resume, clip=clip)  # also writes data_report.json
     if not rank0:
         return 0
-    save_examples(clip, examples, args.out, "after", cfg)
+    if examples:
+        save_examples(before, embed_examples(clip, examples, cfg), args.out)
     if result.before:
         where = {"test": "the test split (it chose nothing)",
                  "selection": "the selection set (it also picked the epoch: optimistic)"}[result.scored_on]
