@@ -218,7 +218,7 @@ def test_the_system_refusing_a_named_file_becomes_one_clean_error() -> None:
 
 def test_the_python_api_raises_clean_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="NUL character"):
-        fit(str(TINY_MODEL), str(tmp_path / "a\0b.csv"), runs_dir=tmp_path / "runs")
+        fit(str(TINY_MODEL), str(tmp_path / "a\0b.csv"), runs_dir=tmp_path / "runs", pretrained=None)
     with pytest.raises(ConfigError, match="learning_rate: Input should be a finite number"):
         fit(str(TINY_MODEL), [("a.png", "x")], runs_dir=tmp_path / "runs", learning_rate=float("nan"))
     (tmp_path / "a-file").write_text("")

@@ -34,7 +34,9 @@ def test_the_report_of_a_run_holds_everything_inline(finished_run, capsys) -> No
     assert main(["report", "shown", "--runs-dir", str(finished_run.parent)]) == 0
     page = (finished_run / "report.html").read_text()
     assert f"wrote {finished_run / 'report.html'}" in capsys.readouterr().out
-    assert "Retrieval metrics (validation)" in page and "text to image" in page and "recall@5" in page
+    assert "Retrieval metrics (validation, the selection set)" in page
+    assert "text to image" in page and "recall@5" in page
+    assert "so it flatters the model" in page  # the note on 'after' of the selection set
     assert "Training curves" in page and "Data" in page and "Examples" in page
     assert re.search(r"Of 64 validation captions, the described image entered the top 5 for \d+", page)
     # self-contained: every picture is inlined, nothing is fetched
@@ -47,7 +49,7 @@ def test_a_saved_model_folder_reports_without_examples(finished_run, tmp_path) -
     out = tmp_path / "model-report.html"
     assert main(["report", str(finished_run / "model"), "--out", str(out)]) == 0
     page = out.read_text()
-    assert "Retrieval metrics (validation)" in page and "Examples" not in page
+    assert "Retrieval metrics (validation, the selection set)" in page and "Examples" not in page
 
 
 def test_a_folder_that_is_neither_is_refused(tmp_path, capsys) -> None:

@@ -77,6 +77,19 @@ def _bundled_config(model_name: str) -> dict[str, Any] | None:
     return cfg if all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")) else None
 
 
+def check_pretrained_tag(model_name: str, pretrained: str | None) -> None:
+    """ConfigError for a custom architecture (a model-config JSON) left on a pretrained tag ('openai'): open_clip
+    has no such weights for it, and would only say so when the run builds the model, in the background."""
+    if not model_name.endswith(".json") or not pretrained or pretrained.startswith("hf-hub:"):
+        return
+    looks_like_path = any(c in pretrained for c in "/\\") or Path(pretrained).suffix or Path(pretrained).exists()
+    if looks_like_path:  # weights made for this architecture (a file, or a saved model folder)
+        return
+    raise ConfigError(f"pretrained: {pretrained!r} is an open_clip pretrained tag, for its named architectures; the "
+                      f"custom architecture {model_name!r} has no such weights: set pretrained=None (random init; "
+                      "--set pretrained=null on the command line) or the path of weights made for it")
+
+
 def _artifact_model_config(pretrained: str | None) -> dict[str, Any] | None:
     """If `pretrained` names a saved artifact folder, the architecture stored in it."""
     if not pretrained:

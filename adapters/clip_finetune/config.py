@@ -28,6 +28,7 @@ from pydantic import (
 from .architecture import (
     _artifact_model_config,
     architecture_config,
+    check_pretrained_tag,
     normalize_model_name,
 )
 from .errors import ConfigError
@@ -86,6 +87,10 @@ class FinetuneConfig(BaseModel):
     # --- optimisation (published recipes: docs/configuration.md, "Where the defaults come from") ---
     train_batch_size: int = Field(64, ge=2, le=65536, description="image-caption pairs per training step")
     num_epochs: int = Field(5, ge=1, le=1000, description="passes over the training subset")
+    max_steps: int | None = Field(
+        None, ge=1, description="stop after this many optimisation steps (the last epoch is cut short, then "
+        "validated as any other; the schedule ends there); null: num_epochs decides"
+    )
     learning_rate: float = Field(1e-6, gt=0, le=1.0, description="peak AdamW learning rate")
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas, each in [0, 1)")
     epsilon: float = Field(1e-6, gt=0, le=1.0, description="AdamW epsilon")
@@ -168,6 +173,10 @@ class FinetuneConfig(BaseModel):
         "is within this many of 64 bits of a train image's: the same picture re-encoded or resized (4: docs/data.md "
         "has the measured matches); null: by bytes only; needs pip install imagehash"
     )
+    image_column: str | None = Field(
+        None, description="the image-path column of a CSV/TSV/JSONL table; null: filepath, image, path, ..."
+    )
+    caption_column: str | None = Field(None, description="the caption column of a table; null: caption, text, ...")
     label_templates: list[str] = Field(
         list(DEFAULT_LABEL_TEMPLATES), min_length=1, max_length=100, description="captions of labelled images "
         "without a description: the first template makes the training caption, all of them are averaged for "
@@ -309,7 +318,8 @@ class FinetuneConfig(BaseModel):
                 raise ValueError(f"{v!r} is lower-is-better; pick a higher-is-better metric")
             close = difflib.get_close_matches(v, metric_names(), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown metric {v!r}{hint}")
+            valid = [m for m in metric_names() if not m.endswith("_rank")]
+            raise ValueError(f"unknown metric {v!r}{hint}; valid (higher is better): {', '.join(valid)}")
         return v
 
     @model_validator(mode="after")
@@ -327,6 +337,7 @@ class FinetuneConfig(BaseModel):
             # may live on another machine (embeddings_size comes from the artifact when it loads)
             return self
         arch = _artifact_model_config(self.pretrained) or architecture_config(self.model_name)
+        check_pretrained_tag(self.model_name, self.pretrained)
         size = int(arch["embed_dim"])
         if self.embeddings_size is None:
             # object.__setattr__: plain assignment would re-run this validator (validate_assignment)

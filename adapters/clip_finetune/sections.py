@@ -33,6 +33,7 @@ class OptimisationSection:
 
     train_batch_size: int
     num_epochs: int
+    max_steps: int | None
     learning_rate: float
     betas: tuple[float, float]
     epsilon: float
@@ -57,6 +58,8 @@ class DataSection:
     drop_train_overlap: bool
     leakage_picture_distance: int | None
     label_templates: tuple[str, ...]
+    image_column: str | None
+    caption_column: str | None
     max_image_pixels: int | None
     seed: int  # the held-out split is drawn under the run's seed
 

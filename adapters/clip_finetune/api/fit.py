@@ -178,7 +178,10 @@ def _spawn(run_dir: Path) -> subprocess.Popen:
     """Start the worker in its own session (Ctrl-C in the caller's terminal does not stop it)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", f"{__package__}.worker", run_dir.name, "--runs-dir", str(run_dir.parent)]
+    # -c, not -m: importing the package (api/__init__) imports the worker module first, and `python -m` of a module
+    # already imported warns (a RuntimeWarning from <frozen runpy> at the top of every run's log)
+    start = f"import sys; from {__package__}.worker import main; sys.exit(main())"
+    cmd = [sys.executable, "-c", start, run_dir.name, "--runs-dir", str(run_dir.parent)]
     with open(run_dir / LOG_NAME, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=env)

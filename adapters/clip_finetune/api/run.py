@@ -164,16 +164,24 @@ class Run:
     def example_results(self, k: int = 5) -> list[Example]:
         """For each evaluation caption, the top-k evaluation images before and after fine-tuning."""
         self._require_finished("example results")
-        files = [self.path / EXAMPLES_DIR / f"{when}.npz" for when in ("before", "after")]
-        if not all(f.is_file() for f in files):
+        if not (self.path / EXAMPLES_DIR / "after.npz").is_file():
             raise RunError(f"run {self.name!r} had no evaluation data, so it has no example results")
-        try:
-            (captions, targets, before, relevant), (_, _, after, _) = (_ranked(file, k) for file in files)
-            return [Example(q, t, b, a, tuple(r))
-                    for q, t, b, a, r in zip(captions, targets, before, after, relevant, strict=True)]
-        except (KeyError, IndexError, ValueError, TypeError) as e:  # shapes or indices that do not fit
-            raise RunError(f"the example files of run {self.name!r} are damaged ({type(e).__name__}: {e}); it has no "
-                           "example results (its model and metrics are unaffected)") from None
+        return read_examples(self.path / EXAMPLES_DIR, k)
+
+
+def read_examples(folder: Path, k: int = 5) -> list[Example]:
+    """The examples of `folder` (before.npz and after.npz, written by worker.save_pair_embeddings): a run's
+    examples/, or a saved model's (`clip-finetune train` writes them there for `clip-finetune report`)."""
+    files = [folder / f"{when}.npz" for when in ("before", "after")]
+    if not all(f.is_file() for f in files):
+        raise RunError(f"{str(folder)!r} holds no before.npz and after.npz, so there are no example results")
+    try:
+        (captions, targets, before, relevant), (_, _, after, _) = (_ranked(file, k) for file in files)
+        return [Example(q, t, b, a, tuple(r))
+                for q, t, b, a, r in zip(captions, targets, before, after, relevant, strict=True)]
+    except (KeyError, IndexError, ValueError, TypeError) as e:  # shapes or indices that do not fit
+        raise RunError(f"the example files in {str(folder)!r} are damaged ({type(e).__name__}: {e}); there are no "
+                       "example results (the model and its metrics are unaffected)") from None
 
 
 def _ranked(file: Path, k: int) -> tuple[list[str], list[str], list[list[tuple[str, float]]], list[list[str]]]:

@@ -27,7 +27,7 @@ class Embedded:
     summary: str = ""
 
 
-def list_images(source: str, what: str) -> list[str]:
+def list_images(source: str, what: str, column_names: tuple[str | None, str | None] = (None, None)) -> list[str]:
     """The image files of a folder (every image suffix, sorted), or the distinct images a table names; `what`
     names the source in messages."""
     path = Path(source)
@@ -39,16 +39,17 @@ def list_images(source: str, what: str) -> list[str]:
         raise DataError(f"{what} {source!r} does not exist; give a folder of images or a CSV/TSV/JSONL table")
     from ..data.tables import read_table
 
-    return list(dict.fromkeys(p.image for p in read_table(path)))
+    return list(dict.fromkeys(p.image for p in read_table(path, column_names=column_names)))
 
 
-def list_texts(source: str) -> list[str]:
-    """The captions of a table, or the non-empty lines of a text file."""
+def list_texts(source: str, column_names: tuple[str | None, str | None] = (None, None)) -> list[str]:
+    """The captions of a table (its `column_names`: image, caption; None: the usual names), or the non-empty
+    lines of a text file."""
     path = Path(source)
     if path.suffix.lower() in TABLE_SUFFIXES:
         from ..data.tables import read_table
 
-        return [p.caption for p in read_table(path)]
+        return [p.caption for p in read_table(path, column_names=column_names)]
     from ..data.safe_read import text_lines
 
     return text_lines(path)  # a regular file, UTF-8 (or the encoding it looks like is named), bounded lines

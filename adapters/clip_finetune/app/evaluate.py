@@ -20,7 +20,8 @@ PREFERRED_SUBSETS = ("test", "validation")
 
 def read_subsets(data: str | Path, cfg: FinetuneConfig) -> dict[str, list[CaptionPair]]:
     """The captioned pairs of each subset of `data` (class folders captioned with cfg's first template)."""
-    subsets, _ = load_dataset(data, label_template=cfg.label_templates[0])
+    subsets, _ = load_dataset(data, label_template=cfg.label_templates[0],
+                              column_names=(cfg.image_column, cfg.caption_column))
     return subsets
 
 

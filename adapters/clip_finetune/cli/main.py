@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, user_error
@@ -29,8 +30,9 @@ def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None, app
     from .config_args import load_config_file, parse_set_options
 
     file_cfg = load_config_file(args.config) if getattr(args, "config", None) else None
-    # CLI --set > --config file > defaults
-    cfg = build_config(extra, file_cfg, parse_set_options(args.sets))
+    columns = {key: getattr(args, key) for key in ("image_column", "caption_column") if getattr(args, key, None)}
+    # CLI --image-column/--caption-column > --set > --config file > defaults
+    cfg = build_config(extra, file_cfg, parse_set_options(args.sets), columns)
     if apply:  # every decode of this command honours the configured pixel limit; seeded (train: app.train does)
         apply_config(cfg)
     return cfg
@@ -61,22 +63,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..retrieval.formatting import format_table
     from ..training.checkpoint import RunMismatch
     from ..training.guard import check_output_folder
+    from .examples import embed_examples, example_pairs, save_examples
 
     cfg = _load_cfg(args, apply=False)  # validated before any data is read
     if not int(os.environ.get("RANK", "0")):  # rank 0 writes --out (under torchrun the others find it in use)
         check_output_folder(args.out, (args.data, args.validation, args.test), overwrite=args.overwrite,
                             resume=args.resume)
     training = training_of(cfg, args.data, args.validation, test=args.test, what="--data")
+    rank0 = not int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 writes and prints for the run
+    examples = example_pairs(training.splits) if rank0 else []
+    # the base model embeds the report's examples first, as the Python API's worker does
+    before = embed_examples(training.model(), examples, training.cfg) if examples else None
     try:
         result = training.run(args.out, resume=args.resume)  # also writes data_report.json
     except RunMismatch as e:
         raise RunMismatch(f"{e} ({START_OVER_HINT})") from None
-    if int(os.environ.get("RANK", "0")):  # under torchrun, rank 0 writes and prints for the run
+    if not rank0:
         return 0
+    if examples:
+        save_examples(before, embed_examples(training.model(), examples, training.cfg), args.out)
     if result.before:
         where = {"test": "the test split (it chose nothing)",
                  "selection": "the selection set (it also picked the epoch: optimistic)"}[result.scored_on]
         print(f"scored on {where}:\n{format_table(result.before, result.after)}")
+    if not result.before:  # nothing scored an epoch: say so, not "best epoch N" of a metric never computed
+        print(f"\nno validation data: the last epoch's weights (epoch {len(result.history)}), not scored against "
+              f"the base model, saved to {result.out_dir}; give --validation (or more data to hold some out) to "
+              "pick the best epoch and measure it")
+        return 0
     print(f"\nbest epoch {result.best_epoch} ({cfg.early_stopping_metric}); model saved to {result.out_dir}")
     if not result.improved:
         print(f"warning: {result.note}")  # the last line: a short run may have changed nothing
@@ -103,15 +117,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if name not in subsets:
         raise DataError(f"--subset {name!r} not found in {args.data!r}; subsets: {sorted(subsets)}")
     clip, cfg = _load_clip(args, cfg)
+    # which subset was scored, and why that one: a score without its subset cannot be compared with another
+    why = "--subset" if args.subset else "by default: test, else validation, else the first subset"
+    scored = f"scored the {name!r} subset of {args.data} ({len(subsets[name])} pairs; {why})"
     if alphas is None:
         metrics = score(clip, subsets[name], cfg, progress=not args.json)
         print(json.dumps(metrics, indent=2) if args.json else format_scores(metrics, "model" if args.model else "base"))
+        print(scored, file=sys.stderr if args.json else sys.stdout)  # --json: stdout stays one JSON document
         return 0
     from ..app.evaluate import wise_ft_sweep
     from ..retrieval.formatting import format_sweep
 
     results = wise_ft_sweep(clip, args.base, alphas, subsets[name], cfg, save_mix_to=args.save_mix)
     print(json.dumps({f"{a:g}": m for a, m in results.items()}, indent=2) if args.json else format_sweep(results))
+    print(scored, file=sys.stderr if args.json else sys.stdout)
     if args.save_mix:
         print(f"saved the alpha={alphas[0]:g} mix to {args.save_mix}")
     return 0
@@ -141,11 +160,13 @@ def cmd_embed(args: argparse.Namespace) -> int:
     else:
         check_embeddings_out(args.out)  # suffix, folder, packages: before the work, not after it
     kind = "images" if args.images else "texts"
-    texts = None if args.images else list_texts(args.texts)
+    cfg = _load_cfg(args)
+    columns = (cfg.image_column, cfg.caption_column)
+    texts = None if args.images else list_texts(args.texts, columns)
     if texts is not None and not texts:  # before the model loads; never a 0-row index
         raise DataError(f"--texts {args.texts!r}: nothing to embed (no line holds text); give one text a line")
-    clip, cfg = _load_clip(args)
-    items = list_images(args.images, "--images") if args.images else texts
+    clip, cfg = _load_clip(args, cfg)
+    items = list_images(args.images, "--images", columns) if args.images else texts
     if args.images and not items:
         raise DataError(f"--images {args.images!r}: no images found")
     done = embed_items(clip, cfg, kind, items, args.out, spec)
@@ -189,7 +210,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     elif args.schema:
         print(json.dumps(FinetuneConfig.model_json_schema(), indent=2))
     else:
-        print(_load_cfg(args).model_dump_json(indent=2))
+        # embeddings_size is derived from the architecture: written as null, so the output edited to another
+        # model_name is still a valid --config (a written 512 would contradict a 1024-wide model)
+        print(json.dumps({**_load_cfg(args).model_dump(mode="json"), "embeddings_size": None}, indent=2))
     return 0
 
 
@@ -222,19 +245,34 @@ COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "emb
             "export-onnx": cmd_export_onnx, "doctor": cmd_doctor, "report": cmd_report, **SHARE_COMMANDS}
 
 
+def _resume_hint(args: argparse.Namespace) -> str:
+    """For an interrupted train whose --out holds a checkpoint: the command that continues it."""
+    from ..training.state import CHECKPOINT_NAME
+
+    if args.command != "train" or not (Path(args.out) / CHECKPOINT_NAME).is_file():
+        return ""
+    return f"; continue from its checkpoint with the same command plus --resume ({Path(args.out) / CHECKPOINT_NAME})"
+
+
 def main(argv: list[str] | None = None) -> int:
     """The boundary of the command line: our errors, and the system refusing a file the user named, print one
     message and exit 2; anything else is a bug and stays a traceback (errors.user_error)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # the root logger at WARNING: open_clip logs its own progress through logging.info on the root logger
+    # (13 "INFO root:" lines before a search's results); this package's loggers say INFO
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    if os.environ.get("RANK", "0") not in ("", "0"):  # under torchrun rank 0 speaks for the run; others warn
+        level = max(level, logging.WARNING)
+    logging.getLogger(__package__.rpartition(".")[0]).setLevel(level)
     for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, never crashes
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print(f"clip-finetune {args.command}: interrupted", file=sys.stderr)
+        print(f"clip-finetune {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `clip-finetune ... | head`: the reader left; say nothing more
         with contextlib.suppress(OSError, ValueError, AttributeError):  # no flush error at exit either

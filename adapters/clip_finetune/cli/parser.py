@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _column_args(p: argparse.ArgumentParser) -> None:
+    # the config keys image_column / caption_column, as flags (they win over --config and --set)
+    p.add_argument("--image-column", metavar="NAME", help="a table's image-path column (default: the first of "
+                   "filepath, image, image_path, path, file, filename, img)")
+    p.add_argument("--caption-column", metavar="NAME", help="a table's caption column (default: the first of "
+                   "caption, text, title, description)")
+
+
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="JSON_FILE", help="JSON file of hyperparameters (`clip-finetune config` "
                    "lists them)")
@@ -86,6 +94,7 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (after a crash); "
                    "refused when the data or hyperparameters differ from the checkpoint's")
     p.add_argument("--overwrite", action="store_true", help="train into --out even though it holds a model or files")
+    _column_args(p)
     _config_args(p)
 
 
@@ -104,6 +113,7 @@ def _add_evaluate(sub: Any) -> None:
                    "finetune_config.json)")
     p.add_argument("--save-mix", metavar="DIR", help="with --wise-ft and one alpha: also save that mix as a model")
     p.add_argument("--overwrite", action="store_true", help="with --save-mix: replace a model already in DIR")
+    _column_args(p)
     _config_args(p)
 
 
@@ -120,6 +130,7 @@ def _add_embed(sub: Any) -> None:
     p.add_argument("--num-shards", type=int, metavar="N",
                    help="embed one of N slices into the --out folder (torchrun: WORLD_SIZE); see docs/scale.md")
     p.add_argument("--shard-index", type=int, metavar="I", help="the slice to embed, 0..N-1 (torchrun: RANK)")
+    _column_args(p)
     _config_args(p)
 
 

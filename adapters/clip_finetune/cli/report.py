@@ -1,6 +1,7 @@
 """`clip-finetune report`: one self-contained HTML page (styles and pictures inlined) of a run of the Python
-API or of a saved model folder: metrics before and after, training curves, the data report and, for a run,
-the queries whose top results improved or got worse."""
+API or of a saved model folder: metrics before and after (headed by the split they were scored on, with the
+run's notes), training curves, the data report and the queries whose top results improved or got worse (a run's
+examples/, or those `clip-finetune train` wrote into the model folder)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..retrieval.formatting import DEFAULT_TABLE_METRICS
 from ..retrieval.metrics import LOWER_IS_BETTER
 
 REPORT_NAME = "report.html"
+SCORED_ON = {"test": "test split, scored once at the end", "selection": "validation, the selection set"}
 EXAMPLES_SHOWN = 6  # queries shown in each of "improved" and "got worse"
 THUMB = 96
 STYLE = """
@@ -149,7 +151,12 @@ def _metrics(result: Mapping[str, Any]) -> str:
             if key in before or key in after:
                 rows.append(_metric_row(name, _number(before.get(key)), _number(after.get(key))))
     head = "<tr><th>metric</th><th>before</th><th>after</th><th>change</th></tr>"
-    return f"<h2>Retrieval metrics (validation)</h2><table>{head}{''.join(rows)}</table>"
+    # the split 'after' was scored on (training.loop._finish): a test split chose nothing; the selection set
+    # also picked the best epoch, so its 'after' flatters the model, as the run's notes say below the table
+    where = SCORED_ON.get(str(result.get("scored_on")), "validation")
+    notes = "".join(f"<p class='note'>{html.escape(str(n))}</p>" for n in result.get("notes") or []
+                    if "'after'" in str(n) or "held out" in str(n))
+    return f"<h2>Retrieval metrics ({where})</h2><table>{head}{''.join(rows)}</table>{notes}"
 
 
 def _metric_row(name: str, before: float | None, after: float | None) -> str:
@@ -215,13 +222,15 @@ def _examples_of(examples: Any) -> str:
 
 
 def _examples(page: _Sources) -> str:
-    if page.run is None or not (page.run / "examples" / "after.npz").is_file():
-        return ""
-    from ..api.run import Run
+    from ..api.run import read_examples
+    from ..api.run_folder import EXAMPLES_DIR
     from ..errors import ClipFinetuneError
 
+    folder = (page.run or page.model) / EXAMPLES_DIR  # a run's, or those `clip-finetune train` saved
+    if not (folder / "after.npz").is_file():
+        return ""
     try:
-        examples = Run(page.run).example_results(k=5)
+        examples = read_examples(folder, k=5)
     except ClipFinetuneError as e:  # damaged example files: the rest of the report still stands
         return f"<h2>Examples</h2><p class='note'>No examples: {_text(e)}</p>"
     improved = [e for e in examples if e.hit_after and not e.hit_before][:EXAMPLES_SHOWN]

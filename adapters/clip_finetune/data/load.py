@@ -78,7 +78,8 @@ def load_splits(
     not a dataset, has no training subset, or whose training, validation or test split has no usable pair.
     """
     opts = cfg if isinstance(cfg, SplitOptions) else SplitOptions.of(cfg)
-    subsets, reports = load_dataset(data, resolver, label_template=opts.label_template)
+    subsets, reports = load_dataset(data, resolver, label_template=opts.label_template,
+                                    column_names=opts.column_names)
     if TRAIN in subsets:
         train = subsets[TRAIN]
     elif len(subsets) == 1:
@@ -92,7 +93,8 @@ def load_splits(
         parts[name], sources[name] = subsets.get(name), data
         if path is not None:
             extra_sets, extra_reports = load_dataset(path, resolver, single_name=name,
-                                                     label_template=opts.label_template)
+                                                     label_template=opts.label_template,
+                                                     column_names=opts.column_names)
             chosen = name if name in extra_sets else next(iter(extra_sets))
             parts[name], reports[name], sources[name] = extra_sets[chosen], extra_reports[chosen], path
     if parts[TEST] is not None and not parts[TEST] and not reports[TEST].total_skipped:
@@ -130,15 +132,16 @@ def _guard(splits: Splits, opts: SplitOptions) -> Splits:
 
 def load_dataset(
     path: str | Path, resolver: ImageResolver | None = None, single_name: str = TRAIN,
-    label_template: str = DEFAULT_TEMPLATE,
+    label_template: str = DEFAULT_TEMPLATE, column_names: tuple[str | None, str | None] = (None, None),
 ) -> tuple[dict[str, list[CaptionPair]], dict[str, DataReport]]:
     """Read a table, one subset download, a folder of subset downloads, or a folder per class (itself or under
-    subset folders) into {split: pairs}; a table, a single subset or a class folder is split `single_name`.
+    subset folders) into {split: pairs}; a table, a single subset or a class folder is split `single_name`;
+    `column_names`: a table's (image, caption) columns, None for the usual names.
     Returns the pairs and a DataReport per split (also logged)."""
     path = Path(path)
     readers: dict[str, Callable[[DataReport], list[CaptionPair]]]
     if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
-        readers = {single_name: lambda r: read_table(path, r, label_template)}
+        readers = {single_name: lambda r: read_table(path, r, label_template, column_names)}
     elif path.is_dir() and _is_subset(path):
         readers = {single_name: lambda r: read_subset(path, resolver, r, label_template)}
     elif path.is_dir() and (subsets := sorted(d for d in path.iterdir() if d.is_dir() and _is_subset(d))):

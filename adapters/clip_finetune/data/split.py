@@ -38,13 +38,14 @@ class SplitOptions:
     drop_train_overlap: bool = _default("drop_train_overlap")  # type: ignore[assignment]
     label_template: str = DEFAULT_TEMPLATE
     picture_distance: int | None = None  # leakage_picture_distance: the perceptual check (data/perceptual.py)
+    column_names: tuple[str | None, str | None] = (None, None)  # a table's (image, caption) columns
 
     @classmethod
     def of(cls, cfg: FinetuneConfig | DataSection | None) -> SplitOptions:
         if cfg is None:
             return cls()
         return cls(cfg.holdout_fraction, cfg.holdout_max_pairs, cfg.seed, cfg.drop_train_overlap,
-                   cfg.label_templates[0], cfg.leakage_picture_distance)
+                   cfg.label_templates[0], cfg.leakage_picture_distance, (cfg.image_column, cfg.caption_column))
 
 
 def drop_duplicate_pairs(name: str, pairs: list[CaptionPair], report: DataReport) -> list[CaptionPair]:
@@ -73,6 +74,10 @@ def hold_out(train: list[CaptionPair], opts: SplitOptions, report: DataReport
     target = min(round(opts.holdout_fraction * len(train)), opts.holdout_max_pairs)
     if opts.holdout_fraction <= 0:
         return None
+    if target < MIN_HOLDOUT_PAIRS <= len(train) // 4 and all(p.templated for p in train):
+        # class folders are often small (48 images: a 10% hold-out is 5 pairs, too few): rather than no held-out
+        # scores at all, hold out the minimum while it leaves three quarters of the pairs to train on
+        target = MIN_HOLDOUT_PAIRS
     if target < MIN_HOLDOUT_PAIRS:
         logger.warning("no validation data, and %d training pairs are too few to hold out %d: the last epoch "
                        "counts as the best", len(train), MIN_HOLDOUT_PAIRS)

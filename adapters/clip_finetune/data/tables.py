@@ -21,10 +21,12 @@ CAPTION_COLUMNS = ("caption", "text", "title", "description")
 LABEL_COLUMNS = ("label", "class", "category")
 
 
-def read_table(path: str | Path, report: DataReport | None = None, label_template: str = DEFAULT_TEMPLATE
-               ) -> list[CaptionPair]:
+def read_table(path: str | Path, report: DataReport | None = None, label_template: str = DEFAULT_TEMPLATE,
+               column_names: tuple[str | None, str | None] = (None, None)) -> list[CaptionPair]:
     """Pairs of a .csv (delimiter sniffed), .tsv or .jsonl table with an image column and a caption column,
     a label column, or both (a row without a caption is captioned by `label_template` and its label).
+    `column_names`: the (image, caption) column names the user chose (config image_column / caption_column); None
+    for either: the first of the usual names.
 
     Relative image paths resolve against the table's folder; rows with neither caption nor label, or with a
     missing image file, are skipped and counted. A missing column is a DataError.
@@ -39,7 +41,7 @@ def read_table(path: str | Path, report: DataReport | None = None, label_templat
         delimited_rows(path, suffix == ".tsv", report)
     with contextlib.closing(rows):  # closing the generator closes the file
         columns = next(rows)
-        cols = _columns(columns, path)
+        cols = _columns(columns, path, *column_names)
         id_col = next((c for c in columns if c.strip().lower() == "id"), None)
         pairs: list[CaptionPair] = []
         for n, row in rows:
@@ -51,13 +53,27 @@ def read_table(path: str | Path, report: DataReport | None = None, label_templat
     return pairs
 
 
-def _columns(columns: list[str], path: Path) -> tuple[str, str | None, str | None]:
-    """(image, caption, label) columns; a caption or a label column is needed, an image column always."""
-    image_col = _pick_column(columns, IMAGE_COLUMNS, "image", path)
+def _columns(columns: list[str], path: Path, image: str | None = None, caption: str | None = None
+             ) -> tuple[str, str | None, str | None]:
+    """(image, caption, label) columns; a caption or a label column is needed, an image column always. A
+    column the user named (`image`, `caption`) must be there; it is then the only one considered."""
+    image_col = _named_column(columns, image, "image", path) or _pick_column(columns, IMAGE_COLUMNS, "image", path)
+    if caption is not None:
+        return image_col, _named_column(columns, caption, "caption", path), None
     label_col = _find_column(columns, LABEL_COLUMNS)
     caption_col = _find_column(columns, CAPTION_COLUMNS) or (
         None if label_col else _pick_column(columns, CAPTION_COLUMNS + LABEL_COLUMNS, "caption", path))
     return image_col, caption_col, label_col
+
+
+def _named_column(columns: list[str], name: str | None, what: str, path: Path) -> str | None:
+    if name is None:
+        return None
+    found = _find_column(columns, (name.strip().lower(),))
+    if found is None:
+        raise DataError(f"table {str(path)!r} has no column {name!r} (the {what} column you named: --{what}-column "
+                        f"or {what}_column); its columns: {columns}")
+    return found
 
 
 def _find_column(columns: list[str], accepted: tuple[str, ...]) -> str | None:

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 # Settings that change how a run goes but not what it learns: a resume may change them.
 NOT_FINGERPRINTED = frozenset({"batch_size", "num_workers", "device", "image_cache_mb", "checkpoint_every_steps",
                                "max_bad_steps", "export_onnx", "grad_checkpointing", "num_processes",
-                               "embeddings_size", "max_image_pixels"})
+                               "embeddings_size", "max_image_pixels",
+                               "image_column", "caption_column"})  # which columns: the data digest covers the pairs
 
 
 # (device, inode) of each folder this process holds the writer lock of, by absolute path

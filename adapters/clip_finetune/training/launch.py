@@ -70,7 +70,10 @@ def launch(nprocs: int, cfg: FinetuneConfig, splits: Splits, clip: ClipModel, ou
         path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
         for rank in range(1, nprocs):
             env = {**os.environ, **_rank_env(rank, nprocs, port), "PYTHONPATH": path}
-            procs[rank] = subprocess.Popen([sys.executable, "-m", __name__, str(staging)], env=env)
+            # -c, not -m: training/__init__ imports this module first, and `python -m` of a module already
+            # imported prints a <frozen runpy> RuntimeWarning in every rank
+            start = f"import sys, pathlib; from {__name__} import _worker; _worker(pathlib.Path(sys.argv[1]))"
+            procs[rank] = subprocess.Popen([sys.executable, "-c", start, str(staging)], env=env)
         _wait_until_ready(procs, staging)
         log.info("training on %d processes (this one is rank 0)", nprocs)
         result = _rank0(cfg, splits, clip, out_dir, hooks, resume, nprocs, port, threads)

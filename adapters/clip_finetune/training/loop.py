@@ -130,6 +130,9 @@ def _epochs(run: RunState, dataset: PairDataset, loss_fn: Callable, splits: Spli
         _train_epoch(run, dataset, loss_fn, splits, hooks, started)
         record = epoch_record(run, _validate(run, splits, hooks.progress), time.perf_counter() - started)
         improved, stop = judge_epoch(run, record)
+        if cfg.max_steps is not None and p.global_step >= cfg.max_steps:
+            log.info("max_steps: %d optimisation steps done; stopping after epoch %d", p.global_step, p.epoch)
+            stop = True
         if improved and splits.validation and run.is_main:
             best_state = cpu_state(run.clip.model)
             if out is not None:
@@ -187,6 +190,8 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     if cfg.compile:
         train_model = compile_module(train_model, "the training model")
     total_steps = cfg.num_epochs * (len(splits.train) // cfg.train_batch_size)
+    if cfg.max_steps is not None:  # the schedule (warmup, decay) ends where the run will
+        total_steps = min(total_steps, cfg.max_steps)
     keys = pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches else None
     run = RunState(
         cfg=cfg, opt=opt, clip=clip, optimizer=optimizer, scheduler=make_scheduler(optimizer, opt, total_steps),
@@ -282,6 +287,8 @@ def _train_epoch(run: RunState, dataset: PairDataset, loss_fn: Callable, splits:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
         if p.bad_in_a_row >= cfg.max_bad_steps:
             raise run.diverged(f"{p.bad_in_a_row} consecutive steps had a non-finite loss or gradients")
+        if cfg.max_steps is not None and p.global_step >= cfg.max_steps:
+            break  # the epoch is cut short here, then validated and checkpointed as a finished one
         if cfg.checkpoint_every_steps and p.global_step % cfg.checkpoint_every_steps == 0:
             p.epoch_seconds = time.perf_counter() - started
             run.sync_bad_pairs()
@@ -337,9 +344,9 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
     if best_state is not None:
         unwrap(model).load_state_dict(best_state)
     result = result_of(run)
-    if not result.improved:
+    if not result.improved and run.is_main:  # one rank says it, not each
         log.warning("%s", result.note)
-    if p.skipped_steps:
+    if p.skipped_steps and run.is_main:
         log.warning("%d steps had a non-finite loss or gradients and were skipped", p.skipped_steps)
     final = None  # a final evaluation that replaces the best epoch's in metrics.json, per query too
     if run.base_state is not None and run.is_main:

@@ -10,12 +10,19 @@ negative terms -log sigmoid(-(logit)) are then 0). The loss stays open_clip's ow
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# open_clip's ClipLoss gathers features of the other ranks with torch.distributed.nn.all_gather, which torch
+# deprecates; the warning is for open_clip, not for our users, and came on every step of every rank (48 lines in
+# a short two-process run). Only that message is silenced.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                        category=FutureWarning)
 
 Keys = tuple[torch.Tensor, torch.Tensor]  # (image ids [n], caption ids [n]) of the pairs of a batch, int64
 

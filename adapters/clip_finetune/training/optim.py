@@ -46,6 +46,9 @@ def step_budget_note(opt: OptimisationSection, n_train: int, total_steps: int) -
     """A warning for a run too short to do anything (it would still look successful), else None."""
     if total_steps >= MIN_USEFUL_STEPS:
         return None
+    if opt.max_steps is not None and total_steps == opt.max_steps:
+        return (f"only {total_steps} optimisation steps (max_steps): too few to change a pretrained model much; "
+                f"raise max_steps (at least {MIN_USEFUL_STEPS} steps)")
     return (f"only {total_steps} optimisation steps ({n_train} pairs in batches of {opt.train_batch_size}, "
             f"{opt.num_epochs} epochs): too few to change a pretrained model much; lower train_batch_size or "
             f"raise num_epochs (at least {MIN_USEFUL_STEPS} steps)")

@@ -188,4 +188,18 @@ def no_gain_note(opt: OptimisationSection, sel: Selection, base_score: float, ep
             f"the saved weights are the base model's. Train longer (num_epochs, now {opt.num_epochs}; "
             f"early_stopping_epochs, now {sel.patience}), raise learning_rate (now "
             f"{opt.learning_rate:g}; fine-tuning a pretrained CLIP works at 1e-7 to 5e-6, a random init needs far "
-            "more), or check that the validation captions describe their images")
+            "more), or check that the validation captions describe their images"
+            + _ceiling_hint(sel.metric, base_score))
+
+
+CEILING = 0.9  # a base score this close to the best possible 1 leaves early stopping little to see
+
+
+def _ceiling_hint(metric: str, base_score: float) -> str:
+    """Few distinct captions (a class folder of few classes: one caption per class) put MRR near 1 before any
+    training, so no epoch can beat it by much and early stopping ends the run on noise."""
+    if not base_score >= CEILING or metric.endswith(("/map", "/r_precision")):
+        return ""
+    return (f"; the base model already scores {base_score:.2f} of at most 1 on {metric}, which "
+            "happens with few distinct captions (e.g. few classes): select on text_to_image/map "
+            "(early_stopping_metric), which counts every image of a class, or set early_stopping false")
