@@ -116,7 +116,7 @@ def test_evaluate_says_which_subset_it_scored_also_with_json(tmp_path: Path, cap
 
 def test_an_interrupted_train_suggests_resume_when_a_checkpoint_exists(tmp_path: Path, monkeypatch,
                                                                        capsys) -> None:
-    import adapters.clip_finetune.training as training
+    import adapters.clip_finetune.training.fit as training  # where app.train.Training.run calls it
 
     data = write_dataloop_download(tmp_path / "data", 16, 12, seed=3)
     out = tmp_path / "m"
@@ -240,13 +240,15 @@ def test_a_small_class_folder_set_gets_held_out_scores(tmp_path: Path) -> None:
 
 
 def test_a_base_model_near_the_metrics_ceiling_is_named_in_the_no_gain_note() -> None:
+    from adapters.clip_finetune.training.selection import Selection
     from adapters.clip_finetune.training.state import no_gain_note
 
     cfg = build_config({**TINY_TRAINING, "model_name": str(TINY_MODEL)})
-    near = no_gain_note(cfg, 0.96, 2)
+    sel = Selection.of(cfg.selection, has_validation=True)
+    near = no_gain_note(cfg.optimisation, sel, 0.96, 2)
     assert "the base model already scores 0.96 of at most 1 on text_to_image/mrr" in near
     assert "select on text_to_image/map (early_stopping_metric)" in near and "early_stopping false" in near
-    assert "already scores" not in no_gain_note(cfg, 0.4, 2)
+    assert "already scores" not in no_gain_note(cfg.optimisation, sel, 0.4, 2)
 
 
 def test_a_run_without_validation_does_not_end_on_a_best_epoch_line(tmp_path: Path, capsys) -> None:

@@ -15,6 +15,7 @@ from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from ..files import atomic_write
+from ..model.card import CARD_NAME
 from ..model.clip import FINETUNE_CONFIG_NAME, METRICS_NAME
 from ..model.safe_load import check_safetensors
 from ..model.weights import cpu_state_from_artifact
@@ -45,7 +46,7 @@ def drop_unfinished_model(run: RunState, out: Path, stamp: tuple[int, int] | Non
     finished model. This run's model files go; with a checkpoint they stay (--resume continues from both)."""
     if (run.checkpoint is not None and run.checkpoint.is_file()) or model_stamp(out) == stamp:
         return
-    for name in (HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, FINETUNE_CONFIG_NAME, METRICS_NAME):
+    for name in (HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, FINETUNE_CONFIG_NAME, METRICS_NAME, CARD_NAME, PER_QUERY_NAME):
         (out / name).unlink(missing_ok=True)
     log.warning("the run stopped before its first checkpoint: removed the unfinished model it had written to %s", out)
 
