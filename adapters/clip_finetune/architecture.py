@@ -85,6 +85,16 @@ def check_pretrained_tag(model_name: str, pretrained: str | None) -> None:
     looks_like_path = any(c in pretrained for c in "/\\") or Path(pretrained).suffix or Path(pretrained).exists()
     if looks_like_path:  # weights made for this architecture (a file, or a saved model folder)
         return
+    # the JSON is registered in open_clip under its file name: a tag open_clip knows for that name is real weights
+    # (a tag registered at run time needs open_clip imported; a built-in name's tags are left to open_clip)
+    stem = Path(model_name).stem
+    if stem in _bundled_names():
+        return
+    if "open_clip" in sys.modules:
+        from open_clip.pretrained import list_pretrained_tags_by_model
+
+        if pretrained in list_pretrained_tags_by_model(stem):
+            return
     raise ConfigError(f"pretrained: {pretrained!r} is an open_clip pretrained tag, for its named architectures; the "
                       f"custom architecture {model_name!r} has no such weights: set pretrained=None (random init; "
                       "--set pretrained=null on the command line) or the path of weights made for it")
