@@ -18,10 +18,11 @@ from typing import Any
 
 import dtlpy as dl
 
-from adapters.clip_finetune.errors import DataError, ModelError
+from adapters.clip_finetune.errors import DataError
 
 from . import dataset_embedding
 from .adapter import ClipAdapter
+from .search_target import query_vector
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +53,10 @@ def search_query(vector: list[float], feature_set_id: str, dataset_id: str, k: i
 def text_query(adapter: ClipAdapter, dataset: dl.Dataset, text: str, k: int = 20,
                items_filter: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ranked-items query of `text` against the adapter's model's feature set."""
-    if not isinstance(text, str) or not text.strip():
-        raise DataError("search: the query text is empty")
     if not isinstance(k, int) or not 1 <= k <= MAX_RESULTS:
         raise DataError(f"search: k must be an integer from 1 to {MAX_RESULTS} (got {k!r})")
-    model = adapter.model_entity
-    feature_set = model.feature_set
-    if feature_set is None:
-        raise ModelError(f"model {model.name!r} has no feature set: embed the dataset with it first (the "
-                         "pipeline's Embed dataset node, or embed_dataset(model, dataset))")
-    (vector,) = adapter.embed([text.strip()])
-    return search_query(vector, feature_set.id, dataset.id, k, items_filter)
+    query = query_vector(adapter, text)  # the text checked, the model's feature set found, the text embedded
+    return search_query(query["vector"], query["feature_set_id"], dataset.id, k, items_filter)
 
 
 def search(model: dl.Model, dataset: dl.Dataset, text: str, k: int = 20,

@@ -80,7 +80,7 @@ def query_vector(adapter: ClipAdapter, text: str) -> dict[str, Any]:
     feature_set = model.feature_set
     if feature_set is None:
         raise ModelError(f"model {model.name!r} has no feature set: embed the dataset with it first (the "
-                         "pipeline's Embed dataset node)")
+                         "pipeline's Embed dataset node, or embed_dataset(model, dataset))")
     (vector,) = adapter.embed([text.strip()])
     return {"vector": [float(v) for v in vector], "feature_set_id": feature_set.id, "model_id": model.id,
             "model_name": model.name}
