@@ -207,9 +207,13 @@ def test_shards_merged_answer_as_one_index(clip_like) -> None:
     ids, vectors, queries = clip_like
     shards = [build_ann(ids[s::3], vectors[s::3]) for s in range(3)]  # e.g. one per machine
     merged, scores = ann.search_shards(shards, queries, K)
-    whole, whole_scores = build_ann(ids, vectors).search(queries, K)
     assert _recall(merged, _exact(ids, vectors, queries, K)) >= 0.99
-    assert _recall(merged, whole) >= 0.99 and np.allclose(scores[:, 0], whole_scores[:, 0], atol=1e-6)
+    # merged by exact scores, best first: each shard's re-ranked cosines compare across shards
+    # (not compared with one approximate index of everything: two HNSW graphs built on several threads may each
+    # miss a different 1% of the true top 10, so their agreement is no test of the merge)
+    stored = dict(zip(ids, vectors, strict=True))
+    exact_scores = np.array([[stored[i] @ q for i in row] for row, q in zip(merged, queries, strict=True)])
+    assert np.allclose(scores, exact_scores, atol=1e-5) and np.all(np.diff(scores, axis=1) <= 1e-7)
 
 
 def test_index_settings_are_kept_in_the_index(embedded, tmp_path: Path, capsys) -> None:
