@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from PIL import Image
 
 if TYPE_CHECKING:
-    from .config import FinetuneConfig
+    from .sections import DataSection
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,9 +109,9 @@ def limit_torch_threads() -> int:
     return threads
 
 
-def apply_config(cfg: FinetuneConfig) -> None:
-    """Apply what a configuration sets for the whole process: the image pixel limit, the seeds and torch's
-    thread count (capped by the CPU quota).
+def apply_config(cfg: DataSection) -> None:
+    """Apply what a configuration's data section sets for the whole process: the image pixel limit, the seeds
+    and torch's thread count (capped by the CPU quota). A whole FinetuneConfig holds the same two keys.
 
     Each entry point (CLI command, API worker, Dataloop adapter) calls it once it has validated a
     configuration, and training calls it when a run starts, so every decode honours the limit and a run is

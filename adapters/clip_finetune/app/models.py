@@ -15,4 +15,6 @@ def open_model(cfg: FinetuneConfig, model_dir: str | Path | None = None) -> Clip
     """The model saved in `model_dir` (on cfg's device and precision), else the one `cfg` configures."""
     from ..model.clip import load_artifact, load_model  # torch loads only when a model is opened
 
-    return load_artifact(model_dir, cfg.device, cfg.precision) if model_dir else load_model(cfg)
+    if model_dir:
+        return load_artifact(model_dir, cfg.device, cfg.precision)
+    return load_model(cfg.model, cfg.device, cfg.seed)

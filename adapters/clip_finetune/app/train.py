@@ -44,7 +44,7 @@ class Training:
         if self.clip is None:
             from ..model.clip import load_model  # torch and open_clip load only when a model is needed
 
-            self.clip = load_model(self.cfg)
+            self.clip = load_model(self.cfg.model, self.cfg.device, self.cfg.seed)
         return self.clip
 
     def embed_validation(self) -> PairEmbeddings | None:

@@ -34,7 +34,7 @@ def _load_cfg(args: argparse.Namespace, extra: dict[str, Any] | None = None, app
     # CLI --image-column/--caption-column > --set > --config file > defaults
     cfg = build_config(extra, file_cfg, parse_set_options(args.sets), columns)
     if apply:  # every decode of this command honours the configured pixel limit; seeded (train: app.train does)
-        apply_config(cfg)
+        apply_config(cfg.data)
     return cfg
 
 

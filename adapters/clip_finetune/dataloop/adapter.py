@@ -98,7 +98,7 @@ class ClipAdapter(dl.BaseModelAdapter):
     def _validate_config(self, model: dl.Model) -> None:
         self.cfg = config_from_model(model)
         self._cfg_model_id = model.id
-        apply_config(self.cfg)  # decoding in embed/evaluate honours the pixel limit too
+        apply_config(self.cfg.data)  # decoding in embed/evaluate honours the pixel limit too
 
     def save(self, local_path: str, **kwargs: Any) -> None:
         """Write the weights in memory (after train(): the best epoch's) as an open_clip local-dir artifact."""

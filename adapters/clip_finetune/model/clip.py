@@ -9,15 +9,13 @@ there, so it loads offline (docs/multilingual.md).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import json
 import logging
 import os
 import tempfile
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,14 +28,22 @@ from open_clip.tokenizer import HFTokenizer
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from ..architecture import architecture_config, architecture_preprocess, hf_tokenizer_name, model_cfg_of
+from ..architecture import architecture_config, hf_tokenizer_name, model_cfg_of
 from ..config import FinetuneConfig
 from ..errors import ConfigError, ModelError
 from ..files import atomic_write
 from ..inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
+from ..sections import ModelSection
 from .card import write_model_card
-from .hub import weights_available
 from .lazy_tokenizer import LazyTokenizer, TokenizerLater
+from .load_parts import (
+    check_embeddings_size,
+    is_openai_weights_file,
+    model_request,
+    preprocess_kwargs,
+    quiet_config_log,
+    weights_for,
+)
 from .precision import resolve_precision
 from .safe_load import (
     check_device,
@@ -100,14 +106,20 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) -> ClipModel:
-    """Build the model that `cfg` describes: a saved artifact folder, a name + pretrained tag, or a
-    config (JSON path or name) with random init under `cfg.seed` when `pretrained` is null."""
-    device = pick_device(str(device) if device else cfg.device)
-    if is_artifact_dir(cfg.pretrained):
-        return load_artifact(cfg.pretrained, device, cfg.precision)
-    model_cfg = copy.deepcopy(architecture_config(cfg.model_name))
-    name = _register(cfg.model_name, model_cfg)
+def load_model(model: ModelSection | FinetuneConfig, device: torch.device | str | None = None,
+               seed: int | None = None) -> ClipModel:
+    """Build the model a model section describes: a saved artifact folder, a name + pretrained tag, or a config
+    (JSON path or name) with random init under `seed` when `pretrained` is null. A whole FinetuneConfig stands
+    for its model section, device and seed. An embeddings_size that contradicts the model is a ConfigError."""
+    m, device, seed = model_request(model, device, seed)
+    device = pick_device(str(device) if device else None)
+    if is_artifact_dir(m.pretrained):
+        clip = load_artifact(m.pretrained, device, m.precision)
+        check_embeddings_size(m.embeddings_size, m.model_name, clip.embed_dim)
+        return clip
+    model_cfg = copy.deepcopy(architecture_config(m.model_name))
+    check_embeddings_size(m.embeddings_size, m.model_name, int(model_cfg["embed_dim"]))  # before weights are read
+    name = _register(m.model_name, model_cfg)
     kwargs: dict[str, Any] = {}
     hf_text = hf_text_cfg(model_cfg)
     if hf_text is not None or hf_tokenizer_name(model_cfg):
@@ -116,98 +128,47 @@ def load_model(cfg: FinetuneConfig, device: torch.device | str | None = None) ->
         # open_clip ignores text_cfg.hf_model_pretrained: whenever no full CLIP checkpoint is loaded it downloads
         # the transformer's own pretrained weights. Honour the config; absent, random init (as pretrained: null says).
         kwargs["pretrained_text"] = bool(hf_text.get("hf_model_pretrained", False))
-    if cfg.pretrained:
-        tag_cfg = open_clip.get_pretrained_cfg(name, cfg.pretrained)
+    if m.pretrained:
+        tag_cfg = open_clip.get_pretrained_cfg(name, m.pretrained)
         # open_clip 3.x builds e.g. ViT-B-32 with GELU even for the 'openai' tag, trained with QuickGELU,
         # and only warns: force the activation the weights were trained with. A weights FILE has no tag to ask:
         # OpenAI's own files (and files named for them) get QuickGELU too.
-        quick_gelu = tag_cfg.get("quick_gelu") or (not tag_cfg and is_openai_weights_file(cfg.pretrained))
+        quick_gelu = tag_cfg.get("quick_gelu") or (not tag_cfg and is_openai_weights_file(m.pretrained))
         if quick_gelu and not model_cfg.get("quick_gelu"):
             model_cfg["quick_gelu"] = True
             kwargs["force_quick_gelu"] = True
-        if not tag_cfg and not Path(cfg.pretrained).is_file():
+        if not tag_cfg and not Path(m.pretrained).is_file():
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise ModelError(
-                f"pretrained: {cfg.pretrained!r} is neither a pretrained tag of {name!r} "
+                f"pretrained: {m.pretrained!r} is neither a pretrained tag of {name!r} "
                 f"(known: {', '.join(tags) or 'none'}), a weights file, nor a saved model folder"
             )
-    kwargs.update(_preprocess_kwargs(cfg.model_name, name, cfg.pretrained))
+    kwargs.update(preprocess_kwargs(m.model_name, name, m.pretrained))
     try:
-        # random init (all of it with pretrained null, parts of it otherwise) is drawn under the config's seed,
-        # on a forked generator: the same config builds the same weights whatever ran before in the process
-        with _weights_for(name, cfg.pretrained), _quiet_config_log(cfg.model_name), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            model, pp_train, pp_val = open_clip.create_model_and_transforms(
-                name, pretrained=cfg.pretrained, device=device, **kwargs
+        # random init (all of it with pretrained null, parts of it otherwise) is drawn under the seed, on a
+        # forked generator: the same config builds the same weights whatever ran before in the process
+        with weights_for(name, m.pretrained), quiet_config_log(m.model_name), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model_, pp_train, pp_val = open_clip.create_model_and_transforms(
+                name, pretrained=m.pretrained, device=device, **kwargs
             )
         tokenizer = open_clip.get_tokenizer(name)
     # open_clip raises RuntimeError for failed downloads / bad files; transformers OSError for a missing
     # folder, file or unreachable hub; torch.load(weights_only=True) UnpicklingError for a pickle it refuses
     except Exception as e:
-        clean = _build_error(e, name, cfg, hf_text)
+        clean = _build_error(e, name, m, hf_text)
         if clean is e:
             raise
         raise clean from e
-    arch = f"{name} from {cfg.model_name}" if cfg.model_name.endswith(".json") else name
-    source = f"{arch} ({cfg.pretrained or 'random init'})"
-    log.info("loaded %s on %s", source, device)
-    clip = ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, source)
-    clip.use_precision(cfg.precision)
+    arch = f"{name} from {m.model_name}" if m.model_name.endswith(".json") else name
+    log.info("loaded %s on %s", f"{arch} ({m.pretrained or 'random init'})", device)
+    clip = ClipModel(model_, pp_train, pp_val, tokenizer, model_cfg, f"{arch} ({m.pretrained or 'random init'})")
+    clip.use_precision(m.precision)
     return clip
 
 
-def _preprocess_kwargs(model_name: str, name: str, pretrained: str | None) -> dict[str, Any]:
-    """create_model_and_transforms' image_* overrides: the preprocessing a config JSON or the architecture's
-    family of tags sets (SigLIP: mean and std 0.5, 'squash'), which open_clip applies for a pretrained tag only."""
-    pp = architecture_preprocess(model_name if model_name.endswith(".json") else name, pretrained)
-    return {f"image_{k}": v for k, v in pp.items()}
 
-
-def is_openai_weights_file(path: str) -> bool:
-    """A local file of OpenAI's CLIP weights (trained with QuickGELU): named for them ('...openai...'), or a
-    TorchScript archive, the form OpenAI released them in (ViT-B-32.pt; a zip holding constants.pkl, which a
-    plain torch.save zip never has)."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        return False
-    if "openai" in file.name.lower():
-        return True
-    try:
-        with zipfile.ZipFile(file) as z:
-            return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in z.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def _weights_for(name: str, pretrained: str | None) -> contextlib.AbstractContextManager:
-    """Fail at once when a pretrained tag's weights can be neither found nor downloaded (model/hub.py)."""
-    if not pretrained or Path(pretrained).expanduser().exists():
-        return contextlib.nullcontext()
-    return weights_available(name, pretrained)
-
-
-class _DropBuiltInConfigLine(logging.Filter):
-    """open_clip logs "Loaded built-in NAME model config" for an architecture this package registered from a
-    JSON file: not built in. Our own log line says where the architecture came from."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Loaded built-in ")
-
-
-@contextlib.contextmanager
-def _quiet_config_log(model_name: str) -> Iterator[None]:
-    if not model_name.endswith(".json"):
-        yield
-        return
-    root, drop = logging.getLogger(), _DropBuiltInConfigLine()  # open_clip logs through the root logger
-    root.addFilter(drop)
-    try:
-        yield
-    finally:
-        root.removeFilter(drop)
-
-
-def _build_error(e: Exception, name: str, cfg: FinetuneConfig, hf_text: dict[str, Any] | None) -> Exception:
+def _build_error(e: Exception, name: str, cfg: ModelSection, hf_text: dict[str, Any] | None) -> Exception:
     """What a failed build of a configured model tells the user; an error that no input explains is returned as
     it is (a bug of ours: it stays a traceback)."""
     weights_file = bool(cfg.pretrained) and file_problem(cfg.pretrained) is None

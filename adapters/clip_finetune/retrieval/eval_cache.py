@@ -29,12 +29,12 @@ import PIL
 import torch
 from PIL import Image
 
-from ..config import FinetuneConfig
 from ..data.decode_cache import InputCache, transform_size
 from ..data.identity import UNREADABLE, content_key
 from ..errors import DataError
 from ..model.clip import ClipModel
 from ..model.weights import unwrap
+from ..sections import RuntimeSection
 from .embed import encode_images, encode_texts
 from .safe_npz import load_npz
 from .shards import model_sha256
@@ -241,9 +241,10 @@ def _stable(value: object) -> str:
     return _ADDRESS.sub("", repr(value))
 
 
-def eval_cache_for(cfg: FinetuneConfig, clip: ClipModel, n_images: int) -> tuple[EvalCache, float]:
-    """The EvalCache of a run validating on `n_images` distinct images, and what is left of
-    cfg.image_cache_mb for the training images (the validation inputs take their share first)."""
+def eval_cache_for(cfg: RuntimeSection, clip: ClipModel, n_images: int) -> tuple[EvalCache, float]:
+    """The EvalCache of a run validating on `n_images` distinct images (the runtime section says the memory and
+    whether the base model's embeddings are kept on disk), and what is left of cfg.image_cache_mb for the
+    training images (the validation inputs take their share first)."""
     side = transform_size(clip.preprocess)
     need_mb = n_images * side * side * 3 / 2**20 if side else 0.0  # open_clip's eval crop: side x side, RGB
     eval_mb = min(float(cfg.image_cache_mb), need_mb)

@@ -227,7 +227,8 @@ def base_model_of(fine_tuned: ClipModel, base_dir: str | None = None, device: st
     if saved.get("wise_ft_alpha", 1.0) < 1:
         log.warning("this model was saved as a WiSE-FT mix (alpha %s); the sweep mixes that with the base",
                     saved["wise_ft_alpha"])
-    return load_model(build_config(saved, {"device": device}))  # a random-init base: the same seed, the same weights
+    base = build_config(saved)  # a random-init base: the same seed, the same weights
+    return load_model(base.model, device, base.seed)
 
 
 def save_wise_ft_mix(

@@ -58,7 +58,7 @@ def plan_run(cfg: FinetuneConfig, n_train: int, applied: bool = False) -> RunPla
         cfg = cfg.model_copy(update={"train_batch_size": size})
     plan = RunPlan(cfg, nprocs, ctx)
     if not applied:  # sizes change no process setting: applying `cfg` before them is the same
-        apply_config(plan.cfg)
+        apply_config(plan.cfg.data)
     return plan
 
 
@@ -151,5 +151,6 @@ def _run(plan: RunPlan, splits: Splits, out_dir: str | Path | None, clip: ClipMo
          resume: bool) -> TrainResult:
     """Train as a torchrun rank, as the one process, or as rank 0 of ranks started here."""
     if plan.ctx is None and plan.nprocs > 1:
-        return launch(plan.nprocs, plan.cfg, splits, clip or load_model(plan.cfg, "cpu"), out_dir, hooks, resume)
+        clip = clip or load_model(plan.cfg.model, "cpu", plan.cfg.seed)
+        return launch(plan.nprocs, plan.cfg, splits, clip, out_dir, hooks, resume)
     return train_rank(plan.cfg, splits, out_dir, clip, hooks, resume, plan.ctx)

@@ -104,7 +104,7 @@ def _worker(staging: Path) -> None:
     with open(staging / JOB_NAME, "rb") as f:
         job = pickle.load(f)  # written by launch() in this run's private folder, for these processes only
     cfg = FinetuneConfig.model_validate_json(job["cfg"])
-    apply_config(cfg)  # this process's own settings (pixel limit, seeds); rank 0 planned the sizes
+    apply_config(cfg.data)  # this process's own settings (pixel limit, seeds); rank 0 planned the sizes
     torch.set_num_threads(job["threads"])  # after apply_config, which only ever lowers the count
     clip = load_artifact(staging / "model", "cpu")
     (staging / f"{READY_PREFIX}{rank}").touch()

@@ -164,7 +164,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     data already (fit.plan_run: sizes checked and settings applied once per run); the seeds are set again here
     because loading and scoring the base model before the run draws from them."""
     seed_everything(cfg.seed)
-    clip = clip or load_model(cfg, device)
+    clip = clip or load_model(cfg.model, device or cfg.device, cfg.seed)
     if device is not None:
         clip.model.to(device)
     clip.use_precision(cfg.precision)  # for the device it trains on (evaluation: clip.inference_precision)
@@ -174,7 +174,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     is_main = ctx is None or ctx.is_main
     eval_cache, train_mb = None, float(cfg.image_cache_mb)
     if splits.validation and is_main:  # rank 0 evaluates; its validation inputs come out of the same budget
-        eval_cache, train_mb = eval_cache_for(cfg, clip, len({p.image for p in splits.validation}))
+        eval_cache, train_mb = eval_cache_for(cfg.runtime, clip, len({p.image for p in splits.validation}))
     dataset = PairDataset(splits.train, clip.preprocess_train, clip.tokenizer, seed=cfg.seed,
                           cache=train_cache(clip.preprocess_train, train_mb, workers), progress=progress)
     out = Path(out_dir) if out_dir is not None else None
