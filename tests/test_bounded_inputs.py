@@ -183,7 +183,7 @@ def test_an_output_folder_is_checked_for_what_it_holds(tmp_path: Path) -> None:
             check_output_folder(out, data_paths)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
-    with pytest.raises(RunFolderError, match=r"already holds 1 other files \(notes.txt\); --overwrite"):
+    with pytest.raises(RunFolderError, match=r"already holds 1 other files \(notes.txt\); overwrite replaces"):
         check_output_folder(tmp_path / "busy")
     assert check_output_folder(tmp_path / "busy", overwrite=True) == tmp_path / "busy"
 

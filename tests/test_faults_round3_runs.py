@@ -156,7 +156,7 @@ def test_demo_does_not_replace_a_model_it_did_not_write(cfg, splits, tmp_path):
     out = tmp_path / "demo"
     save_artifact(load_model(cfg), out / "model", cfg)  # a model of the user's, where the demo would write
     before = _weights(out / "model")
-    with pytest.raises(RunFolderError, match=r"already holds a saved model; --overwrite replaces it"):
+    with pytest.raises(RunFolderError, match=r"already holds a saved model; overwrite replaces it"):
         run_demo(out, n_train=32, n_validation=16, overrides={"num_epochs": 1, "num_workers": 0}, progress=False)
     after = _weights(out / "model")
     assert all(torch.equal(before[k], after[k]) for k in before)

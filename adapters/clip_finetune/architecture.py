@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, Setting
 from .inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
 
 
@@ -96,8 +96,8 @@ def check_pretrained_tag(model_name: str, pretrained: str | None) -> None:
         if pretrained in list_pretrained_tags_by_model(stem):
             return
     raise ConfigError(f"pretrained: {pretrained!r} is an open_clip pretrained tag, for its named architectures; the "
-                      f"custom architecture {model_name!r} has no such weights: set pretrained=None (random init; "
-                      "--set pretrained=null on the command line) or the path of weights made for it")
+                      f"custom architecture {model_name!r} has no such weights: set {{pretrained}} (random init) or "
+                      "the path of weights made for it", advice={"pretrained": Setting("pretrained", "null")})
 
 
 def _artifact_model_config(pretrained: str | None) -> dict[str, Any] | None:

@@ -8,14 +8,44 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class Setting(NamedTuple):
+    """A setting an error's advice names: a configuration key or a use case's argument (`name`: "pretrained",
+    "resume", "out"), with the value advised (None: the setting itself). Each face says it in its own terms: the
+    CLI as a flag (cli/advice.py), the Python API and the Dataloop app as `name=value`."""
+
+    name: str
+    value: str | None = None
+    plain: str | None = None  # how the Python API and the app say it, where `name=value` reads wrong (a use case)
+
+    def neutral(self) -> str:
+        if self.plain is not None:
+            return self.plain
+        return self.name if self.value is None else f"{self.name}={self.value}"
+
+
 class ClipFinetuneError(Exception):
-    """Base class of every error this package raises on purpose (bad config, bad data, bad model)."""
+    """Base class of every error this package raises on purpose (bad config, bad data, bad model).
+
+    `advice` names the settings the message mentions: the message holds {key} where each is said, str() says
+    them as `name=value` and `render` as a face wants (the engine never spells a command-line flag)."""
+
+    def __init__(self, *args: object, advice: Mapping[str, Setting] | None = None) -> None:
+        self.advice = dict(advice or {})
+        self.template = str(args[0]) if args else ""
+        super().__init__(*((self.render(Setting.neutral), *args[1:]) if self.advice else args))
+
+    def render(self, say: Callable[[Setting], str]) -> str:
+        """The message with each advised setting said by `say`."""
+        text = self.template
+        for key, setting in self.advice.items():
+            text = text.replace("{" + key + "}", say(setting))
+        return text if self.advice else str(self)
 
 
 class ConfigError(ClipFinetuneError, ValueError):

@@ -83,17 +83,22 @@ def disk_refusal(error: BaseException, partial: Path) -> int | None:
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
 
 
-def require_writable(path: str | Path, what: str) -> None:
-    """DataError naming `what` unless the folder `path` (or, while it does not exist, the nearest one above it that
-    does) can be written by this user: checked before the work whose output would go there."""
-    from .errors import DataError
+def require_writable(path: str | Path, what: Any) -> None:
+    """DataError naming `what` (words, or the errors.Setting that named the folder) unless the folder `path` (or,
+    while it does not exist, the nearest one above it that does) can be written by this user: checked before the
+    work whose output would go there."""
+    from .errors import DataError, Setting
 
+    advice = {"what": what} if isinstance(what, Setting) else None
+    name = "{what}" if advice else what
     folder = Path(path).expanduser().absolute()
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing is None or not existing.is_dir():
-        raise DataError(f"{what} {str(path)!r}: {str(existing)!r} is a file, not a folder; choose another place")
+        raise DataError(f"{name} {str(path)!r}: {str(existing)!r} is a file, not a folder; choose another place",
+                        advice=advice)
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"{what} {str(path)!r}: this user cannot write in {str(existing)!r}; choose another place")
+        raise DataError(f"{name} {str(path)!r}: this user cannot write in {str(existing)!r}; choose another place",
+                        advice=advice)
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -67,7 +67,7 @@ def run_demo(
     (its DEMO_MARK) are kept unless `overwrite`."""
     out = Path(out_dir)
     if not (overwrite or (out / DEMO_MARK).is_file()):
-        check_output_folder(out / "model", overwrite=overwrite, flag="--out")
+        check_output_folder(out / "model", overwrite=overwrite, flag="out")
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARK).write_text("written by clip-finetune demo: a rerun may replace model/ here\n")
     data_root = out / "data"

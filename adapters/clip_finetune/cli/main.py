@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError, user_error
+from .advice import cli_message
 from .index_cmd import cmd_index
 from .parser import build_parser
 from .runs import cmd_runs, printable
@@ -109,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.save_mix:
         from ..training.guard import check_output_folder
 
-        check_output_folder(args.save_mix, (args.data,), overwrite=args.overwrite, flag="--save-mix")
+        check_output_folder(args.save_mix, (args.data,), overwrite=args.overwrite, flag="save_mix")
     cfg = _load_cfg(args)
     # the data before the model: a bad path fails before a model loads
     subsets = read_subsets(args.data, cfg)
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         clean = user_error(e)
         if clean is None:
             raise
-        print(f"clip-finetune {args.command}: error: {clean}", file=sys.stderr)
+        print(f"clip-finetune {args.command}: error: {cli_message(clean)}", file=sys.stderr)
         return 2
 
 

@@ -18,7 +18,7 @@ from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 
-from ..errors import ModelError
+from ..errors import ModelError, Setting
 
 CONNECT_TIMEOUT = 3.0  # seconds to wait for the hub's TCP handshake: a reachable hub answers in well under one
 URL_CACHE = Path("~/.cache/clip")  # where open_clip keeps weights it downloads by URL
@@ -105,8 +105,9 @@ def weights_available(model_name: str, tag: str) -> Iterator[WeightsSource | Non
             f"pretrained={tag!r} of {model_name!r}: the weights ({source.where}) are not on this machine and "
             f"{why}. Download them once where the hub is reachable and copy the cache here "
             f"({hf_constants.HF_HUB_CACHE} or {URL_CACHE}), or point pretrained at a local weights file or a saved "
-            "model folder (--set pretrained=/path/to/open_clip_model.safetensors); `clip-finetune doctor` "
-            "checks this"
+            "model folder ({pretrained}); {doctor} checks this",
+            advice={"pretrained": Setting("pretrained", "/path/to/open_clip_model.safetensors"),
+                    "doctor": Setting("doctor", plain="the doctor check (clip-finetune doctor)")},
         )
     before = hf_constants.HF_HUB_OFFLINE
     hf_constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub: the cached file, no network

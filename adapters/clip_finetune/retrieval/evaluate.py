@@ -12,7 +12,7 @@ import numpy as np
 from ..config import DEFAULT_LABEL_TEMPLATES, EVAL_KS, build_config
 from ..data.identity import content_key, normalise_caption
 from ..data.pairs import CaptionPair, has_item_id
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, Setting
 from ..model.clip import ClipModel, load_artifact, load_model, save_artifact
 from ..model.weights import cpu_state, wise_ft
 from .embed import encode_images, encode_texts
@@ -223,7 +223,8 @@ def base_model_of(fine_tuned: ClipModel, base_dir: str | None = None, device: st
         return load_artifact(base_dir, device)
     saved = fine_tuned.extra.get("finetune_config")
     if not saved:
-        raise ModelError(f"{fine_tuned.source} has no finetune_config.json naming its base; give --base DIR")
+        raise ModelError(f"{fine_tuned.source} has no finetune_config.json naming its base; give {{base}}",
+                         advice={"base": Setting("base", "DIR")})
     if saved.get("wise_ft_alpha", 1.0) < 1:
         log.warning("this model was saved as a WiSE-FT mix (alpha %s); the sweep mixes that with the base",
                     saved["wise_ft_alpha"])

@@ -7,14 +7,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..errors import DataError
+from ..errors import DataError, Setting
 from ..model.clip import ClipModel
 from .index import Index
 from .shards import model_sha256
 
 log = logging.getLogger(__name__)
 
-ALLOW_HINT = "--allow-mismatch searches it anyway"
+ALLOW = {"allow_mismatch": Setting("allow_mismatch", "True")}
+ALLOW_HINT = "{allow_mismatch} searches it anyway"  # in a message with advice=ALLOW
 
 
 def made_by(clip: ClipModel, kind: str) -> dict[str, Any]:
@@ -42,7 +43,8 @@ def check_index(index: Index, source: str, clip: ClipModel, kind: str = "images"
         return
     message = f"the index {source!r} does not fit this search: {'; '.join(problems)}"
     if allow:
-        log.warning("%s (searching anyway: --allow-mismatch)", message)
+        log.warning("%s (searching anyway: allow_mismatch)", message)
         return
-    raise DataError(f"{message}. Embed the {kind} again with this model (clip-finetune embed --{kind} ...), or "
-                    f"{ALLOW_HINT}")
+    embed = Setting("embed", kind, f"the embed use case, {kind}")
+    raise DataError(f"{message}. Embed the {kind} again with this model ({{embed}}), or {ALLOW_HINT}",
+                    advice={"embed": embed, **ALLOW})

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, Setting
 from ..files import atomic_write, require_writable
 from ..inputs import MAX_JSON_BYTES, Unreadable, parse_json, read_json, require_file
 from .safe_npz import load_npz
@@ -68,17 +68,23 @@ def embeddings_arrays(ids: Sequence[str], vectors: np.ndarray, meta: Mapping[str
     return arrays
 
 
-def check_embeddings_out(path: str | Path, flag: str = "--out") -> Path:
+OUT = Setting("out")  # the argument that names an embeddings file to write, unless a caller names another
+
+
+def check_embeddings_out(path: str | Path, what: str | Setting = OUT) -> Path:
     """Refuse, before any embedding, an output the writing would fail on: a suffix other than .npz/.parquet, a
-    folder, a place this user cannot write, .parquet without pandas and pyarrow."""
+    folder, a place this user cannot write, .parquet without pandas and pyarrow. `what` names the file: words,
+    or the argument that named it (said by each face in its terms)."""
     path = Path(path)
+    advice = {"what": what} if isinstance(what, Setting) else None
+    name = "{what}" if advice else what
     if path.suffix not in (".npz", ".parquet"):
-        raise DataError(f"{flag} {str(path)!r}: use a .npz (numpy) or .parquet (pandas) file name")
+        raise DataError(f"{name} {str(path)!r}: use a .npz (numpy) or .parquet (pandas) file name", advice=advice)
     if path.is_dir():
-        raise DataError(f"{flag} {str(path)!r} is a folder; name the .npz or .parquet file to write")
-    require_writable(path.parent, flag)
+        raise DataError(f"{name} {str(path)!r} is a folder; name the .npz or .parquet file to write", advice=advice)
+    require_writable(path.parent, what)
     if path.suffix == ".parquet" and not all(importlib.util.find_spec(m) for m in ("pandas", "pyarrow")):
-        raise DataError(f"{flag} {str(path)!r}: {PARQUET_HINT}, or write .npz")
+        raise DataError(f"{name} {str(path)!r}: {PARQUET_HINT}, or write .npz", advice=advice)
     return path
 
 

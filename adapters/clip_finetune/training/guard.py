@@ -18,7 +18,7 @@ from typing import Any
 from ..config import FinetuneConfig
 from ..data.load import Splits
 from ..data.pairs import CaptionPair
-from ..errors import ClipFinetuneError
+from ..errors import ClipFinetuneError, Setting
 from ..files import read_json, require_writable
 from ..model.clip import METRICS_NAME, is_artifact_dir
 from .state import CHECKPOINT_NAME
@@ -127,13 +127,16 @@ def require_locked_folder(folder: Path) -> None:
 
 
 def check_output_folder(out: str | Path, data: Sequence[str | Path | None] = (), *, overwrite: bool = False,
-                        resume: bool = False, flag: str = "--out") -> Path:
+                        resume: bool = False, flag: str = "out") -> Path:
     """Refuse an output folder that would mix with what it holds, before any work: a file; the data itself (or a
     folder holding it, or inside it); a place this user cannot write; a saved model or an unfinished run's
-    checkpoint (unless `resume` continues it or `overwrite` replaces it); any other files (unless `overwrite`)."""
+    checkpoint (unless `resume` continues it or `overwrite` replaces it); any other files (unless `overwrite`).
+    `flag`: the argument that named the folder (errors name it, each face in its terms: cli/advice.py)."""
     out = Path(out).expanduser()
+    advice = {"out": Setting(flag), "resume": Setting("resume"), "overwrite": Setting("overwrite")}
     if out.exists() and not out.is_dir():
-        raise RunFolderError(f"{flag} {str(out)!r} is a file; give a folder for the model (new or empty)")
+        raise RunFolderError(f"{{out}} {str(out)!r} is a file; give a folder for the model (new or empty)",
+                             advice=advice)
     real = Path(os.path.realpath(out))
     for source in filter(None, data):
         src = Path(os.path.realpath(Path(source).expanduser()))
@@ -141,10 +144,10 @@ def check_output_folder(out: str | Path, data: Sequence[str | Path | None] = (),
         mixed = (real == src or src.is_relative_to(real) or real.is_relative_to(src)) if src.is_dir() \
             else real == src.parent
         if mixed:
-            raise RunFolderError(f"{flag} {str(out)!r} would mix the model with the data {str(source)!r}; write the "
-                                 "model to a folder outside the data")
+            raise RunFolderError(f"{{out}} {str(out)!r} would mix the model with the data {str(source)!r}; write "
+                                 "the model to a folder outside the data", advice=advice)
     if not out.is_dir():
-        require_writable(out, flag)  # a folder that cannot be made fails now, not after the data is read
+        require_writable(out, Setting(flag))  # a folder that cannot be made fails now, not after the data is read
         return out
     with writer_lock(out):  # a training writing it now: refused before any data is read (finetune locks again)
         pass
@@ -155,13 +158,13 @@ def check_output_folder(out: str | Path, data: Sequence[str | Path | None] = (),
         return out
     if resume and is_artifact_dir(out) and not _finished(out):
         log.warning("%s %s holds the best model so far of a run stopped before its first checkpoint: nothing to "
-                    "resume, starting from the beginning in it (--resume)", flag, out)
+                    "resume, starting from the beginning in it (resume)", flag, out)
         return out
     if overwrite:
-        log.warning("%s %s holds %s: overwriting it (--overwrite)", flag, out, held)
+        log.warning("%s %s holds %s: overwriting it (overwrite)", flag, out, held)
         return out
-    fix = "--resume continues it, --overwrite starts over in it" if "checkpoint" in held else "--overwrite replaces it"
-    raise RunFolderError(f"{flag} {str(out)!r} already holds {held}; {fix}, or choose a new folder")
+    fix = "{resume} continues it, {overwrite} starts over in it" if "checkpoint" in held else "{overwrite} replaces it"
+    raise RunFolderError(f"{{out}} {str(out)!r} already holds {held}; {fix}, or choose a new folder", advice=advice)
 
 
 def _finished(out: Path) -> bool:
