@@ -11,6 +11,9 @@ from ..config import FinetuneConfig
 from ..errors import DataError
 
 if TYPE_CHECKING:
+    import numpy as np  # noqa: TC004  (imported where used: importing the app loads no numpy)
+    import torch
+
     from ..model.clip import ClipModel
     from ..retrieval.shards import ShardSpec
 
@@ -75,3 +78,26 @@ def embed_items(clip: ClipModel, cfg: FinetuneConfig, kind: str, items: list[str
     ids, vectors, _ = encode_items(clip, kind, items, cfg.batch_size, cfg.num_workers)
     path = save_embeddings(out, ids, vectors, made_by(clip, kind))
     return Embedded(len(ids), vectors.shape[1], Path(path))
+
+
+# --- the platform's embedding (dataloop/: the adapter's embed, its jobs and nodes): items prepared one by one
+# by the face (downloads, prompt items), then embedded in batches here, by the one embedding pipeline
+
+
+def item_input(clip: ClipModel, data: bytes, name: str | None = None) -> torch.Tensor:
+    """One image's bytes as `clip` takes it ([3, H, W]); ImageDecodeError (a DataError) naming it when it cannot
+    be decoded."""
+    from ..retrieval.embed import image_input
+
+    return image_input(clip, data, name)
+
+
+def embed_inputs(clip: ClipModel, images: torch.Tensor | None, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors of prepared images [n, 3, H, W] (None: none) and of texts, float32 [n, d] each."""
+    import numpy as np
+
+    from ..retrieval.embed import encode_image_tensors, encode_texts
+
+    image_vectors = encode_image_tensors(clip, images) if images is not None else np.zeros((0, clip.embed_dim))
+    text_vectors = encode_texts(clip, texts, batch_size=len(texts)) if texts else np.zeros((0, clip.embed_dim))
+    return image_vectors, text_vectors

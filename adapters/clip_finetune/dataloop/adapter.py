@@ -18,6 +18,7 @@ from typing import Any
 import dtlpy as dl
 
 from adapters.clip_finetune.app.evaluate import score_per_query
+from adapters.clip_finetune.app.models import open_model
 from adapters.clip_finetune.app.train import Training
 from adapters.clip_finetune.config import FinetuneConfig
 from adapters.clip_finetune.data.load import Splits, load_dataset, load_splits, require_pairs
@@ -33,7 +34,7 @@ from adapters.clip_finetune.dataloop.items import PROMPT_IMAGES, PreparedItem, i
 from adapters.clip_finetune.dataloop.platform import as_filters
 from adapters.clip_finetune.errors import ModelError
 from adapters.clip_finetune.machine import apply_config
-from adapters.clip_finetune.model.clip import ClipModel, is_artifact_dir, load_artifact, load_model, save_artifact
+from adapters.clip_finetune.model.clip import ClipModel, is_artifact_dir, save_artifact
 from adapters.clip_finetune.retrieval.evaluation_result import EvaluationResult
 from adapters.clip_finetune.retrieval.formatting import format_table
 from adapters.clip_finetune.training import TrainResult
@@ -85,8 +86,7 @@ class ClipAdapter(dl.BaseModelAdapter):
             self._validate_config(self.model_entity)
         self._artifacts_dir = Path(local_path)
         self._base_weights = not is_artifact_dir(local_path)
-        self.clip = load_model(self.cfg) if self._base_weights \
-            else load_artifact(local_path, self.cfg.device, self.cfg.precision)
+        self.clip = open_model(self.cfg, None if self._base_weights else local_path)
         self.model = self.clip.model
         sync_embedding_keys(self.model_entity, self.clip, self.cfg)
 

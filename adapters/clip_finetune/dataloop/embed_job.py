@@ -16,10 +16,10 @@ from typing import Any
 import dtlpy as dl
 import torch
 
+from adapters.clip_finetune.app.embed import embed_inputs
 from adapters.clip_finetune.data.pairs import DataReport
 from adapters.clip_finetune.errors import ModelError
 from adapters.clip_finetune.model.clip import ClipModel
-from adapters.clip_finetune.retrieval.embed import encode_image_tensors, encode_texts
 
 from .items import FETCH_THREADS, PreparedItem, Unusable
 from .platform import PLATFORM_ERRORS, VECTORS, is_prompt_item, platform_failure
@@ -51,15 +51,12 @@ def embed_prepared(clip: ClipModel, batch: list[PreparedItem], report: DataRepor
     vectors: list[list[float] | None] = [None] * len(batch)
     images = [i for i, x in enumerate(batch) if isinstance(x, torch.Tensor)]
     texts = [i for i, x in enumerate(batch) if isinstance(x, str) and x]
-    if images:
-        features = encode_image_tensors(clip, torch.stack([batch[i] for i in images]))
-        for i, v in zip(images, features.tolist(), strict=True):
-            vectors[i] = v
-    if texts:
-        locked = replace(clip, tokenizer=_Locked(clip.tokenizer, locks.tokenizer))
-        features = encode_texts(locked, [batch[i] for i in texts], batch_size=len(texts))
-        for i, v in zip(texts, features.tolist(), strict=True):
-            vectors[i] = v
+    if texts:  # the tokenizer is shared by the service's threads
+        clip = replace(clip, tokenizer=_Locked(clip.tokenizer, locks.tokenizer))
+    image_vectors, text_vectors = embed_inputs(clip, torch.stack([batch[i] for i in images]) if images else None,
+                                               [batch[i] for i in texts])
+    for i, v in zip(images + texts, image_vectors.tolist() + text_vectors.tolist(), strict=True):
+        vectors[i] = v
     with locks.report:  # `+=` on a shared counter loses updates between threads
         for x in batch:
             if isinstance(x, Unusable):

@@ -12,11 +12,11 @@ from typing import Any, NamedTuple
 import dtlpy as dl
 import torch
 
+from adapters.clip_finetune.app.embed import item_input
 from adapters.clip_finetune.data.dataloop import ImageResolver, image_ref, prompt_order, prompt_parts
 from adapters.clip_finetune.data.images import ImageDecodeError
 from adapters.clip_finetune.inputs import Unreadable, parse_json
 from adapters.clip_finetune.model.clip import ClipModel
-from adapters.clip_finetune.retrieval.embed import image_input
 
 from .platform import ITEM_ID, PLATFORM_ERRORS, is_prompt_item
 
@@ -65,7 +65,7 @@ def prepare_item(clip: ClipModel, item: dl.Item) -> PreparedItem:
             return download_bytes(item).decode("utf-8", "replace").strip()
         if not (item.mimetype or "").startswith("image/"):
             raise ItemUnusable(f"unsupported mimetype {item.mimetype!r}")
-        return image_input(clip, download_bytes(item), Path(item.name or "image").name)
+        return item_input(clip, download_bytes(item), Path(item.name or "image").name)
     except ItemUnusable as e:
         return Unusable(item.id, str(e), transient=e.transient)
     except ImageDecodeError as e:
@@ -99,7 +99,7 @@ def _prompt_input(clip: ClipModel, item: dl.Item) -> torch.Tensor | str:
         if not ITEM_ID.fullmatch(ref):
             raise ItemUnusable("prompt image is an external URL")
         image_item = dl.items.get(item_id=ref)
-        return image_input(clip, download_bytes(image_item), Path(image_item.name or "image").name)
+        return item_input(clip, download_bytes(image_item), Path(image_item.name or "image").name)
     if text:
         return text
     raise ItemUnusable("prompt has no image or text")
