@@ -187,8 +187,11 @@ def test_failed_queries_become_a_task_whose_answers_the_next_run_trains_on(shop:
     (task,) = shop.platform.tasks.values()
     assert task["name"] == "failed searches" and task["id"] == summary["task_id"]
     assignments = shop.platform.task_assignments(task["id"])
-    assert sorted(a["annotator"] for a in assignments) == ANNOTATORS and [a["totalItems"] for a in assignments] == [2, 2]
+    assert sorted(a["annotator"] for a in assignments) == ANNOTATORS
+    assert [a["totalItems"] for a in assignments] == [2, 2]  # dealt out in equal shares
     items = shop.platform.task_items(task["id"])
+    made = [i for i in shop.platform.dataset_items(shop.dataset_id) if i["dir"] == labelling.LABELLING_DIR]
+    assert sorted(i["id"] for i in items) == sorted(i["id"] for i in made)  # the task holds the prompt items made
     logged = {e["text"]: e for e in search_log.read(shop.dataset)}  # the given queries were searched and logged
     for item in items:
         query = item["metadata"]["user"]["clip_finetune"]["labelling"]["query"]
