@@ -6,6 +6,7 @@ the next training run reads and counts in its data report."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import zlib
 from collections.abc import Iterator
@@ -220,3 +221,16 @@ def test_failed_queries_become_a_task_whose_answers_the_next_run_trains_on(shop:
     report = json.loads(shop.platform.artifact_files(shop.model_id)["data_report.json"])
     assert report["train"]["from_labelling"] == 2 and report["train"]["used"] == 3 + 2
     assert "from_labelling" not in report["validation"]
+
+
+def test_the_docs_sdk_block_runs_as_written(shop: Catalogue, capsys: pytest.CaptureFixture) -> None:
+    """docs/labelling-loop.md's "From the SDK" block, its dataset id filled in, on the searches logged above."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (REPO / "docs" / "labelling-loop.md").read_text(), re.S | re.M)
+    (block,) = [b for b in blocks if "harvest_all" in b]
+    tasks_before = set(shop.platform.tasks)
+    exec(compile(block.replace("<dataset id>", shop.dataset_id), "labelling-loop.md", "exec"), {})
+    (new_task,) = set(shop.platform.tasks) - tasks_before
+    made, failed = capsys.readouterr().out.splitlines()[0].split(" items to label for ")
+    assert made.split() == [new_task, str(len(shop.platform.task_items(new_task)))] and int(failed.split()[0]) >= 1
+    assignments = shop.platform.task_assignments(new_task)
+    assert [a["annotator"] for a in assignments] == ["annotator@example.com"]
