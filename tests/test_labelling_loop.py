@@ -121,6 +121,12 @@ def test_a_bad_labelling_config_names_the_key(config: JSON, message: str) -> Non
         labelling.settings(config)
 
 
+def test_a_task_without_assignees_is_refused_before_anything_is_made() -> None:
+    failed = [labelling.FailedQuery("a red dress", ["marked wrong"], ["0" * 24])]
+    with pytest.raises(DataError, match="name at least one assignee"):
+        labelling.queries_to_labelling(None, failed, [])  # no dataset touched: it fails first
+
+
 # ------------------------------------------------------------------------------------------- the search log
 def test_each_search_through_the_app_is_logged_with_its_scored_results(shop: Catalogue) -> None:
     before = len(search_log.read(shop.dataset))

@@ -1,4 +1,5 @@
-"""ClipNodes: the app's pipeline nodes ("Promote if better", "Embed dataset") and the functions that take a model
+"""ClipNodes: the app's pipeline nodes ("Promote if better", "Embed dataset", and the labelling loop's "Failed searches
+to labelling" and "Labelling to training pairs": docs/labelling-loop.md) and the functions that take a model
 as an input, served by a module WITHOUT initInputs (dataloop.json, module clip_nodes), as Dataloop's
 active-learning app serves "Create New Model" and "Compare Models": the model arrives with each execution.
 
