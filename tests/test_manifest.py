@@ -99,7 +99,8 @@ def test_manifest_loads_with_dtlpy() -> None:
     assert [i.to_json() for i in module.init_inputs] == [{"name": "model_entity", "type": "Model"}]
     assert (nodes.entry_point, nodes.class_name) == ("adapters/clip_finetune/dataloop/nodes.py", "ClipNodes")
     assert [f.name for f in nodes.functions] == ["promote_if_better", "embed_dataset", "embed_subset", "search_items",
-                                                 "embed_item", "embed_query"]
+                                                 "embed_item", "embed_query", "search_feedback",
+                                                 "queries_to_labelling", "labelling_to_pairs"]
     assert nodes.init_inputs == []  # a pipeline node's module: the model is a function input
     assert {m["name"] for m in dpk.components.models} == set(MODEL_OVERRIDES)
     assert [c.name for c in dpk.components.compute_configs] == list(COMPUTE_CONFIGS)

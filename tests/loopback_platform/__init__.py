@@ -29,6 +29,7 @@ Modules, one job each:
   function in process, as the platform's agent does (entities, progress, context)
 - executions.py: executions of a service's function (service.execute, execution.wait) and model.train()
 - triggers.py: installed apps' event triggers, fired when an item is created (and dataset.update)
+- tasks.py: labelling tasks, their assignments, item statuses in a task, annotation updates
 - pipelines.py: pipelines from a template (`install_template`), their checks, and execute() running the nodes
 - registry.py: the app registry (`project.dpks.publish`), checking what a publish sends
 - marketplace.py: Dataloop's active-learning app (Create New Model), re-written from its published code

@@ -73,6 +73,7 @@ class Routes:
             *self._execution_routes(),  # executions.py
             *self._registry_routes(),  # registry.py
             *self._trigger_routes(),  # triggers.py
+            *self._task_routes(),  # tasks.py
         ]
         return [(m, re.compile(p + r"/?$"), h) for m, p, h in table]
 
@@ -192,11 +193,11 @@ class Routes:
         for key in ("description", "hidden", "name"):
             if key in patch:
                 item[key] = patch[key]
-        if "metadata" in patch:
-            system = item["metadata"].get("system", {})
-            item["metadata"] = copy.deepcopy(patch["metadata"])
+        if "metadata" in patch:  # dtlpy sends the diff (DictDiffer), nested: merged into what is stored
+            metadata = copy.deepcopy(patch["metadata"])
             if call.query.get("system") != ["true"]:
-                item["metadata"]["system"] = system  # system metadata changes need ?system=true
+                metadata.pop("system", None)  # system metadata changes need ?system=true
+            _deep_merge(item["metadata"], metadata)
         return self._item_json(item_id)
 
     def _delete_item(self, call: Call, item_id: str) -> JSON:

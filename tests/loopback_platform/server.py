@@ -26,6 +26,7 @@ from .registry import Registry
 from .routes import Route, Routes
 from .seeding import Seeding
 from .store import Store
+from .tasks import Tasks
 from .triggers import Triggers
 from .wire import Call, _HttpError, _parse_multipart, _read_chunked, _Reply
 
@@ -96,7 +97,7 @@ class _Server(ThreadingHTTPServer):
 
 
 # --------------------------------------------------------------------------------------------- platform
-class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines, Registry, Triggers):
+class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines, Registry, Triggers, Tasks):
     """In-memory Dataloop stand-in. Use as a context manager (starts/stops the server thread)."""
 
     def __init__(self) -> None:
@@ -126,6 +127,8 @@ class LoopbackPlatform(Seeding, Store, Routes, Apps, Executions, Pipelines, Regi
         self.dpks: dict[str, JSON] = {}  # published DPKs (registry.py), by id
         self.triggers: dict[str, JSON] = {}  # installed apps' components.triggers (triggers.py)
         self.trigger_executions: list[JSON] = []  # the executions triggers started, in order
+        self.tasks: dict[str, JSON] = {}  # labelling tasks (tasks.py)
+        self.assignments: dict[str, JSON] = {}
         self._runner_lock = threading.Lock()
         self._export_items: set[str] = set()  # export outputs: fetchable by id, invisible to queries
         self._system_datasets: set[str] = set()  # "Binaries": listed only for systemSpace queries

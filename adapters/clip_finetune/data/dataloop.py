@@ -123,6 +123,8 @@ def read_subset(
         else:
             report.skip("prompt image not found", f"{e.item_id}#{e.key}")
     report.used = len(pairs)
+    labelled = {r.item_id for r in records if _get(r.data, "metadata", "user", "clip_finetune", "labelling")}
+    report.from_labelling = sum(p.item_id in labelled for p in pairs)
     return pairs
 
 

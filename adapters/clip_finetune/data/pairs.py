@@ -50,6 +50,7 @@ class DataReport:
     examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 5
     note: str = ""  # where the split came from when it was not read as is (held out from train)
+    from_labelling: int = 0  # pairs read from items a labelling task of failed searches made (docs/labelling-loop.md)
 
     def skip(self, reason: str, example: str) -> None:
         self.skipped[reason] += 1
@@ -67,12 +68,15 @@ class DataReport:
         return sum(self.skipped.values())
 
     def summary(self) -> str:
+        used = f"{self.used} pairs used" + (f" ({self.from_labelling} from labelling)" if self.from_labelling else "")
         if not self.skipped:
-            return f"{self.used} pairs used, none skipped"
+            return f"{used}, none skipped"
         parts = ", ".join(f"{n} {reason} (e.g. {', '.join(self.examples[reason])})"
                           for reason, n in self.skipped.most_common())
-        return f"{self.used} pairs used, {self.total_skipped} skipped: {parts}"
+        return f"{used}, {self.total_skipped} skipped: {parts}"
 
     def to_dict(self) -> dict:
         out = {"used": self.used, "skipped": dict(self.skipped), "examples": self.examples}
+        if self.from_labelling:
+            out["from_labelling"] = self.from_labelling
         return {**out, "note": self.note} if self.note else out

@@ -1,4 +1,5 @@
-"""ClipNodes: the app's pipeline nodes ("Promote if better", "Embed dataset") and the functions that take a model
+"""ClipNodes: the app's pipeline nodes ("Promote if better", "Embed dataset", and the labelling loop's "Failed searches
+to labelling" and "Labelling to training pairs": docs/labelling-loop.md) and the functions that take a model
 as an input, served by a module WITHOUT initInputs (dataloop.json, module clip_nodes), as Dataloop's
 active-learning app serves "Create New Model" and "Compare Models": the model arrives with each execution.
 
@@ -14,8 +15,17 @@ from typing import Any
 
 import dtlpy as dl
 
-from adapters.clip_finetune.dataloop import dataset_embedding, promotion, search, search_target
+from adapters.clip_finetune.dataloop import (
+    dataset_embedding,
+    labelled,
+    labelling,
+    promotion,
+    search,
+    search_log,
+    search_target,
+)
 from adapters.clip_finetune.dataloop.adapter import ClipAdapter
+from adapters.clip_finetune.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +96,13 @@ class ClipNodes(dl.BaseServiceRunner):
         """The dataset's items ranked for `text` by `model`, and the DQL query that ranks them (paste it in the
         dataset browser's query editor to browse them)."""
         adapter = self.adapter_for(model)
-        query = search.text_query(adapter, dataset, text, k)
+        search.checked_k(k)
+        vector = search_target.query_vector(adapter, text)
+        query = search.search_query(vector["vector"], vector["feature_set_id"], dataset.id, k)
         items = search.ranked_items(dataset, query)
-        return {"query": query, "items": [{"id": i.id, "name": i.name, "filename": i.filename} for i in items]}
-
+        entry = search_log.log_search(dataset, text, vector, "search_items", items)
+        return {"query": query, "items": [{"id": i.id, "name": i.name, "filename": i.filename} for i in items],
+                "search_id": entry["id"] if entry["logged"] else None}
 
     def embed_item(self, item: dl.Item, progress: Any = None) -> dl.Item:
         """The item-created trigger's function: embed a new item with its dataset's search model (the newest
@@ -104,7 +117,47 @@ class ClipNodes(dl.BaseServiceRunner):
         """What the dataset browser's search panel asks for: `text` embedded by the dataset's search model (or
         the model `model_id` names), as {vector, feature_set_id, model_id, model_name}."""
         model = search_target.search_model(dataset, (model_id or "").strip() or None)
-        return search_target.query_vector(self.adapter_for(model), text)
+        query = search_target.query_vector(self.adapter_for(model), text)
+        entry = search_log.log_search(dataset, text, query, "panel")
+        return {**query, "search_id": entry["id"] if entry["logged"] else None}
+
+    def search_feedback(self, dataset: dl.Dataset, search_id: str, accepted: list | None = None,
+                        wrong: bool | None = None, progress: Any = None) -> dict[str, Any]:
+        """Mark a logged search: the result ids the user accepted, or that its results were wrong."""
+        return search_log.record_feedback(dataset, search_id, accepted, wrong)
+
+    def queries_to_labelling(self, dataset: dl.Dataset, assignees: list, queries: list | None = None,
+                             config: dict | None = None, progress: Any = None, context: Any = None
+                             ) -> dict[str, Any]:
+        """The failed searches of the dataset's search log (or of `queries`: texts, searched now with the dataset's
+        search model, or log entries) as a labelling task for `assignees`; config: labelling.SETTINGS."""
+        cfg = labelling.settings(config)
+        entries = search_log.read(dataset) if not queries else [self._searched(dataset, q) for q in queries]
+        failed = labelling.failed_queries(entries, cfg["min_top_score"], cfg["require_accept"])
+        target = dl.datasets.get(dataset_id=cfg["target_dataset_id"]) if cfg["target_dataset_id"] else dataset
+        summary = labelling.queries_to_labelling(target, failed, list(assignees or []), cfg["task_name"],
+                                                 cfg["candidates_per_query"], cfg["max_items"])
+        if progress is not None:
+            progress.update(message=f"{len(failed)} failed queries, {summary['items']} items to label")
+        return summary
+
+    def labelling_to_pairs(self, dataset: dl.Dataset, task_id: str | None = None, progress: Any = None
+                           ) -> dict[str, Any]:
+        """The finished items of one labelling task (task_id) or of all the dataset's, tagged train as pairs."""
+        summary = labelled.harvest_all(dataset, (task_id or "").strip() or None)
+        if progress is not None:
+            progress.update(message=f"{summary['pairs']} new training pairs from labelling")
+        return summary
+
+    def _searched(self, dataset: dl.Dataset, query: Any) -> dict[str, Any]:
+        """A log entry for a query given to queries_to_labelling: an entry (a dict with text) as it is, a text
+        searched now with the dataset's search model (and logged, like any search)."""
+        if isinstance(query, dict) and isinstance(query.get("text"), str):
+            return query
+        if not isinstance(query, str) or not query.strip():
+            raise DataError(f"labelling: a query must be a text or a log entry (got {query!r})")
+        vector = search_target.query_vector(self.adapter_for(search_target.search_model(dataset)), query)
+        return search_log.log_search(dataset, query, vector, "labelling")
 
 
 def _service_of(context: Any) -> dl.Service | None:

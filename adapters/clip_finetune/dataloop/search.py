@@ -53,10 +53,15 @@ def search_query(vector: list[float], feature_set_id: str, dataset_id: str, k: i
 def text_query(adapter: ClipAdapter, dataset: dl.Dataset, text: str, k: int = 20,
                items_filter: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ranked-items query of `text` against the adapter's model's feature set."""
-    if not isinstance(k, int) or not 1 <= k <= MAX_RESULTS:
-        raise DataError(f"search: k must be an integer from 1 to {MAX_RESULTS} (got {k!r})")
+    checked_k(k)
     query = query_vector(adapter, text)  # the text checked, the model's feature set found, the text embedded
     return search_query(query["vector"], query["feature_set_id"], dataset.id, k, items_filter)
+
+
+def checked_k(k: int) -> int:
+    if not isinstance(k, int) or not 1 <= k <= MAX_RESULTS:
+        raise DataError(f"search: k must be an integer from 1 to {MAX_RESULTS} (got {k!r})")
+    return k
 
 
 def search(model: dl.Model, dataset: dl.Dataset, text: str, k: int = 20,
