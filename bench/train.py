@@ -10,12 +10,14 @@ limit of the model's training step on this machine (bench/limits.py).
 
     python -m bench.train                       # decode-bound: 640x480 JPEGs, batch 32 (2 CPU cores: ~10 min)
     python -m bench.train --preset compute      # compute-bound: 2,000 pairs of 320x240 JPEGs, batch 128
+    python -m bench.train --preset product      # compute-bound, product photos in a Dataloop download, our CLI
     python -m bench.train --model ViT-B-32 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import tempfile
@@ -39,10 +41,16 @@ from bench.common import (
 # nodraft + nothreads + nofused + noevalcache); -bf16 / -compile: one setting turned on; limit: the step's matrix
 # products alone (not a trainer)
 SYSTEMS = ("ours", "open_clip", "ours-bf16", "open_clip-bf16", "ours-compile", "ours-noevalcache", "ours-nocache",
-           "ours-nodraft", "ours-nothreads", "ours-nofused", "ours-plain", "limit")
+           "ours-nodraft", "ours-nothreads", "ours-nofused", "ours-plain", "limit", "ours-cli")
+_RECIPE = {"lr": 1e-3, "warmup": 20, "grad_clip": 1.0, "systems": "ours,open_clip,limit"}
 PRESETS = {
-    "decode": {"train": 1024, "valid": 250, "val": 500, "image_size": "640x480", "batch": 32, "epochs": 5},
-    "compute": {"train": 2000, "valid": 250, "val": 500, "image_size": "320x240", "batch": 128, "epochs": 10},
+    "decode": {"train": 1024, "valid": 250, "val": 500, "image_size": "640x480", "batch": 32, "epochs": 5, **_RECIPE},
+    "compute": {"train": 2000, "valid": 250, "val": 500, "image_size": "320x240", "batch": 128, "epochs": 10,
+                **_RECIPE},
+    # issue 26's set: product photos with English and German titles (a quarter duplicates) in a Dataloop download,
+    # no gradient clipping, ours as `clip-finetune train` (bench/train_cli.py, bench/product.py)
+    "product": {"train": 2000, "valid": 400, "val": 400, "image_size": "320x240", "batch": 128, "epochs": 10,
+                "lr": 2e-3, "warmup": 50, "grad_clip": 0.0, "systems": "ours-cli,open_clip"},
 }
 
 
@@ -56,7 +64,8 @@ def _config(spec: dict, pretrained: str | None, cache_mb: int, **extra):
     return FinetuneConfig(**{
         "model_name": spec["model"], "pretrained": pretrained, "train_batch_size": spec["batch"],
         "num_epochs": spec["epochs"], "learning_rate": spec["lr"], "warmup": spec["warmup"], "weight_decay": spec["wd"],
-        "grad_clip_norm": 1.0, "precision": "fp32", "num_workers": spec["workers"], "early_stopping": False,
+        "grad_clip_norm": spec.get("clip", 1.0), "precision": "fp32", "num_workers": spec["workers"],
+        "early_stopping": False,
         "checkpoint_every_steps": 0, "seed": spec["seed"], "device": spec["device"], "batch_size": 64,
         "image_cache_mb": cache_mb, "base_eval_cache": False, **extra})
 
@@ -148,7 +157,8 @@ def child_open_clip(spec: dict) -> dict:
             "--csv-separator", ",", "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", name,
             "--pretrained", spec["init"], "--batch-size", str(spec["batch"]), "--lr", str(spec["lr"]),
             "--warmup", str(spec["warmup"]), "--epochs", str(spec["epochs"]), "--wd", str(spec["wd"]),
-            "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--grad-clip-norm", "1.0",
+            "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
+            *(["--grad-clip-norm", str(spec["clip"])] if spec.get("clip", 1.0) else []),
             "--workers", str(spec["workers"]), "--precision", precision, "--device", spec["device"],
             "--seed", str(spec["seed"]), "--logs", str(logs), "--name", run_name, "--save-frequency", "1",
             "--log-every-n-steps", "1000", "--zeroshot-frequency", "0", "--report-to", ""]
@@ -232,14 +242,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", help="JPEG width x height")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak lr (random init: high)")
-    parser.add_argument("--warmup", type=int, default=20, help="warmup steps")
+    parser.add_argument("--lr", type=float, help="peak lr (random init: high; default 1e-3, product 2e-3)")
+    parser.add_argument("--warmup", type=int, help="warmup steps (default 20, product 50)")
+    parser.add_argument("--grad-clip", type=float, help="gradient clipping norm, 0: none (default 1, product 0)")
     parser.add_argument("--wd", type=float, default=0.1)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, both systems")
     parser.add_argument("--threads", type=int, default=cores(), help="torch threads, both systems")
     parser.add_argument("--cache-mb", type=int, default=2048, help="this project's image_cache_mb")
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per system")
-    parser.add_argument("--systems", default="ours,open_clip,limit", help=f"comma-separated, of {','.join(SYSTEMS)}")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per system (ours-cli: pairs)")
+    parser.add_argument("--systems", help=f"comma-separated, of {','.join(SYSTEMS)} (default: ours,open_clip,limit; "
+                        "product: ours-cli,open_clip, which runs as bench/train_cli.py describes)")
+    parser.add_argument("--eval-cache", choices=("cold", "warm"), default="cold", help="ours-cli: an empty "
+                        "base-evaluation store for each run (cold), or one filled by an untimed run first (warm)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", help="keep the generated JPEGs here (default: a temporary folder)")
@@ -257,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s.strip() for s in args.systems.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         spec = _data(Path(args.data_dir or tmp), args)
+        if "ours-cli" in systems:  # whole `clip-finetune train` processes against open_clip's trainer, in pairs
+            from bench.train_cli import compare
+            from bench.train_cli import report as pair_report
+
+            print(pair_report(compare(spec, args), args, _head(args, argv)))
+            return 0
         runs: dict[str, list[dict]] = {s: [] for s in systems}
         for r in range(args.repeats):
             for s in systems if r % 2 == 0 else systems[::-1]:  # alternate the order: A B, B A, ...
@@ -273,11 +293,21 @@ def main(argv: list[str] | None = None) -> int:
 def _data(root: Path, args: argparse.Namespace) -> dict:
     w, h = parse_size(args.image_size)
     t0 = time.perf_counter()
-    train = write_jpegs(root / f"train-{w}x{h}", args.train, args.seed, w, h)
-    valid = write_jpegs(root / f"valid-{w}x{h}", args.valid, args.seed + 2, w, h)
-    val = write_jpegs(root / f"val-{w}x{h}", args.val, args.seed + 1, w, h)
-    for name, pairs in (("train.csv", train), ("valid.csv", valid)):
-        (root / name).write_text("filepath,title\n" + "".join(f"{p},{c.replace(',', ' ')}\n" for p, c in pairs))
+    download = None
+    if args.preset == "product":  # a Dataloop download (train/ + validation/ subsets) and a held-out subset
+        from bench.product import write_product_download
+
+        download = root / f"product-{w}x{h}"
+        parts = write_product_download(download, {"train": args.train, "validation": args.valid}, args.seed, w, h)
+        train, valid = parts["train"], parts["validation"]
+        val = write_product_download(root / f"product-{w}x{h}-heldout", {"test": args.val}, args.seed + 1, w, h)["test"]
+    else:
+        train = write_jpegs(root / f"train-{w}x{h}", args.train, args.seed, w, h)
+        valid = write_jpegs(root / f"valid-{w}x{h}", args.valid, args.seed + 2, w, h)
+        val = write_jpegs(root / f"val-{w}x{h}", args.val, args.seed + 1, w, h)
+    for name, pairs in (("train.csv", train), ("valid.csv", valid)):  # open_clip's (pandas) CSV, quoted as needed
+        with (root / name).open("w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("filepath", "title"), *pairs])
     print(f"data: {args.train} + {args.valid} + {args.val} JPEGs {w}x{h} in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
     init = root / "init.pt"
@@ -285,7 +315,9 @@ def _data(root: Path, args: argparse.Namespace) -> dict:
     return {"root": str(root), "model": _model_arg(args.model), "init": str(init), "train": train, "valid": valid,
             "val": val, "csv": str(root / "train.csv"), "valid_csv": str(root / "valid.csv"), "batch": args.batch,
             "epochs": args.epochs, "lr": args.lr, "warmup": args.warmup, "wd": args.wd, "workers": args.workers,
-            "cache_mb": args.cache_mb, "device": args.device, "seed": args.seed}
+            "cache_mb": args.cache_mb, "device": args.device, "seed": args.seed, "clip": args.grad_clip or None,
+            "data_arg": str(download) if download else str(root / "train.csv"),
+            "validation_arg": None if download else str(root / "valid.csv")}
 
 
 def report(runs: dict[str, list[dict]], args: argparse.Namespace, argv: list[str] | None) -> str:
@@ -310,12 +342,7 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace, argv: list[str
                          f"{x['whole'] / y['whole']:.2f}x", f"{x['wall'] / y['wall']:.2f}x",
                          f"{x['rss'] / y['rss']:.2f}x",
                          f"{x['r1'] - y['r1']:+.3f}", f"{x['r5'] - y['r5']:+.3f}", ""])
-    cmd = "python -m bench.train" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    head = (f"`{cmd}`: {args.model}, {args.train} training pairs ({args.image_size} JPEGs), {args.valid} validation "
-            f"pairs evaluated after every epoch by both, {args.val} held-out, batch {args.batch}, "
-            f"{args.epochs} epochs, lr {args.lr:g}, warmup {args.warmup}, wd {args.wd:g}, fp32 unless named, "
-            f"{args.workers} workers, {args.threads} torch threads, median of {args.repeats} alternating runs.\n"
-            f"Machine: {machine()}\n")
+    head = _head(args, argv)
     if limit:
         head += (f"\nMatrix-product limit of the training step at batch {args.batch} (bench/limits.py): fp32 "
                  f"{args.batch / limit['fp32_s']:.1f} samples/s, bf16 {args.batch / limit['bf16_s']:.1f} samples/s; "
@@ -326,6 +353,16 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace, argv: list[str
     headers = ["system", "train samples/s (epochs)", "steady samples/s (epochs 2+)", "steady / fp32 limit",
                "whole-process samples/s", "wall s", "peak RSS MiB", "t->i R@1", "t->i R@5", "whole-process per run"]
     return head + "\n" + markdown_table(headers, rows)
+
+
+def _head(args: argparse.Namespace, argv: list[str] | None) -> str:
+    cmd = "python -m bench.train" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    clip = f"gradient clipping {args.grad_clip:g}" if args.grad_clip else "no gradient clipping"
+    return (f"`{cmd}`: {args.model}, {args.train} training pairs ({args.image_size} JPEGs), {args.valid} validation "
+            f"pairs evaluated after every epoch by both, {args.val} held-out, batch {args.batch}, "
+            f"{args.epochs} epochs, lr {args.lr:g}, warmup {args.warmup}, wd {args.wd:g}, {clip}, fp32 unless named, "
+            f"{args.workers} workers, {args.threads} torch threads, {args.repeats} alternating runs.\n"
+            f"Machine: {machine()}\n")
 
 
 if __name__ == "__main__":
