@@ -87,3 +87,23 @@ def test_the_learned_temperature_never_passes_clips_bound(tiny_model_config, sma
     assert float(clip.model.logit_scale.detach()) == pytest.approx(math.log(1000))
     finetune(cfg, Splits(train[:32]), clip=clip, progress=False)  # 2 steps: AdamW alone moves it by ~0.002
     assert MAX_LOGIT_SCALE - 0.01 < float(clip.model.logit_scale.detach()) <= MAX_LOGIT_SCALE
+
+
+@pytest.mark.parametrize("max_norm", [0.0, None, 0.5])
+def test_the_norm_without_clipping_is_clip_grad_norms_and_leaves_the_gradients_as_they_are(max_norm):
+    from adapters.clip_finetune.training.step import _clip_or_measure
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    model[1].bias.requires_grad_(False)  # a parameter without a gradient is left out, as clip_grad_norm_ does
+    model(torch.randn(5, 8)).pow(2).sum().backward()
+    before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    reference = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in before]))
+    norm = _clip_or_measure(model, max_norm)
+    after = [p.grad for p in model.parameters() if p.grad is not None]
+    assert float(norm) == pytest.approx(float(reference), rel=1e-6)
+    if max_norm:  # clipped to the bound
+        assert float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in after]))) == (
+            pytest.approx(max_norm, rel=1e-4))
+    else:  # untouched, bit for bit
+        assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
