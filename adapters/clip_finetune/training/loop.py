@@ -253,6 +253,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     run.progress.before = _validate(run, splits, progress, base=True)
     base_evaluation = run.evaluation
     run.progress.test_before = _score(run, splits.test, progress)
+    write_per_query(run.evaluation, out, base=True)  # the base on the final figures' split: failures.json's 'before'
     run.selection.start(run.progress.before)
     if out is not None and keep_best:  # the base is the best so far: a crash from here keeps a model
         save_artifact(run.clip, out, run.cfg)
@@ -367,7 +368,7 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
     if out is not None and run.is_main:
         require_locked_folder(out)  # removed and made again by another run: its model is not ours to replace
         result.out_dir = save_artifact(run.clip, out, cfg, result.to_dict())
-        write_per_query(final, out)
+        write_per_query(final, out, gallery=True)  # and the failure gallery (failures.json)
         if cfg.export_onnx:
             from ..model.onnx_export import export_onnx
 
