@@ -48,7 +48,7 @@ from .run_files import (
     model_stamp,
     write_per_query,
 )
-from .sampler import BatchSampler
+from .sampler import batch_sampler
 from .selection import Selection
 from .state import (
     CHECKPOINT_NAME,
@@ -192,13 +192,12 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     total_steps = cfg.num_epochs * (len(splits.train) // cfg.train_batch_size)
     if cfg.max_steps is not None:  # the schedule (warmup, decay) ends where the run will
         total_steps = min(total_steps, cfg.max_steps)
-    keys = pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches else None
+    keys = pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches or cfg.hard_negatives else None
     run = RunState(
         cfg=cfg, opt=opt, clip=clip, optimizer=optimizer, scheduler=make_scheduler(optimizer, opt, total_steps),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), progress=Progress(),
         selection=Selection.of(cfg.selection, has_validation=bool(splits.validation)),
-        sampler=BatchSampler(n=len(splits.train), batch_size=cfg.train_batch_size, seed=cfg.seed,
-                             keys=keys if cfg.unique_batches else None),
+        sampler=batch_sampler(cfg, splits.train, clip, keys, workers, ctx),  # hard negatives: mined by `clip`
         checkpoint=out / CHECKPOINT_NAME if out is not None else None, train_model=train_model, precision=precision,
         ctx=ctx, base_state=cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, num_workers=workers,
         identity=run_identity(cfg, splits) if out is not None else None, keys=keys,
