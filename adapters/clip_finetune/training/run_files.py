@@ -44,11 +44,16 @@ def model_stamp(out: Path | None) -> tuple[int, int] | None:
 def drop_unfinished_model(run: RunState, out: Path, stamp: tuple[int, int] | None) -> None:
     """A run that fails before its first checkpoint (the disk filled while writing it, say) leaves the base model it
     wrote, or half of it: without a checkpoint beside it, a later run and `check_output_folder` would take it for a
-    finished model. This run's model files go; with a checkpoint they stay (--resume continues from both)."""
-    if (run.checkpoint is not None and run.checkpoint.is_file()) or model_stamp(out) == stamp:
+    finished model. This run's model files go; with a checkpoint they stay (--resume continues from both). The
+    base model's per-query file goes even when no model was written: a fresh start wrote it (any earlier one was
+    cleared), and it would be the one file that makes the folder need --overwrite."""
+    if run.checkpoint is not None and run.checkpoint.is_file():
         return
-    for name in (HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, FINETUNE_CONFIG_NAME, METRICS_NAME, CARD_NAME, PER_QUERY_NAME,
-                 BEFORE_NAME, FAILURES_NAME):
+    for name in (BEFORE_NAME, FAILURES_NAME):
+        (out / name).unlink(missing_ok=True)
+    if model_stamp(out) == stamp:
+        return
+    for name in (HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, FINETUNE_CONFIG_NAME, METRICS_NAME, CARD_NAME, PER_QUERY_NAME):
         (out / name).unlink(missing_ok=True)
     log.warning("the run stopped before its first checkpoint: removed the unfinished model it had written to %s", out)
 
