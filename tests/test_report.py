@@ -1,8 +1,9 @@
 """`clip-finetune report` writes one self-contained HTML page that a real browser renders: metrics, curves,
-the data report and before/after examples with their pictures."""
+the data report, before/after examples and the failure gallery with their pictures."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import TINY_MODEL, TINY_TRAINING
 from PIL import Image
+from search_panel_browser import panel_browser
 
 from adapters.clip_finetune.api import fit
 from adapters.clip_finetune.cli.main import main
@@ -74,3 +76,22 @@ def test_a_real_browser_renders_the_page_and_its_pictures(finished_run, tmp_path
     saturation = pixels.max(axis=2) - pixels.min(axis=2)
     # text and tables are grey; the curves and the coloured-shape thumbnails only show if the pictures decoded
     assert (saturation > 100).sum() > 2000
+
+
+def test_the_failure_gallery_shows_its_queries_and_pictures_in_a_real_browser(finished_run) -> None:
+    gallery = json.loads((finished_run / "model" / "failures.json").read_text())
+    entries = len(gallery["worse"]) + len(gallery["still_failing"])
+    assert entries > 0 and all(len(gallery[key]) <= 20 for key in ("worse", "still_failing"))
+    main(["report", str(finished_run)])
+    with panel_browser() as browser:  # Playwright driving the system Chromium (skips, saying why, without)
+        page = browser.new_page()
+        page.goto((finished_run / "report.html").as_uri())
+        headings = page.locator("h3").all_inner_texts()
+        assert f"Queries that got worse: {gallery['counts']['worse']}" in " ".join(headings)
+        assert page.locator(".failure").count() == entries
+        first = gallery["worse"][0] if gallery["worse"] else gallery["still_failing"][0]
+        assert first["query"] in page.locator(".failure").first.inner_text()
+        # every thumbnail (wanted, top-k before, top-k after) decoded from its inlined data: URI
+        shown = page.evaluate("""() => [...document.querySelectorAll('.failure img')].map(
+            i => [i.complete && i.naturalWidth > 0, i.src.startsWith('data:image/')])""")
+        assert len(shown) >= entries * (1 + 2 * gallery["k"]) and all(ok and inline for ok, inline in shown)

@@ -119,6 +119,11 @@ class FinetuneConfig(BaseModel):
         False, description="fill each batch with pairs of distinct images and captions where the data allows "
         "(the rest of a batch is filled with the remaining pairs)"
     )
+    hard_negatives: int = Field(
+        0, ge=0, le=64, description="hard-negative batches: each epoch the model embeds the training data and "
+        "each caption shares its batch with the N images it ranks highest among those that do not match it "
+        "(duplicate-aware); 0: off. Costs an embedding pass per epoch (docs/data.md has the measurement)"
+    )
     compile: bool = Field(
         False, description="torch.compile the model for training (and the `embed` command): faster steps after a "
         "one-off compile of tens of seconds; where it cannot compile, a warning says why and the model runs "

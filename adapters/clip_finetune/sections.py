@@ -44,6 +44,7 @@ class OptimisationSection:
     accum_freq: int
     duplicate_aware_loss: bool
     unique_batches: bool
+    hard_negatives: int
     wise_ft_alpha: float
     max_bad_steps: int
     checkpoint_every_steps: int

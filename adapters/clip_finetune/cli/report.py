@@ -1,7 +1,7 @@
 """`clip-finetune report`: one self-contained HTML page (styles and pictures inlined) of a run of the Python
 API or of a saved model folder: metrics before and after (headed by the split they were scored on, with the
-run's notes), training curves, the data report and the queries whose top results improved or got worse (a run's
-examples/, or those `clip-finetune train` wrote into the model folder)."""
+run's notes), training curves, the data report, the queries whose top results improved or got worse (a run's
+examples/, or those `clip-finetune train` wrote into the model folder) and the failure gallery (failures.json)."""
 
 from __future__ import annotations
 
@@ -122,6 +122,7 @@ def render(page: _Sources) -> str:
     parts.append(_curves(result))
     parts.append(_data_report(page.json("data_report.json")))
     parts.append(_examples(page))
+    parts.append(_failures(page))
     body = "\n".join(p for p in parts if p)
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Fine-tuning report</title>"
             f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n")
@@ -246,6 +247,23 @@ def _examples(page: _Sources) -> str:
         refused = (f"<p class='note'>{len(pictures.refused)} pictures not shown: they lie outside the run folder and "
                    f"the data it recorded (e.g. {_text(sorted(pictures.refused)[0])}).</p>")
     return "<h2>Examples</h2>" + counts + refused + lists
+
+
+def _failures(page: _Sources) -> str:
+    """The failure gallery (failures.json beside the model: gallery.py renders it)."""
+    from ..retrieval.failures import FAILURES_NAME
+    from .gallery import render_gallery
+
+    try:
+        gallery = page.json(FAILURES_NAME)
+    except DataError as e:  # a damaged gallery: the rest of the report still stands
+        return f"<h2>Failure gallery</h2><p class='note'>No gallery: {_text(e)}</p>"
+    pictures = _Pictures(*page.image_roots())
+    body = render_gallery(gallery, pictures.uri)
+    if pictures.refused:
+        body += (f"<p class='note'>{len(pictures.refused)} pictures not shown: they lie outside the run folder and "
+                 f"the data it recorded (e.g. {_text(sorted(pictures.refused)[0])}).</p>")
+    return body
 
 
 class _Pictures:

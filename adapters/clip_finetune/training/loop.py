@@ -48,7 +48,7 @@ from .run_files import (
     model_stamp,
     write_per_query,
 )
-from .sampler import BatchSampler
+from .sampler import batch_sampler
 from .selection import Selection
 from .state import (
     CHECKPOINT_NAME,
@@ -192,13 +192,12 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     total_steps = cfg.num_epochs * (len(splits.train) // cfg.train_batch_size)
     if cfg.max_steps is not None:  # the schedule (warmup, decay) ends where the run will
         total_steps = min(total_steps, cfg.max_steps)
-    keys = pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches else None
+    keys = pair_keys(splits.train) if cfg.duplicate_aware_loss or cfg.unique_batches or cfg.hard_negatives else None
     run = RunState(
         cfg=cfg, opt=opt, clip=clip, optimizer=optimizer, scheduler=make_scheduler(optimizer, opt, total_steps),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"), progress=Progress(),
         selection=Selection.of(cfg.selection, has_validation=bool(splits.validation)),
-        sampler=BatchSampler(n=len(splits.train), batch_size=cfg.train_batch_size, seed=cfg.seed,
-                             keys=keys if cfg.unique_batches else None),
+        sampler=batch_sampler(cfg, splits.train, clip, keys, workers, ctx),  # hard negatives: mined by `clip`
         checkpoint=out / CHECKPOINT_NAME if out is not None else None, train_model=train_model, precision=precision,
         ctx=ctx, base_state=cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, num_workers=workers,
         identity=run_identity(cfg, splits) if out is not None else None, keys=keys,
@@ -253,6 +252,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     run.progress.before = _validate(run, splits, progress, base=True)
     base_evaluation = run.evaluation
     run.progress.test_before = _score(run, splits.test, progress)
+    write_per_query(run.evaluation, out, base=True)  # the base on the final figures' split: failures.json's 'before'
     run.selection.start(run.progress.before)
     if out is not None and keep_best:  # the base is the best so far: a crash from here keeps a model
         save_artifact(run.clip, out, run.cfg)
@@ -367,7 +367,7 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
     if out is not None and run.is_main:
         require_locked_folder(out)  # removed and made again by another run: its model is not ours to replace
         result.out_dir = save_artifact(run.clip, out, cfg, result.to_dict())
-        write_per_query(final, out)
+        write_per_query(final, out, gallery=True)  # and the failure gallery (failures.json)
         if cfg.export_onnx:
             from ..model.onnx_export import export_onnx
 

@@ -20,6 +20,7 @@ from ..model.clip import FINETUNE_CONFIG_NAME, METRICS_NAME
 from ..model.safe_load import check_safetensors
 from ..model.weights import cpu_state_from_artifact
 from ..retrieval.evaluation_result import PER_QUERY_NAME, EvaluationResult
+from ..retrieval.failures import BEFORE_NAME, FAILURES_NAME, write_failures
 
 if TYPE_CHECKING:
     from .state import RunState
@@ -43,18 +44,29 @@ def model_stamp(out: Path | None) -> tuple[int, int] | None:
 def drop_unfinished_model(run: RunState, out: Path, stamp: tuple[int, int] | None) -> None:
     """A run that fails before its first checkpoint (the disk filled while writing it, say) leaves the base model it
     wrote, or half of it: without a checkpoint beside it, a later run and `check_output_folder` would take it for a
-    finished model. This run's model files go; with a checkpoint they stay (--resume continues from both)."""
-    if (run.checkpoint is not None and run.checkpoint.is_file()) or model_stamp(out) == stamp:
+    finished model. This run's model files go; with a checkpoint they stay (--resume continues from both). The
+    base model's per-query file goes even when no model was written: a fresh start wrote it (any earlier one was
+    cleared), and it would be the one file that makes the folder need --overwrite."""
+    if run.checkpoint is not None and run.checkpoint.is_file():
+        return
+    for name in (BEFORE_NAME, FAILURES_NAME):
+        (out / name).unlink(missing_ok=True)
+    if model_stamp(out) == stamp:
         return
     for name in (HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME, FINETUNE_CONFIG_NAME, METRICS_NAME, CARD_NAME, PER_QUERY_NAME):
         (out / name).unlink(missing_ok=True)
     log.warning("the run stopped before its first checkpoint: removed the unfinished model it had written to %s", out)
 
 
-def write_per_query(evaluation: EvaluationResult | None, out: Path | None) -> None:
-    """The evaluation whose metrics the model folder's metrics.json reports, per query, next to it."""
+def write_per_query(evaluation: EvaluationResult | None, out: Path | None, base: bool = False,
+                    gallery: bool = False) -> None:
+    """The evaluation whose metrics the model folder's metrics.json reports, per query, next to it. `base`: the
+    base model's on the split the final figures come from, kept as BEFORE_NAME (the failure gallery's 'before');
+    `gallery`: the run's end, then the failure gallery of the two is written (failures.json)."""
     if evaluation is not None and out is not None:
-        evaluation.write(out / PER_QUERY_NAME)
+        evaluation.write(out / (BEFORE_NAME if base else PER_QUERY_NAME))
+    if gallery and out is not None:
+        write_failures(out)
 
 
 def keep_unmixed_best(out: Path) -> None:
@@ -84,7 +96,8 @@ def clear_previous_run(out: Path) -> None:
     """A fresh start in `out` (an --overwrite, or a run stopped before its first checkpoint): what an earlier
     run left that the new model would not replace goes first: its ONNX towers (they would disagree with the new
     weights) and its kept unmixed weights."""
-    (out / UNMIXED_BEST_NAME).unlink(missing_ok=True)
+    for name in (UNMIXED_BEST_NAME, BEFORE_NAME, FAILURES_NAME):  # the last two: the gallery of the earlier model
+        (out / name).unlink(missing_ok=True)
     if (out / ONNX_DIR).is_dir() and not (out / ONNX_DIR).is_symlink():
         log.warning("%s: removing the previous model's ONNX export (it belongs to the weights being replaced)",
                     out / ONNX_DIR)
