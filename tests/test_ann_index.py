@@ -219,11 +219,12 @@ def test_shards_merged_answer_as_one_index(clip_like) -> None:
 def test_index_settings_are_kept_in_the_index(embedded, tmp_path: Path, capsys) -> None:
     store, _, _ = embedded
     folder = tmp_path / "idx"
-    assert main(["index", "--method", "hnsw", "--embeddings", str(store), "--out", str(folder), "--storage", "f16", "--expansion",
-                 "64"]) == 0
+    assert main(["index", "--method", "hnsw", "--embeddings", str(store), "--out", str(folder), "--storage", "f16",
+                 "--expansion", "64"]) == 0
     opened = open_ann(folder)
     assert opened.settings.storage == "f16" and opened._graph.expansion_search == 64
-    assert main(["index", "--method", "hnsw", "--embeddings", str(store), "--out", str(folder), "--connectivity", "0"]) == 2
+    assert main(["index", "--method", "hnsw", "--embeddings", str(store), "--out", str(folder), "--connectivity",
+                 "0"]) == 2
     assert "index settings {'connectivity': 0}: each must be a whole number >= 1" in capsys.readouterr().err
 
 
