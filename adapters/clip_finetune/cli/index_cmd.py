@@ -74,8 +74,8 @@ def add_index_parser(sub: Any) -> None:
     p.add_argument("--method", choices=("scann", "hnsw"), default="scann", help="scann: k-means leaves scored "
                    "with 4-bit codes (recall holds for text queries at a million vectors); hnsw: a usearch graph "
                    "(docs/index.md compares them; default: scann)")
-    p.add_argument("--search-share", type=float, default=0.2, help="scann: the share of the leaves each query "
-                   "scores; more is better recall, slower queries (default: 0.2)")
+    p.add_argument("--search-share", type=float, default=0.25, help="scann: the share of the leaves each query "
+                   "scores; more is better recall, slower queries (default: 0.25)")
     p.add_argument("--leaves", type=int, default=0, help="scann: k-means leaves (default: 0, about 4 sqrt(n))")
     p.add_argument("--storage", choices=STORAGES, default="i8", help="hnsw: what the graph keeps of each vector: i8 "
                    "(1 byte a dimension), f16 (2) or f32 (4); the full vectors are kept for re-ranking either way "

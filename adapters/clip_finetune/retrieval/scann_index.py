@@ -51,7 +51,7 @@ class ScannSettings:
     """How the index is trained and searched; defaults picked by python -m bench.search (docs/performance.md)."""
 
     leaves: int = 0  # k-means partitions; 0: about 4 sqrt(n), at least 50 vectors a leaf (set at build)
-    search_share: float = 0.2  # the share of the leaves each query scores (nearest first): recall grows with it
+    search_share: float = 0.25  # the share of the leaves each query scores (nearest first): recall grows with it
     min_scored: int = 20_000  # ...and at least the leaves holding this many vectors (all of a small index): cheap
     # (4-bit codes), and a small index's leaves are few and coarse (8,000 vectors: 0.2 of them finds 0.95 of the top 10)
     candidates: int = 100  # re-ranked exactly per query (at least k)
@@ -89,6 +89,7 @@ class ScannIndex:
         self._row_ids = row_ids  # None: removed
         self._row_of = {i: r for r, i in enumerate(row_ids) if i is not None}
         self._points = points  # ScaNN's point p holds row _points[p]
+        self._points_array: np.ndarray | None = None  # the same as an array, made again after a change
         self._point_of = {r: p for p, r in enumerate(points)}
         self.meta, self.settings, self.leaves = meta, settings, leaves
         self._threads = -1
@@ -160,6 +161,7 @@ class ScannIndex:
             points.append(point)
         if points:
             self._searcher.delete(points)
+            self._points_array = None
         return len(rows)
 
     def search(self, queries: np.ndarray, k: int, threads: int = 0) -> tuple[list[list[str]], np.ndarray]:
@@ -180,7 +182,9 @@ class ScannIndex:
         points = np.asarray(points, dtype=np.int64).reshape(len(queries), -1)
         # a query whose leaves hold fewer than `wanted` gets fewer, best first, then point 0 with a NaN score
         counts = (~np.isnan(np.asarray(scores).reshape(points.shape))).sum(axis=1)
-        rows = np.asarray(self._points, dtype=np.int64)[points]
+        if self._points_array is None or len(self._points_array) != len(self._points):
+            self._points_array = np.asarray(self._points, dtype=np.int64)
+        rows = self._points_array[points]
         rows, scores = rerank(self._vectors, queries, rows, counts, k)
         return [[self._row_ids[r] for r in row if r >= 0] for row in rows.tolist()], scores
 
