@@ -25,7 +25,7 @@ import numpy as np
 from .clip_like import ClipLike
 from .common import ROOT, cores, emit, load_spec, peak_rss_mb, run_child
 
-DEFAULT_INDEXES = ("exact", "usearch-i8", "usearch-f16", "faiss-hnsw-sq8", "faiss-ivf-pq", "hnswlib-f32")
+DEFAULT_INDEXES = ("exact", "scann", "usearch-i8", "usearch-f16", "faiss-hnsw-sq8", "faiss-ivf-pq", "hnswlib-f32")
 LATENCY_QUERIES = {"exact": 20}  # single queries timed for p50; brute force at 1M takes ~0.1 s each
 LATENCY_DEFAULT = 200
 

@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +47,22 @@ class Usearch:
         self.index = build_ann([str(i) for i in range(len(vectors))], vectors, settings=AnnSettings(storage=storage),
                                threads=threads)
         self.bytes_per_vector = self.index._graph.serialized_length / len(vectors)
+
+    def search(self, queries: np.ndarray, k: int, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        ids, scores = self.index.search(queries, k, threads=threads)
+        return np.asarray([[int(i) for i in row] for row in ids]), scores
+
+
+class Scann:
+    """The partitioned index (retrieval/scann_index.py): ScaNN leaves and 4-bit codes, re-ranked."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        from adapters.clip_finetune.retrieval.scann_index import build_scann
+
+        self.index = build_scann([str(i) for i in range(len(vectors))], vectors)
+        with tempfile.TemporaryDirectory() as tmp:  # ScaNN's own files: the leaves, codebooks and codes
+            self.index._searcher.serialize(tmp, True)
+            self.bytes_per_vector = sum(f.stat().st_size for f in Path(tmp).iterdir()) / len(vectors)
 
     def search(self, queries: np.ndarray, k: int, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
         ids, scores = self.index.search(queries, k, threads=threads)
@@ -121,6 +138,7 @@ def _cores() -> int:
 
 BACKENDS: dict[str, Callable[[np.ndarray], object]] = {
     "exact": Exact,
+    "scann": Scann,
     "usearch-i8": lambda v: Usearch(v, "i8"),
     "usearch-f16": lambda v: Usearch(v, "f16"),
     "faiss-hnsw-sq8": lambda v: Faiss(v, "hnsw-sq8"),

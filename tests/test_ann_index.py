@@ -170,7 +170,7 @@ def embedded(tmp_path_factory, tiny_model_config: Path) -> tuple[Path, list[str]
 def test_index_then_search_answers_as_the_exact_search_and_says_so(embedded, tmp_path: Path, capsys) -> None:
     store, sets, captions = embedded
     folder = tmp_path / "idx"
-    assert main(["index", "--embeddings", str(store), "--out", str(folder)]) == 0
+    assert main(["index", "--method", "hnsw", "--embeddings", str(store), "--out", str(folder)]) == 0
     assert "indexed 30 vectors of 64 dimensions" in capsys.readouterr().out
     assert main(["search", "--index", str(store), "-k", "5", *sets, *captions]) == 0
     exact = capsys.readouterr()
@@ -187,7 +187,7 @@ def test_search_refuses_an_index_of_another_model(embedded, tmp_path: Path, caps
     other = save_embeddings(tmp_path / "other.npz", ids, vectors,
                             {"kind": "images", "model": "someone-else", "model_sha256": "0" * 64})
     folder = tmp_path / "idx"
-    assert main(["index", "--embeddings", str(other), "--out", str(folder)]) == 0
+    assert main(["index", "--method", "hnsw", "--embeddings", str(other), "--out", str(folder)]) == 0
     capsys.readouterr()
     assert main(["search", "--index", str(folder), *sets, captions[0]]) == 2
     err = capsys.readouterr().err
@@ -198,7 +198,7 @@ def test_search_refuses_an_index_of_another_model(embedded, tmp_path: Path, caps
 def test_index_refuses_a_folder_of_other_files(embedded, tmp_path: Path, capsys) -> None:
     store, _, _ = embedded
     (tmp_path / "notes.txt").write_text("mine")
-    assert main(["index", "--embeddings", str(store), "--out", str(tmp_path)]) == 2
+    assert main(["index", "--method", "hnsw", "--embeddings", str(store), "--out", str(tmp_path)]) == 2
     assert "holds other files; name a new folder" in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
@@ -219,11 +219,12 @@ def test_shards_merged_answer_as_one_index(clip_like) -> None:
 def test_index_settings_are_kept_in_the_index(embedded, tmp_path: Path, capsys) -> None:
     store, _, _ = embedded
     folder = tmp_path / "idx"
-    assert main(["index", "--embeddings", str(store), "--out", str(folder), "--storage", "f16", "--expansion",
-                 "64"]) == 0
+    assert main(["index", "--method", "hnsw", "--embeddings", str(store), "--out", str(folder), "--storage", "f16",
+                 "--expansion", "64"]) == 0
     opened = open_ann(folder)
     assert opened.settings.storage == "f16" and opened._graph.expansion_search == 64
-    assert main(["index", "--embeddings", str(store), "--out", str(folder), "--connectivity", "0"]) == 2
+    assert main(["index", "--method", "hnsw", "--embeddings", str(store), "--out", str(folder), "--connectivity",
+                 "0"]) == 2
     assert "index settings {'connectivity': 0}: each must be a whole number >= 1" in capsys.readouterr().err
 
 

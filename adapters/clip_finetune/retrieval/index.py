@@ -68,7 +68,7 @@ class Index(Protocol):
 _OPENERS: list[tuple[str, Callable[[Path], bool], Callable[[Path], Index]]] = []
 # implementations in modules of this package, imported by open_index when present:
 # module -> (its function saying whether a path is its index, its function opening one)
-PLUGINS = {"ann": ("is_ann_index", "open_ann")}
+PLUGINS = {"ann": ("is_ann_index", "open_ann"), "scann_index": ("is_scann_index", "open_scann")}
 
 
 def register(kind: str, claims: Callable[[Path], bool], load: Callable[[Path], Index]) -> None:
