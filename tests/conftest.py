@@ -20,10 +20,23 @@ os.environ["DATALOOP_PATH"] = tempfile.mkdtemp(prefix="dataloop-test-")
 os.environ["CLIP_FINETUNE_CACHE"] = tempfile.mkdtemp(prefix="clip-finetune-cache-test-")
 for _folder in (os.environ["DATALOOP_PATH"], os.environ["CLIP_FINETUNE_CACHE"]):
     atexit.register(shutil.rmtree, _folder, True)  # removed when the test run ends
+# pytest-xdist (pyproject's addopts: -n 2): each worker is one process per core, so torch gets one thread in each
+# (set before torch is imported); two workers with a thread per core each would spin against each other
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_threads, "1")
 
 import pytest  # noqa: E402
 from helpers import TINY_MODEL, TrainedModel, folder_digest, train_shared_model  # noqa: E402
 from loopback_platform import platform_fixture  # noqa: E402,F401  (the `platform` fixture)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses `trained_model` goes to one xdist worker (`--dist loadgroup`): the model is trained once
+    per worker process, so grouping its users trains it once per run instead of once per worker."""
+    for item in items:
+        if "trained_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("trained_model"))
 
 
 @pytest.fixture(scope="session")
