@@ -32,11 +32,15 @@ from loopback_platform import platform_fixture  # noqa: E402,F401  (the `platfor
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that uses `trained_model` goes to one xdist worker (`--dist loadgroup`): the model is trained once
-    per worker process, so grouping its users trains it once per run instead of once per worker."""
+    """The units pytest-xdist hands to its workers (`--dist loadgroup`, pyproject's addopts): a test module, so its
+    module-scoped fixtures (a model trained for the module) are built once, not once per worker that runs one of its
+    tests; and the modules with a test that uses `trained_model` in one group, so the session's shared model is
+    trained once per run, not once per worker. An xdist_group a test sets itself is kept."""
+    module = {item: item.nodeid.split("::")[0] for item in items}
+    shared = {module[item] for item in items if "trained_model" in getattr(item, "fixturenames", ())}
     for item in items:
-        if "trained_model" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("trained_model"))
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group("trained_model" if module[item] in shared else module[item]))
 
 
 @pytest.fixture(scope="session")
