@@ -27,20 +27,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_threads, "1")
 
 import pytest  # noqa: E402
-from helpers import TINY_MODEL, TrainedModel, folder_digest, train_shared_model  # noqa: E402
+from helpers import TINY_MODEL, TrainedModel, folder_digest, train_shared_model_once  # noqa: E402
 from loopback_platform import platform_fixture  # noqa: E402,F401  (the `platform` fixture)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The units pytest-xdist hands to its workers (`--dist loadgroup`, pyproject's addopts): a test module, so its
-    module-scoped fixtures (a model trained for the module) are built once, not once per worker that runs one of its
-    tests; and the modules with a test that uses `trained_model` in one group, so the session's shared model is
-    trained once per run, not once per worker. An xdist_group a test sets itself is kept."""
-    module = {item: item.nodeid.split("::")[0] for item in items}
-    shared = {module[item] for item in items if "trained_model" in getattr(item, "fixturenames", ())}
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group("trained_model" if module[item] in shared else module[item]))
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +45,12 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedM
     Read-only: file modes stop no one where tests run as root (containers, this project's CI machines), so the
     folder's content is compared when the run ends instead; a change there is an error of the last test using it.
     """
-    shared = train_shared_model(tmp_path_factory.mktemp("trained-model"))
+    # under pytest-xdist, trained once for all the workers (in the run's folder, above each worker's own)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "trained-model"
+    else:
+        root = tmp_path_factory.mktemp("trained-model")
+    shared = train_shared_model_once(root)
     before = folder_digest(shared.folder)
     yield shared
     after = folder_digest(shared.folder)
