@@ -1,9 +1,11 @@
-"""Count what the tests assert, per file: `assert` statements and `pytest.raises` blocks (AST, not text).
+"""Count what the tests assert, per file: `assert` statements, `pytest.raises` and `pytest.warns` blocks and
+`pytest.fail` calls (AST, not text).
 
 Run before and after moving tests between files to see that none were dropped:
 
-    python3 tests/assertion_count.py            # per file, then the total
-    python3 tests/assertion_count.py --json     # {file: {"assert": n, "raises": n, "tests": n}}
+    python3 tests/assertion_count.py                    # per file, then the total
+    python3 tests/assertion_count.py --json > a.json    # {file: {"assert": n, "raises": n, "warns": n, ...}}
+    python3 tests/assertion_count.py --diff a.json      # the files whose counts changed since a.json, and totals
 
 An assert inside a helper counts once however many tests call it; a parametrized test counts once.
 """
@@ -18,19 +20,24 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 
 
-def _is_raises(node: ast.AST) -> bool:
-    """`pytest.raises(...)` (a call; `with` or not)."""
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "raises"
+KINDS = ("assert", "raises", "warns", "fail", "tests")
+
+
+def _is_pytest_call(node: ast.AST, name: str) -> bool:
+    """`pytest.<name>(...)` (a call; `with` or not)."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == name
             and isinstance(node.func.value, ast.Name) and node.func.value.id == "pytest")
 
 
 def count(path: Path) -> dict[str, int]:
-    """Asserts, pytest.raises calls and test functions in one file."""
+    """Asserts, pytest.raises / pytest.warns / pytest.fail calls and test functions in one file."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     nodes = list(ast.walk(tree))
     return {
         "assert": sum(isinstance(n, ast.Assert) for n in nodes),
-        "raises": sum(_is_raises(n) for n in nodes),
+        "raises": sum(_is_pytest_call(n, "raises") for n in nodes),
+        "warns": sum(_is_pytest_call(n, "warns") for n in nodes),
+        "fail": sum(_is_pytest_call(n, "fail") for n in nodes),
         "tests": sum(isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name.startswith("test_")
                      for n in nodes),
     }
@@ -41,16 +48,32 @@ def count_all(folder: Path = TESTS) -> dict[str, dict[str, int]]:
     return {str(p.relative_to(folder)): count(p) for p in sorted(folder.rglob("*.py"))}
 
 
+def _line(name: str, c: dict[str, int]) -> str:
+    return f"{name:45} " + " ".join(f"{c.get(k, 0):5} {k}" for k in KINDS)
+
+
+def _totals(counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    return {k: sum(c.get(k, 0) for c in counts.values()) for k in KINDS}
+
+
 def main(argv: list[str]) -> int:
     counts = count_all()
     if "--json" in argv:
         print(json.dumps(counts, indent=1))
         return 0
+    if "--diff" in argv:  # what changed since a saved --json: per file (before -> after), then the totals
+        before = json.loads(Path(argv[argv.index("--diff") + 1]).read_text(encoding="utf-8"))
+        for name in sorted(before.keys() | counts.keys()):
+            old, new = before.get(name, {}), counts.get(name, {})
+            if any(old.get(k, 0) != new.get(k, 0) for k in KINDS):
+                print(f"{name:45} " + " ".join(f"{old.get(k, 0):4}->{new.get(k, 0):<4} {k}" for k in KINDS))
+        old, new = _totals(before), _totals(counts)
+        print(f"{'total':45} " + " ".join(f"{old[k]:4}->{new[k]:<4} {k}" for k in KINDS))
+        return 0
     for name, c in counts.items():
         if any(c.values()):
-            print(f"{name:45} {c['assert']:5} assert {c['raises']:4} raises {c['tests']:4} tests")
-    totals = {k: sum(c[k] for c in counts.values()) for k in ("assert", "raises", "tests")}
-    print(f"{'total':45} {totals['assert']:5} assert {totals['raises']:4} raises {totals['tests']:4} tests")
+            print(_line(name, c))
+    print(_line("total", _totals(counts)))
     return 0
 
 

@@ -20,9 +20,14 @@ os.environ["DATALOOP_PATH"] = tempfile.mkdtemp(prefix="dataloop-test-")
 os.environ["CLIP_FINETUNE_CACHE"] = tempfile.mkdtemp(prefix="clip-finetune-cache-test-")
 for _folder in (os.environ["DATALOOP_PATH"], os.environ["CLIP_FINETUNE_CACHE"]):
     atexit.register(shutil.rmtree, _folder, True)  # removed when the test run ends
+# pytest-xdist (pyproject's addopts: -n 2): each worker is one process per core, so torch gets one thread in each
+# (set before torch is imported); two workers with a thread per core each would spin against each other
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _threads in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_threads, "1")
 
 import pytest  # noqa: E402
-from helpers import TINY_MODEL, TrainedModel, folder_digest, train_shared_model  # noqa: E402
+from helpers import TINY_MODEL, TrainedModel, folder_digest, train_shared_model_once  # noqa: E402
 from loopback_platform import platform_fixture  # noqa: E402,F401  (the `platform` fixture)
 
 
@@ -40,7 +45,12 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedM
     Read-only: file modes stop no one where tests run as root (containers, this project's CI machines), so the
     folder's content is compared when the run ends instead; a change there is an error of the last test using it.
     """
-    shared = train_shared_model(tmp_path_factory.mktemp("trained-model"))
+    # under pytest-xdist, trained once for all the workers (in the run's folder, above each worker's own)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "trained-model"
+    else:
+        root = tmp_path_factory.mktemp("trained-model")
+    shared = train_shared_model_once(root)
     before = folder_digest(shared.folder)
     yield shared
     after = folder_digest(shared.folder)

@@ -59,6 +59,7 @@ __all__ = [
     "stock_open_clip_embeddings",
     "stream",
     "train_shared_model",
+    "train_shared_model_once",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,6 +120,24 @@ def train_shared_model(root: Path) -> TrainedModel:
     result = finetune(cfg, Splits(dev["train"], dev["validation"]), root / "model",
                       on_epoch_end=lambda e, rec: epochs.append(rec), progress=False)
     return TrainedModel(root / "model", result, epochs, cfg, dev["train"], dev["validation"], test["validation"])
+
+
+def train_shared_model_once(root: Path) -> TrainedModel:
+    """train_shared_model(root) by the first process to ask (of the pytest-xdist workers sharing `root`); the others
+    wait on the lock, then read the TrainedModel it pickled beside the model. (xdist's recipe for a session fixture
+    made once per run; fcntl from the standard library: the tests are POSIX-only already, SIGALRM, RLIMIT_FSIZE.)"""
+    import fcntl
+    import pickle
+
+    root.mkdir(parents=True, exist_ok=True)
+    made = root / "trained_model.pickle"
+    with (root / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if made.is_file():
+            return pickle.loads(made.read_bytes())
+        shared = train_shared_model(root)
+        made.write_bytes(pickle.dumps(shared))
+        return shared
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
