@@ -152,6 +152,12 @@ class FinetuneConfig(BaseModel):
         1.0, ge=0.0, le=1.0, description="WiSE-FT: saved weights = alpha * fine-tuned + (1 - alpha) * base "
         "(1: fine-tuned only; 0.5 often keeps more zero-shot skill)"
     )
+    wise_ft_auto: bool = Field(True, description="after training, ship the WiSE-FT alpha of 0, 0.1, ..., 1 best "
+                               "on validation whose retention set falls at most retention_tolerance below the base "
+                               "model's; a wise_ft_alpha below 1 wins (docs/retention.md)")
+    retention_tolerance: float = Field(0.01, ge=0.0, le=1.0, description="how far the retention set's "
+                                       "early_stopping_metric may fall below the base model's (0.01: one point of "
+                                       "MRR), for auto WiSE-FT and the promotion gate")
     export_onnx: bool = Field(
         False, description="also export the image and text towers to ONNX (onnx/ inside the saved model)"
     )

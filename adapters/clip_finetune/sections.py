@@ -45,6 +45,7 @@ class OptimisationSection:
     duplicate_aware_loss: bool
     unique_batches: bool
     wise_ft_alpha: float
+    wise_ft_auto: bool
     max_bad_steps: int
     checkpoint_every_steps: int
 
@@ -66,11 +67,12 @@ class DataSection:
 
 @dataclass(frozen=True)
 class SelectionSection:
-    """How the best epoch is picked and when a run stops early."""
+    """How the best epoch (and the auto WiSE-FT alpha) is picked and when a run stops early."""
 
     early_stopping: bool
     early_stopping_epochs: int
     early_stopping_metric: str
+    retention_tolerance: float  # the retention set may fall this far below the base's
 
 
 @dataclass(frozen=True)
