@@ -22,7 +22,7 @@ for _folder in (os.environ["DATALOOP_PATH"], os.environ["CLIP_FINETUNE_CACHE"]):
     atexit.register(shutil.rmtree, _folder, True)  # removed when the test run ends
 
 import pytest  # noqa: E402
-from helpers import TINY_MODEL, TrainedModel, folder_digest, train_shared_model  # noqa: E402
+from helpers import TINY_MODEL, TrainedModel, TunedTwice, folder_digest, train_shared_model, tune_twice  # noqa: E402
 from loopback_platform import platform_fixture  # noqa: E402,F401  (the `platform` fixture)
 
 
@@ -46,6 +46,13 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedM
     after = folder_digest(shared.folder)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"a test changed the shared trained model's folder {shared.folder}: {changed}; copy it first"
+
+
+@pytest.fixture(scope="session")
+def retention_tuned(trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> TunedTwice:
+    """The shared model fine-tuned again on another domain, plainly and with auto WiSE-FT (helpers.tune_twice):
+    for the retention, WiSE-FT, gate and report tests."""
+    return tune_twice(trained_model, tmp_path_factory.mktemp("retention"))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ the data report and before/after examples with their pictures."""
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from helpers import TINY_MODEL, TINY_TRAINING
 from PIL import Image
+from search_panel_browser import panel_browser
 
 from adapters.clip_finetune.api import fit
 from adapters.clip_finetune.cli.main import main
@@ -74,3 +76,19 @@ def test_a_real_browser_renders_the_page_and_its_pictures(finished_run, tmp_path
     saturation = pixels.max(axis=2) - pixels.min(axis=2)
     # text and tables are grey; the curves and the coloured-shape thumbnails only show if the pictures decoded
     assert (saturation > 100).sum() > 2000
+
+
+def test_a_real_browser_shows_the_retention_table_and_the_alpha_curve(retention_tuned, tmp_path) -> None:
+    """Playwright drives Debian's Chromium over the report of a model tuned with a retention set and auto WiSE-FT:
+    the table has its rows, and the alpha curve is a decoded picture of its drawn size."""
+    assert main(["report", str(retention_tuned.auto), "--out", str(tmp_path / "report.html")]) == 0
+    with panel_browser() as browser:
+        page = browser.new_page(viewport={"width": 1200, "height": 2400})
+        page.goto((tmp_path / "report.html").as_uri())
+        rows = page.locator("#retention-table tr").all_inner_texts()
+        curve = page.eval_on_selector("#alpha-curve", "img => [img.complete, img.naturalWidth, img.naturalHeight]")
+        shot = np.asarray(Image.open(io.BytesIO(page.locator("#alpha-curve").screenshot())).convert("RGB")).astype(int)
+    assert len(rows) == 1 + 8 and "text_to_image/mrr" in "".join(rows) and "plain fine-tuning" in rows[0]
+    assert curve[0] and curve[1] >= 600 and curve[2] >= 300  # 6.5 x 3.6 inches at 110 dpi
+    # the plotted lines are coloured (matplotlib's blue, green and the red marker): the picture is not blank
+    assert ((shot.max(axis=2) - shot.min(axis=2)) > 100).sum() > 500

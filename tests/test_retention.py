@@ -1,37 +1,22 @@
-"""The retention check, auto WiSE-FT and the gate that guards both (docs/retention.md).
-
-One model is fine-tuned twice from the shared trained model's folder (`--set pretrained=FOLDER`: how a team tunes
-its tuned model again) on a second domain (patterns.py), with the first domain's held-out pairs as the retention
-set: plainly (wise_ft_auto false) and with auto WiSE-FT, through the command line. The learning rate is high on
-purpose: plain fine-tuning then forgets, and the retention constraint has something to hold.
-"""
+"""The retention check, auto WiSE-FT and the gate that guards both (docs/retention.md), on the conftest's
+`retention_tuned`: the shared trained model fine-tuned again from its folder on a second domain, plainly and with
+auto WiSE-FT (helpers.tune_twice)."""
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers import TrainedModel, set_args
+from helpers import TrainedModel, TunedTwice, pairs_table
 
 from adapters.clip_finetune.app.gate import decide
 from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.cli.report import write_report
-from adapters.clip_finetune.data import decode_cache
 from adapters.clip_finetune.data.load import load_splits
-from adapters.clip_finetune.data.patterns import write_pattern_csv
 from adapters.clip_finetune.training.retention import GRID, Point, choose
 
 METRIC = "text_to_image/mrr"
-# 3 epochs of 192 pattern pairs in batches of 32 (18 steps) at 3e-3: far above a fine-tuning rate, so forgetting shows
-TUNE = {"learning_rate": 3e-3, "train_batch_size": 32, "batch_size": 128, "num_epochs": 3, "num_workers": 0,
-        "warmup": 0.1, "early_stopping": False}
 
 
 def _points(rows: list[tuple[float, float, float | None]]) -> list[Point]:
@@ -75,60 +60,10 @@ def test_the_gate_refuses_a_model_that_wins_on_the_target_but_forgets(
     assert says in verdict.summary() and ("kept" if not promoted else "promoted") in verdict.summary()
 
 
-def _table(path: Path, pairs: list[Any]) -> Path:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["filepath", "caption"])
-        writer.writerows((p.image, p.caption) for p in pairs)
-    return path
-
-
-@dataclass
-class Tuned:
-    plain: Path
-    auto: Path
-    stdout: str
-    retention: Path
-    test: Path
-    decodes: Counter
-
-
-@pytest.fixture(scope="module")
-def tuned(trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Tuned:
-    root = tmp_path_factory.mktemp("retention")
-    for name in ("train", "validation", "test"):
-        (root / name).mkdir()
-    train = write_pattern_csv(root / "train" / "b.csv", 192, seed=11)
-    validation = write_pattern_csv(root / "validation" / "b.csv", 48, seed=12)
-    test = write_pattern_csv(root / "test" / "b.csv", 64, seed=13)
-    retention = _table(root / "retention.csv", trained_model.test[:64])  # what the shared model learned
-    common = ["train", "--data", str(train), "--validation", str(validation), "--retention", str(retention),
-              *set_args({**TUNE, "pretrained": str(trained_model.folder)})]
-    assert main([*common, "--out", str(root / "plain"), "--set", "wise_ft_auto=false"]) == 0
-    decodes: Counter = Counter()
-    real = decode_cache.load_image
-    with pytest.MonkeyPatch.context() as mp, _Capture() as out:
-        mp.setattr(decode_cache, "load_image", lambda source, *a, **k: decodes.update([str(source)]) or real(
-            source, *a, **k))
-        assert main([*common, "--out", str(root / "auto")]) == 0
-    return Tuned(root / "plain", root / "auto", out.text, retention, test, decodes)
-
-
-class _Capture:
-    """stdout of main() inside a module fixture (capsys is function-scoped)."""
-
-    def __enter__(self) -> _Capture:
-        self._buffer = io.StringIO()
-        self._redirect = contextlib.redirect_stdout(self._buffer)
-        self._redirect.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._redirect.__exit__(*exc)
-        self.text = self._buffer.getvalue()
-
-
-def test_auto_wise_ft_ships_the_alpha_that_keeps_the_retention_set_and_records_the_curve(tuned: Tuned) -> None:
+def test_auto_wise_ft_ships_the_alpha_that_keeps_the_retention_set_and_records_the_curve(
+    retention_tuned: TunedTwice,
+) -> None:
+    tuned = retention_tuned
     plain = json.loads((tuned.plain / "metrics.json").read_text())
     auto = json.loads((tuned.auto / "metrics.json").read_text())
     curve, before = auto["wise_ft_curve"], auto["retention"]["before"][METRIC]
@@ -147,21 +82,24 @@ def test_auto_wise_ft_ships_the_alpha_that_keeps_the_retention_set_and_records_t
     assert 0 < auto["wise_ft_alpha"] < 1 and auto["after"][METRIC] == chosen["target"] > auto["before"][METRIC]
     # the sweep scored 9 mixes and decoded no image twice: the preprocessed validation and retention images are kept
     assert auto["wise_ft_seconds"] > 0 and max(tuned.decodes.values()) == 1
+    assert len(tuned.decodes) >= 48 + 64  # the validation and retention images were decoded (once), not all skipped
     assert "retention set (what the base model knew)" in tuned.stdout
     assert f"WiSE-FT alpha {auto['wise_ft_alpha']:g} (auto" in tuned.stdout
 
 
-def test_the_report_shows_the_retention_table_and_the_alpha_curve(tuned: Tuned, trained_model: TrainedModel,
-                                                                   tmp_path: Path) -> None:
-    page = write_report(tuned.auto, tmp_path / "report.html").read_text()
+def test_the_report_shows_the_retention_table_and_the_alpha_curve(
+    retention_tuned: TunedTwice, trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    page = write_report(retention_tuned.auto, tmp_path / "report.html").read_text()
     assert "id='retention-table'" in page and "id='alpha-curve'" in page and "plain fine-tuning" in page
     shared = write_report(trained_model.folder, tmp_path / "shared.html").read_text()
     assert "id='no-retention'" in shared and "--retention DATA" in shared and "alpha-curve" not in shared
 
 
 def test_clip_finetune_gate_keeps_out_a_model_that_forgot_and_says_why(
-    tuned: Tuned, trained_model: TrainedModel, capsys: pytest.CaptureFixture
+    retention_tuned: TunedTwice, trained_model: TrainedModel, capsys: pytest.CaptureFixture
 ) -> None:
+    tuned = retention_tuned
     gate = ["gate", "--model", str(tuned.plain), "--current", str(trained_model.folder), "--data", str(tuned.test),
             "--retention", str(tuned.retention)]
     assert main(gate) == 1
@@ -173,8 +111,8 @@ def test_clip_finetune_gate_keeps_out_a_model_that_forgot_and_says_why(
 
 def test_load_splits_reads_a_retention_set_and_drops_what_training_sees(trained_model: TrainedModel,
                                                                         tmp_path: Path) -> None:
-    train = _table(tmp_path / "train.csv", trained_model.train[:40])
-    retention = _table(tmp_path / "retention.csv", trained_model.train[30:40] + trained_model.test[:20])
+    train = pairs_table(tmp_path / "train.csv", trained_model.train[:40])
+    retention = pairs_table(tmp_path / "retention.csv", trained_model.train[30:40] + trained_model.test[:20])
     splits = load_splits(train, retention=retention)
     assert len(splits.retention) == 20 and splits.report("retention").total_skipped == 10
     assert load_splits(train).retention is None
