@@ -125,9 +125,10 @@ def train_shared_model(root: Path) -> TrainedModel:
 
 
 # ------------------------------------------------------------- the shared model tuned again, on another domain
-# 3 epochs of 192 pattern pairs in batches of 32 (18 steps) at 3e-3: far above a fine-tuning rate, so plain
-# fine-tuning forgets the shapes and the retention constraint of auto WiSE-FT has something to hold
-RETUNE: dict[str, Any] = {"learning_rate": 3e-3, "train_batch_size": 32, "batch_size": 128, "num_epochs": 3,
+# 3 epochs of 192 pattern pairs in batches of 32 (18 steps) at 1e-3: plain fine-tuning forgets the shapes (measured:
+# retention MRR 0.243 -> 0.176 on the 150 held-out shapes) and auto WiSE-FT keeps them (alpha 0.3: 0.240) while the
+# patterns' validation MRR rises 0.241 -> 0.310; at 3e-3 every mix lost more than a point and alpha 0 was shipped
+RETUNE: dict[str, Any] = {"learning_rate": 1e-3, "train_batch_size": 32, "batch_size": 128, "num_epochs": 3,
                           "num_workers": 0, "warmup": 0.1, "early_stopping": False}
 
 
@@ -171,7 +172,7 @@ def tune_twice(shared: TrainedModel, root: Path) -> TunedTwice:
     for name, n, seed in (("train", 192, 11), ("validation", 48, 12), ("test", 64, 13)):
         (root / name).mkdir()
         tables[name] = write_pattern_csv(root / name / "b.csv", n, seed=seed)
-    retention = pairs_table(root / "retention.csv", shared.test[:64])  # what the shared model learned
+    retention = pairs_table(root / "retention.csv", shared.test)  # what the shared model learned (150 pairs)
     common = ["train", "--data", str(tables["train"]), "--validation", str(tables["validation"]), "--retention",
               str(retention), *set_args({**RETUNE, "pretrained": str(shared.folder)})]
     assert main([*common, "--out", str(root / "plain"), "--set", "wise_ft_auto=false"]) == 0

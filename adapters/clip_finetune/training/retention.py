@@ -172,7 +172,7 @@ def check_retention(run: RunState, splits: Splits, result: TrainResult, score: S
         return
     if not splits.retention:
         result.notes.append(NO_RETENTION)
-        log.warning("%s", NO_RETENTION)
+        log.info("%s", NO_RETENTION)
     elif not result.retention:
         result.retention = {"before": run.progress.retention_before,
                             "after": score_retention(run, splits.retention, score)}
