@@ -177,15 +177,18 @@ def tune_twice(shared: TrainedModel, root: Path) -> TunedTwice:
               str(retention), *set_args({**RETUNE, "pretrained": str(shared.folder)})]
     assert main([*common, "--out", str(root / "plain"), "--set", "wise_ft_auto=false"]) == 0
     decodes: Counter = Counter()
-    real = decode_cache.load_image
 
-    def counted(source: Any, *args: Any, **kwargs: Any) -> Any:
-        decodes[str(source)] += 1
-        return real(source, *args, **kwargs)
+    def counted(real: Any) -> Any:
+        def decode(source: Any, *args: Any, **kwargs: Any) -> Any:
+            decodes[str(source)] += 1
+            return real(source, *args, **kwargs)
+        return decode
 
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setattr(decode_cache, "load_image", counted)
+        # every decode of the run's images: the training cache's (load_image) and the evaluations' (decode)
+        for name in ("load_image", "decode"):
+            mp.setattr(decode_cache, name, counted(getattr(decode_cache, name)))
         assert main([*common, "--out", str(root / "auto")]) == 0
     return TunedTwice(root / "plain", root / "auto", out.getvalue(), retention, tables["test"], dict(decodes))
 

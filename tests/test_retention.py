@@ -82,7 +82,7 @@ def test_auto_wise_ft_ships_the_alpha_that_keeps_the_retention_set_and_records_t
     assert 0 < auto["wise_ft_alpha"] < 1 and auto["after"][METRIC] == chosen["target"] > auto["before"][METRIC]
     # the sweep scored 9 mixes and decoded no image twice: the preprocessed validation and retention images are kept
     assert auto["wise_ft_seconds"] > 0 and max(tuned.decodes.values()) == 1
-    assert len(tuned.decodes) >= 48 + 150  # the validation and retention images were decoded (once), not all skipped
+    assert len(tuned.decodes) == 192 + 48 + 150  # training, validation and retention images: each decoded once
     assert "retention set (what the base model knew)" in tuned.stdout
     assert f"WiSE-FT alpha {auto['wise_ft_alpha']:g} (auto" in tuned.stdout
 
