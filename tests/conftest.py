@@ -27,7 +27,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_threads, "1")
 
 import pytest  # noqa: E402
-from helpers import TINY_MODEL, TrainedModel, folder_digest, train_shared_model_once  # noqa: E402
+from helpers import TINY_MODEL, TrainedModel, TunedTwice, folder_digest, made_once, train_shared_model_once, tune_twice  # noqa: E402
 from loopback_platform import platform_fixture  # noqa: E402,F401  (the `platform` fixture)
 
 
@@ -56,6 +56,16 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainedM
     after = folder_digest(shared.folder)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     assert not changed, f"a test changed the shared trained model's folder {shared.folder}: {changed}; copy it first"
+
+
+@pytest.fixture(scope="session")
+def retention_tuned(trained_model: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> TunedTwice:
+    """The shared model fine-tuned again on another domain, plainly and with auto WiSE-FT (helpers.tune_twice):
+    for the retention, WiSE-FT, gate and report tests."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # tuned once for all the workers, as trained_model
+        return made_once(tmp_path_factory.getbasetemp().parent / "retention-tuned", lambda root: tune_twice(
+            trained_model, root))
+    return tune_twice(trained_model, tmp_path_factory.mktemp("retention"))
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from adapters.clip_finetune.retrieval.evaluate import evaluate
 EMBED_DIM = 64  # clip-tiny.json's embed_dim; dtlpy's default embeddings_size is 256
 # From-scratch training of the tiny model (measured: held-out text->image MRR ~0.05 -> ~0.2 in ~25 s on 1 thread).
 TRAIN_CONFIG: dict[str, Any] = {**QUICK_CONFIG, "num_epochs": 8, "train_batch_size": 32}
-SIZES = {"train": 256, "validation": 64, "test": 100}
+SIZES = {"train": 256, "validation": 64, "test": 100, "retention": 32}  # retention: the model's 'retention' subset
 ARTIFACTS = {"open_clip_model.safetensors", "open_clip_config.json", "finetune_config.json", "metrics.json"}
 
 
@@ -72,7 +72,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
         mp.chdir(workdir)  # train_model downloads under ./tmp/<model id>/
         with dtlpy_pointed_at(platform):
             shapes = seed_shapes(platform, SIZES)
-            model = add_model(platform, shapes, TRAIN_CONFIG)
+            model = add_model(platform, shapes, TRAIN_CONFIG, more_subsets=("retention",))
             adapter, progress = ClipAdapter(), Progress()
             adapter.train_model(model, progress=progress)
         yield Trained(platform, shapes, model.id, adapter, progress, workdir)
@@ -118,6 +118,19 @@ def test_train_model_uploads_the_best_epoch_as_a_stock_open_clip_model(shared: T
     assert metrics["best_epoch"] >= 1 and len(validation) == SIZES["validation"]
     assert rescored[metrics["metric"]] == pytest.approx(best[metrics["metric"]], abs=1e-6)
     assert rescored == pytest.approx(metrics["after"], abs=1e-6)
+
+
+def test_a_retention_subset_on_the_model_is_scored_before_and_after_and_never_trained_on(shared: Trained) -> None:
+    metrics = json.loads(shared.platform.artifact_files(shared.model_id)["metrics.json"])
+    downloaded = shared.workdir / "tmp" / shared.model_id / "datasets" / shared.shapes.dataset["id"]
+    retention = read_subset(downloaded / "retention")  # dtlpy downloaded the subset the model names
+    assert {p.item_id for p in retention} == {i["id"] for i in shared.shapes.items["retention"]}
+    assert not {p.item_id for p in retention} & {p.item_id for p in read_subset(downloaded / "train")}
+    before, after = metrics["retention"]["before"], metrics["retention"]["after"]
+    assert {"text_to_image/recall@5", "image_to_text/mrr"} <= before.keys() & after.keys()
+    # from a random init (QUICK_CONFIG) the shapes are learnt, so held-out shapes rank better; no auto WiSE-FT
+    assert after["text_to_image/mrr"] > before["text_to_image/mrr"] and metrics["wise_ft_curve"] == []
+    assert not any("no retention set" in n for n in metrics["notes"])
 
 
 def test_train_model_publishes_loss_learning_rate_and_validation_recall_per_epoch(shared: Trained) -> None:

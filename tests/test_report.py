@@ -3,6 +3,7 @@ the data report, before/after examples and the failure gallery with their pictur
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -95,3 +96,19 @@ def test_the_failure_gallery_shows_its_queries_and_pictures_in_a_real_browser(fi
         shown = page.evaluate("""() => [...document.querySelectorAll('.failure img')].map(
             i => [i.complete && i.naturalWidth > 0, i.src.startsWith('data:image/')])""")
         assert len(shown) >= entries * (1 + 2 * gallery["k"]) and all(ok and inline for ok, inline in shown)
+
+
+def test_a_real_browser_shows_the_retention_table_and_the_alpha_curve(retention_tuned, tmp_path) -> None:
+    """Playwright drives Debian's Chromium over the report of a model tuned with a retention set and auto WiSE-FT:
+    the table has its rows, and the alpha curve is a decoded picture of its drawn size."""
+    assert main(["report", str(retention_tuned.auto), "--out", str(tmp_path / "report.html")]) == 0
+    with panel_browser() as browser:
+        page = browser.new_page(viewport={"width": 1200, "height": 2400})
+        page.goto((tmp_path / "report.html").as_uri())
+        rows = page.locator("#retention-table tr").all_inner_texts()
+        curve = page.eval_on_selector("#alpha-curve", "img => [img.complete, img.naturalWidth, img.naturalHeight]")
+        shot = np.asarray(Image.open(io.BytesIO(page.locator("#alpha-curve").screenshot())).convert("RGB")).astype(int)
+    assert len(rows) == 1 + 8 and "text_to_image/mrr" in "".join(rows) and "plain fine-tuning" in rows[0]
+    assert curve[0] and curve[1] >= 600 and curve[2] >= 300  # 6.5 x 3.6 inches at 110 dpi
+    # the plotted lines are coloured (matplotlib's blue, green and the red marker): the picture is not blank
+    assert ((shot.max(axis=2) - shot.min(axis=2)) > 100).sum() > 500

@@ -119,11 +119,10 @@ class FinetuneConfig(BaseModel):
         False, description="fill each batch with pairs of distinct images and captions where the data allows "
         "(the rest of a batch is filled with the remaining pairs)"
     )
-    hard_negatives: int = Field(
-        0, ge=0, le=64, description="hard-negative batches: each epoch the model embeds the training data and "
-        "each caption shares its batch with the N images it ranks highest among those that do not match it "
-        "(duplicate-aware); 0: off. Costs an embedding pass per epoch (docs/data.md has the measurement)"
-    )
+    hard_negatives: int = Field(0, ge=0, le=64, description="hard-negative batches: each epoch the model embeds "
+                                "the training data and each caption shares its batch with the N images it ranks "
+                                "highest among those that do not match it (duplicate-aware); 0: off. Costs an "
+                                "embedding pass per epoch (docs/data.md has the measurement)")
     compile: bool = Field(
         False, description="torch.compile the model for training (and the `embed` command): faster steps after a "
         "one-off compile of tens of seconds; where it cannot compile, a warning says why and the model runs "
@@ -157,9 +156,14 @@ class FinetuneConfig(BaseModel):
         1.0, ge=0.0, le=1.0, description="WiSE-FT: saved weights = alpha * fine-tuned + (1 - alpha) * base "
         "(1: fine-tuned only; 0.5 often keeps more zero-shot skill)"
     )
-    export_onnx: bool = Field(
-        False, description="also export the image and text towers to ONNX (onnx/ inside the saved model)"
-    )
+    wise_ft_auto: bool = Field(True, description="after training, ship the WiSE-FT alpha of 0, 0.1, ..., 1 best "
+                               "on validation whose retention set falls at most retention_tolerance below the base "
+                               "model's; a wise_ft_alpha below 1 wins (docs/retention.md)")
+    retention_tolerance: float = Field(0.01, ge=0.0, le=1.0, description="how far the retention set's "
+                                       "early_stopping_metric may fall below the base model's (0.01: one point of "
+                                       "MRR), for auto WiSE-FT and the promotion gate")
+    export_onnx: bool = Field(False, description="also export the image and text towers to ONNX (onnx/ inside the "
+                              "saved model)")
 
     # --- data: held-out split, leakage, labels (docs/data.md) ----------------------------------
     holdout_fraction: float = Field(

@@ -46,6 +46,7 @@ class OptimisationSection:
     unique_batches: bool
     hard_negatives: int
     wise_ft_alpha: float
+    wise_ft_auto: bool
     max_bad_steps: int
     checkpoint_every_steps: int
 
@@ -67,11 +68,12 @@ class DataSection:
 
 @dataclass(frozen=True)
 class SelectionSection:
-    """How the best epoch is picked and when a run stops early."""
+    """How the best epoch (and the auto WiSE-FT alpha) is picked and when a run stops early."""
 
     early_stopping: bool
     early_stopping_epochs: int
     early_stopping_metric: str
+    retention_tolerance: float  # the retention set may fall this far below the base's
 
 
 @dataclass(frozen=True)

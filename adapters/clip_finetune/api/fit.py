@@ -54,6 +54,7 @@ def fit(
     run_name: str | None = None,
     *,
     test_data: DataLike | None = None,
+    retention: DataLike | None = None,
     wait: bool = False,
     runs_dir: str | os.PathLike | None = None,
     **hyperparameters: Any,
@@ -65,6 +66,8 @@ def fit(
     or a list of (image path or PIL image, caption) pairs; one PIL image object given with several captions is
     one image. eval_data picks the best epoch: without it, a download's 'validation' subset, else a held-out part
     of train_data. test_data (else a download's 'test' subset) is scored once at the end: the result's 'after'.
+    retention: what the base model knows and must not lose (same forms; else a download's 'retention' subset):
+    scored before and after, and auto WiSE-FT keeps it within retention_tolerance (docs/retention.md).
     hyperparameters: FinetuneConfig fields, validated before anything starts (ConfigError, one line per field).
     In the background (default) a worker process the caller need not manage trains; a foreground run that
     fails raises after recording the failure.
@@ -74,7 +77,7 @@ def fit(
                         "or a list of (image, caption) pairs")
     cfg = build_config(_model_layer(model, hyperparameters), hyperparameters)
     specs = {"train_data": _check_data(train_data, "train_data"), "eval_data": _check_data(eval_data, "eval_data"),
-             "test_data": _check_data(test_data, "test_data")}
+             "test_data": _check_data(test_data, "test_data"), "retention_data": _check_data(retention, "retention")}
     root = runs_root(runs_dir)
     name = check_run_name(run_name) if run_name is not None else new_run_name()
     request: dict[str, Any] = {"config": cfg.model_dump(mode="json"), **dict.fromkeys(specs)}

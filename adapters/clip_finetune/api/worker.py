@@ -75,7 +75,7 @@ def _train(run_dir: Path) -> dict[str, Any]:
     cfg = build_config(request["config"])
     # the splits are read before torch loads (app.train imports it only to plan): a bad data path fails in a second
     training = training_of(cfg, request["train_data"], request.get("eval_data"), test=request.get("test_data"),
-                           what="train_data")
+                           what="train_data", retention=request.get("retention_data"))
     splits, cfg = training.splits, training.cfg
     val = splits.validation
     log.info("run %s: %d training pairs, %d evaluation pairs, %d test pairs", run_dir.name, len(splits.train),

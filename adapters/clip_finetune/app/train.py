@@ -66,7 +66,9 @@ class Training:
 
 
 def training_of(cfg: FinetuneConfig, data: str | Path, validation: str | Path | None = None, *,
-                test: str | Path | None = None, what: str = "data", **read: Any) -> Training:
-    """A run on the data at `data` (its train subset; validation and test as load_splits chooses them); `what`
-    names the data in messages, `read` is load_splits' (a resolver, hints)."""
-    return Training(cfg, load_splits(data, validation, test=test, cfg=cfg.data, what=what, **read))
+                test: str | Path | None = None, what: str = "data", retention: str | Path | None = None,
+                **read: Any) -> Training:
+    """A run on the data at `data` (its train subset; validation, test and the retention set as load_splits
+    chooses them); `what` names the data in messages, `read` is load_splits' (a resolver, hints)."""
+    return Training(cfg, load_splits(data, validation, test=test, cfg=cfg.data, what=what, retention=retention,
+                                     **read))

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError, user_error
 from .advice import cli_message
+from .gate_cmd import cmd_gate
 from .index_cmd import cmd_index
 from .parser import build_parser
 from .runs import cmd_runs, printable
@@ -65,12 +66,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..training.checkpoint import RunMismatch
     from ..training.guard import check_output_folder
     from .examples import embed_examples, example_pairs, save_examples
+    from .retention_view import retention_text
 
     cfg = _load_cfg(args, apply=False)  # validated before any data is read
     if not int(os.environ.get("RANK", "0")):  # rank 0 writes --out (under torchrun the others find it in use)
-        check_output_folder(args.out, (args.data, args.validation, args.test), overwrite=args.overwrite,
-                            resume=args.resume)
-    training = training_of(cfg, args.data, args.validation, test=args.test, what="--data")
+        check_output_folder(args.out, (args.data, args.validation, args.test, args.retention),
+                            overwrite=args.overwrite, resume=args.resume)
+    training = training_of(cfg, args.data, args.validation, test=args.test, what="--data", retention=args.retention)
     rank0 = not int(os.environ.get("RANK", "0"))  # under torchrun, rank 0 writes and prints for the run
     examples = example_pairs(training.splits) if rank0 else []
     # the base model embeds the report's examples first, as the Python API's worker does
@@ -87,6 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         where = {"test": "the test split (it chose nothing)",
                  "selection": "the selection set (it also picked the epoch: optimistic)"}[result.scored_on]
         print(f"scored on {where}:\n{format_table(result.before, result.after)}")
+    print(retention_text(result.to_dict()))  # the retention set before/after and the WiSE-FT alpha, or how to add one
     if not result.before:  # nothing scored an epoch: say so, not "best epoch N" of a metric never computed
         print(f"\nno validation data: the last epoch's weights (epoch {len(result.history)}), not scored against "
               f"the base model, saved to {result.out_dir}; give --validation (or more data to hold some out) to "
@@ -243,7 +246,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "train": cmd_train, "evaluate": cmd_evaluate, "embed": cmd_embed,
             "index": cmd_index, "search": cmd_search, "config": cmd_config, "runs": cmd_runs,
-            "export-onnx": cmd_export_onnx, "doctor": cmd_doctor, "report": cmd_report, **SHARE_COMMANDS}
+            "export-onnx": cmd_export_onnx, "doctor": cmd_doctor, "report": cmd_report, "gate": cmd_gate,
+            **SHARE_COMMANDS}
 
 
 def _resume_hint(args: argparse.Namespace) -> str:

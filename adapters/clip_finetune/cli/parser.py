@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .gate_cmd import add_gate_parser
 from .index_cmd import add_index_parser
 from .runs import add_runs_parser
 from .share import add_share_parsers
@@ -26,6 +27,7 @@ commands:
   config       the configuration: defaults, merged values, JSON schema or the reference table
   runs         the runs started with the Python API: list, status, logs
   report       one self-contained HTML page of a run or a saved model: metrics, curves, examples
+  gate         promote a new model only if it beats the current one and keeps what it knew (retention)
   doctor       what this machine has: versions, device, model hub or cache, disk, extras
 
 `clip-finetune COMMAND --help` describes each. Something does not work? Start with `clip-finetune doctor`."""
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     add_share_parsers(sub)
     add_runs_parser(sub)
+    add_gate_parser(sub, _config_args)
     _add_report(sub)
     _add_doctor(sub)
     return parser
@@ -90,6 +93,9 @@ def _add_train(sub: Any) -> None:
                    "data: holdout_fraction)")
     p.add_argument("--test", metavar="DATA", help="test data, scored once at the end and reported as the 'after' "
                    "figure (default: the test subset of --data; none: 'after' is the validation set's)")
+    p.add_argument("--retention", metavar="DATA", help="what the base model knows and must not lose (any of the "
+                   "--data forms): scored before and after, and auto WiSE-FT keeps it within retention_tolerance "
+                   "(default: the retention subset of --data; none: no retention check)")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out (after a crash); "
                    "refused when the data or hyperparameters differ from the checkpoint's")

@@ -18,6 +18,7 @@ from ..errors import DataError
 from ..files import atomic_write, read_json
 from ..retrieval.formatting import DEFAULT_TABLE_METRICS
 from ..retrieval.metrics import LOWER_IS_BETTER
+from .retention_view import retention_section
 
 REPORT_NAME = "report.html"
 SCORED_ON = {"test": "test split, scored once at the end", "selection": "validation, the selection set"}
@@ -119,6 +120,7 @@ def render(page: _Sources) -> str:
     parts = [f"<h1>Fine-tuning report</h1><p>{html.escape(str(page.folder.resolve()))} &middot; "
              f"{time.strftime('%Y-%m-%d %H:%M')}</p>", _summary(result, state)]
     parts.append(_metrics(result))
+    parts.append(retention_section(result))  # the retention set before/after and the WiSE-FT alpha curve
     parts.append(_curves(result))
     parts.append(_data_report(page.json("data_report.json")))
     parts.append(_examples(page))

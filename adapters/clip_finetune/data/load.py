@@ -29,6 +29,7 @@ from .tables import TABLE_SUFFIXES, read_table
 logger = logging.getLogger(__name__)
 
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
+RETENTION = "retention"  # what the base model knew and must not lose (docs/retention.md); scored, never trained on
 # The folder names a folder of subsets may use for each split (case-insensitive); other names are kept as they are.
 SPLIT_NAMES = {TRAIN: ("train", "training"), VALIDATION: ("validation", "val", "valid", "dev"),
                TEST: ("test", "testing")}
@@ -46,6 +47,7 @@ class Splits:
     reports: dict[str, DataReport] = field(default_factory=dict)
     test: list[CaptionPair] | None = None
     held_out: bool = False  # validation was held out from the training data (none was given)
+    retention: list[CaptionPair] | None = None  # scored before and after, never trained on (none: no retention check)
 
     def report(self, name: str) -> DataReport:
         """The report of split `name`, created empty for in-memory pairs."""
@@ -66,10 +68,13 @@ def load_splits(
     what: str = "data",
     no_pairs_hint: str = NO_PAIRS_HINT,
     no_train_hint: str = "name the training subset train/ or pass that subset's folder",
+    retention: str | Path | None = None,
 ) -> Splits:
     """Training, validation and test pairs of `data`: its 'train' subset (or its only one); the 'validation'
     subset of `validation` when given, else of `data`, else a held-out part of train (cfg.holdout_fraction);
-    the 'test' subset of `test` when given, else of `data` (none: no test split).
+    the 'test' subset of `test` when given, else of `data` (none: no test split); the 'retention' set of
+    `retention` when given (its 'retention' subset, else its test, validation or only one), else the 'retention'
+    subset of `data` (none: no retention check).
 
     Exact duplicate pairs are dropped in every split, and validation/test pairs also in train (item id, image
     path or content) when cfg.drop_train_overlap; each is warned about and counted in the split's report.
@@ -89,13 +94,13 @@ def load_splits(
         raise DataError(f"{what} {str(data)!r}: no 'train' subset among {sorted(subsets)}; {no_train_hint}")
     parts: dict[str, list[CaptionPair] | None] = {TRAIN: train}
     sources: dict[str, str | Path] = {TRAIN: data}
-    for name, path in ((VALIDATION, validation), (TEST, test)):
+    for name, path in ((VALIDATION, validation), (TEST, test), (RETENTION, retention)):
         parts[name], sources[name] = subsets.get(name), data
         if path is not None:
             extra_sets, extra_reports = load_dataset(path, resolver, single_name=name,
                                                      label_template=opts.label_template,
                                                      column_names=opts.column_names)
-            chosen = name if name in extra_sets else next(iter(extra_sets))
+            chosen = next((n for n in (name, TEST, VALIDATION) if n in extra_sets), next(iter(extra_sets)))
             parts[name], reports[name], sources[name] = extra_sets[chosen], extra_reports[chosen], path
     if parts[TEST] is not None and not parts[TEST] and not reports[TEST].total_skipped:
         logger.warning("test: the subset is empty; no test split (the report's 'after' is the selection set)")
@@ -105,7 +110,8 @@ def load_splits(
         if pairs is not None and name in reports:
             require_pairs(name, pairs, reports[name], _subset_folder(sources[name], name), no_pairs_hint)
             parts[name] = drop_duplicate_pairs(name, pairs, reports[name])
-    return _guard(Splits(parts[TRAIN] or [], parts[VALIDATION], reports, parts[TEST]), opts)
+    return _guard(Splits(parts[TRAIN] or [], parts[VALIDATION], reports, parts[TEST], retention=parts[RETENTION]),
+                  opts)
 
 
 def _guard(splits: Splits, opts: SplitOptions) -> Splits:
@@ -115,7 +121,8 @@ def _guard(splits: Splits, opts: SplitOptions) -> Splits:
         splits.held_out = True
     # the test split must be unseen by training and by the selection (validation picks the epoch): a test split
     # copied from validation would score the model on what chose it; a held-out validation is train's, checked
-    checks = [(VALIDATION, TRAIN), (TEST, TRAIN)] + ([(TEST, VALIDATION)] if not splits.held_out else [])
+    checks = [(VALIDATION, TRAIN), (TEST, TRAIN), (RETENTION, TRAIN)] + (
+        [(TEST, VALIDATION)] if not splits.held_out else [])
     for name, against in checks:
         pairs, reference = getattr(splits, name), getattr(splits, against)
         if not pairs or reference is None or splits.held_out and name == VALIDATION:

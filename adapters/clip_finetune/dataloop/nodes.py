@@ -55,10 +55,14 @@ class ClipNodes(dl.BaseServiceRunner):
         compare_config: dict | None = None, progress: Any = None, context: Any = None,
     ) -> dl.Model:
         """The winner of new_model against previous_model on the dataset's items `filters` selects (the template's
-        test subset), by compare_config's metric and margin; the action "promoted" or "kept" routes it. Both
-        models' metrics land on the new model."""
+        test subset), by compare_config's metric and margin, refused when it loses more than the tolerance on the
+        retention items (compare_config's retention_filters, else the new model's 'retention' subset); the action
+        "promoted" or "kept" routes it. Both models' metrics land on the new model."""
         metric, margin = promotion.compare_settings(compare_config)
-        verdict = promotion.gate(self.adapter_for, new_model, previous_model, dataset, filters, metric, margin)
+        retention = promotion.retention_settings(compare_config, new_model,
+                                                 self.adapter_for(new_model).cfg.retention_tolerance)
+        verdict = promotion.gate(self.adapter_for, new_model, previous_model, dataset, filters, metric, margin,
+                                 retention)
         if progress is not None:
             progress.update(action=promotion.PROMOTED if verdict.promoted else promotion.KEPT,
                             message=verdict.summary())

@@ -86,6 +86,8 @@ def render_card(folder: str | Path) -> str:
     report = _read(folder, "data_report.json")
     base = cfg.get("model_name", "an open_clip architecture")
     weights = cfg.get("pretrained") or "random init (no pretrained weights)"
+    if isinstance(metrics.get("wise_ft_alpha"), int | float):  # the alpha shipped (auto WiSE-FT picks it)
+        cfg = {**cfg, "wise_ft_alpha": metrics["wise_ft_alpha"]}
     recipe = [f"| {k} | `{json.dumps(cfg[k])}` |" for k in RECIPE if k in cfg]
     lines = [
         FRONT_MATTER, f"# {folder.resolve().name}", "",

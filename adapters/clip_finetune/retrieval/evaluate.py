@@ -13,7 +13,8 @@ from ..config import DEFAULT_LABEL_TEMPLATES, EVAL_KS, build_config
 from ..data.identity import content_key, normalise_caption
 from ..data.pairs import CaptionPair, has_item_id
 from ..errors import DataError, ModelError, Setting
-from ..model.clip import ClipModel, load_artifact, load_model, save_artifact
+from ..inputs import MAX_JSON_BYTES, Unreadable, read_json
+from ..model.clip import METRICS_NAME, ClipModel, load_artifact, load_model, save_artifact
 from ..model.weights import cpu_state, wise_ft
 from .embed import encode_images, encode_texts
 from .eval_cache import EvalCache
@@ -225,11 +226,22 @@ def base_model_of(fine_tuned: ClipModel, base_dir: str | None = None, device: st
     if not saved:
         raise ModelError(f"{fine_tuned.source} has no finetune_config.json naming its base; give {{base}}",
                          advice={"base": Setting("base", "DIR")})
-    if saved.get("wise_ft_alpha", 1.0) < 1:
-        log.warning("this model was saved as a WiSE-FT mix (alpha %s); the sweep mixes that with the base",
-                    saved["wise_ft_alpha"])
+    alpha = _shipped_alpha(Path(fine_tuned.source), saved.get("wise_ft_alpha", 1.0))
+    if isinstance(alpha, int | float) and alpha < 1:  # configured, or picked by auto WiSE-FT (metrics.json)
+        log.warning("this model was saved as a WiSE-FT mix (alpha %s); the sweep mixes that with the base", alpha)
     base = build_config(saved)  # a random-init base: the same seed, the same weights
     return load_model(base.model, device, base.seed)
+
+
+def _shipped_alpha(folder: Path, configured: float) -> float:
+    """The WiSE-FT alpha a saved model's weights are: its metrics.json's (auto WiSE-FT picks it after training),
+    else the configured one."""
+    try:
+        metrics = read_json(folder / METRICS_NAME, MAX_JSON_BYTES) if (folder / METRICS_NAME).is_file() else {}
+    except Unreadable:
+        return configured
+    alpha = metrics.get("wise_ft_alpha") if isinstance(metrics, dict) else None
+    return float(alpha) if isinstance(alpha, int | float) and not isinstance(alpha, bool) else configured
 
 
 def save_wise_ft_mix(

@@ -25,7 +25,7 @@ from ..errors import DataError
 from ..machine import seed_everything
 from ..model.clip import ClipModel, load_model, save_artifact
 from ..model.compiling import compile_module
-from ..model.weights import cpu_state, unwrap, wise_ft
+from ..model.weights import cpu_state, unwrap
 from ..progress import progress as show_progress
 from ..retrieval.eval_cache import EvalCache, eval_cache_for
 from ..retrieval.evaluate import evaluate
@@ -38,6 +38,7 @@ from .distributed import DistContext, broadcast, process_group
 from .guard import identity_differences, require_locked_folder, run_identity
 from .loss import ContrastiveLoss
 from .optim import apply_locks, make_optimizer, make_scheduler, step_budget_note
+from .retention import check_retention, keeps_base, mix_with_base, retention_cache, score_retention
 from .run_files import (
     ONNX_DIR,
     UNMIXED_BEST_NAME,
@@ -175,6 +176,7 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
     eval_cache, train_mb = None, float(cfg.image_cache_mb)
     if splits.validation and is_main:  # rank 0 evaluates; its validation inputs come out of the same budget
         eval_cache, train_mb = eval_cache_for(cfg.runtime, clip, len({p.image for p in splits.validation}))
+    ret_cache, train_mb = retention_cache(cfg, clip, splits.retention if is_main else None, train_mb)
     dataset = PairDataset(splits.train, clip.preprocess_train, clip.tokenizer, seed=cfg.seed,
                           cache=train_cache(clip.preprocess_train, train_mb, workers), progress=progress)
     out = Path(out_dir) if out_dir is not None else None
@@ -199,9 +201,10 @@ def _setup(cfg: FinetuneConfig, splits: Splits, out_dir: str | Path | None, clip
         selection=Selection.of(cfg.selection, has_validation=bool(splits.validation)),
         sampler=batch_sampler(cfg, splits.train, clip, keys, workers, ctx),  # hard negatives: mined by `clip`
         checkpoint=out / CHECKPOINT_NAME if out is not None else None, train_model=train_model, precision=precision,
-        ctx=ctx, base_state=cpu_state(model) if cfg.wise_ft_alpha < 1 and is_main else None, num_workers=workers,
+        ctx=ctx, base_state=cpu_state(model) if keeps_base(cfg, splits) and is_main else None, num_workers=workers,
         identity=run_identity(cfg, splits) if out is not None else None, keys=keys,
-        notes=_notes(opt, splits, total_steps) if is_main else [], eval_cache=eval_cache)
+        notes=_notes(opt, splits, total_steps) if is_main else [], eval_cache=eval_cache,
+        retention_cache=ret_cache)
     return run, dataset
 
 
@@ -253,6 +256,7 @@ def _start(run: RunState, splits: Splits, out: Path | None, resume: bool, progre
     base_evaluation = run.evaluation
     run.progress.test_before = _score(run, splits.test, progress)
     write_per_query(run.evaluation, out, base=True)  # the base on the final figures' split: failures.json's 'before'
+    run.progress.retention_before = score_retention(run, splits.retention, _score, base=True)
     run.selection.start(run.progress.before)
     if out is not None and keep_best:  # the base is the best so far: a crash from here keeps a model
         save_artifact(run.clip, out, run.cfg)
@@ -352,12 +356,8 @@ def _finish(run: RunState, splits: Splits, out: Path | None, best_state: dict[st
     if run.base_state is not None and run.is_main:
         if best_state is not None and out is not None:
             keep_unmixed_best(out)
-        unwrap(model).load_state_dict(wise_ft(run.base_state, cpu_state(model), cfg.wise_ft_alpha))
-        if splits.validation:
-            result.after_fine_tuned = result.after
-            result.after = result.selection["after"] = _score(run, splits.validation, cache=run.eval_cache)
-            final = run.evaluation
-        log.info("WiSE-FT: saved weights are %.2f x fine-tuned + %.2f x base", cfg.wise_ft_alpha, 1 - cfg.wise_ft_alpha)
+        final = mix_with_base(run, splits, result, _score)  # the configured alpha, or auto WiSE-FT's
+    check_retention(run, splits, result, _score)
     if run.is_main:
         _count_bad_images(splits, p.bad_pairs)
         if splits.test:  # the one look at the test split: the weights are final

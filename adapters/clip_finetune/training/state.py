@@ -58,6 +58,10 @@ class TrainResult:
     selection: dict[str, dict[str, float]] = field(default_factory=dict)  # {"before", "after"} on the selection set
     test: dict[str, dict[str, float]] = field(default_factory=dict)  # {"before", "after"} on the test split
     notes: list[str] = field(default_factory=list)  # what a reader of the figures should know
+    # auto WiSE-FT (retention.py): each alpha's {alpha, target, retention}, and the seconds the sweep took
+    wise_ft_curve: list[dict[str, float | None]] = field(default_factory=list)
+    wise_ft_seconds: float = 0.0
+    retention: dict[str, dict[str, float]] = field(default_factory=dict)  # {"before", "after"[, "fine_tuned"]}
 
     @property
     def improved(self) -> bool:
@@ -80,6 +84,7 @@ class Progress:
     epoch_seconds: float = 0.0
     before: dict[str, float] = field(default_factory=dict)
     test_before: dict[str, float] = field(default_factory=dict)  # the base model on the test split
+    retention_before: dict[str, float] = field(default_factory=dict)  # the base model on the retention set
     history: list[dict[str, float]] = field(default_factory=list)
     bad_pairs: list[int] = field(default_factory=list)  # indices of training pairs whose image failed
     skipped_steps: int = 0
@@ -124,6 +129,7 @@ class RunState:
     keys: tuple[np.ndarray, np.ndarray] | None = None  # (image ids, caption ids) per training pair (duplicates)
     notes: list[str] = field(default_factory=list)  # for the result: what a reader of the figures should know
     eval_cache: EvalCache | None = None  # what this run's evaluations reuse (rank 0 with validation pairs)
+    retention_cache: EvalCache | None = None  # the same for the retention set (rank 0 with retention pairs)
     evaluation: EvaluationResult | None = None  # the latest evaluation, per query (rank 0): per_query.json
 
     @property
