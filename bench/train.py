@@ -158,7 +158,7 @@ def child_open_clip(spec: dict) -> dict:
             "--pretrained", spec["init"], "--batch-size", str(spec["batch"]), "--lr", str(spec["lr"]),
             "--warmup", str(spec["warmup"]), "--epochs", str(spec["epochs"]), "--wd", str(spec["wd"]),
             "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
-            *(["--grad-clip-norm", str(spec["clip"])] if spec.get("clip", 1.0) else []),
+            *(["--grad-clip-norm", str(spec.get("clip", 1.0))] if spec.get("clip", 1.0) else []),
             "--workers", str(spec["workers"]), "--precision", precision, "--device", spec["device"],
             "--seed", str(spec["seed"]), "--logs", str(logs), "--name", run_name, "--save-frequency", "1",
             "--log-every-n-steps", "1000", "--zeroshot-frequency", "0", "--report-to", ""]

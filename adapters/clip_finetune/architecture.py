@@ -97,7 +97,8 @@ def check_pretrained_tag(model_name: str, pretrained: str | None) -> None:
             return
     raise ConfigError(f"pretrained: {pretrained!r} is an open_clip pretrained tag, for its named architectures; the "
                       f"custom architecture {model_name!r} has no such weights: set {{pretrained}} (random init) or "
-                      "the path of weights made for it", advice={"pretrained": Setting("pretrained", "null")})
+                      "the path of weights made for it", advice={"pretrained": Setting(
+                          "pretrained", "null", plain="pretrained=None (null in a JSON configuration)")})
 
 
 def _artifact_model_config(pretrained: str | None) -> dict[str, Any] | None:
