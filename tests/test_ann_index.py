@@ -4,13 +4,17 @@ round-trips, the provenance refusal, and `clip-finetune index` + `search --index
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import TINY_TRAINING, set_args
 
-pytest.importorskip("usearch", reason='the approximate index needs usearch: pip install ".[index]"')
+# found, not imported: usearch's extension must load after ScaNN's (retrieval.ann._usearch sees to it), or a ScaNN index
+# later in this process crashes it (tests/test_scann_index.py)
+if importlib.util.find_spec("usearch") is None:
+    pytest.skip('the approximate index needs usearch: pip install ".[index]"', allow_module_level=True)
 
 from adapters.clip_finetune.cli.main import main  # noqa: E402
 from adapters.clip_finetune.data.synthetic import write_csv  # noqa: E402

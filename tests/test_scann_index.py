@@ -158,3 +158,28 @@ def test_index_methods_answer_as_the_exact_search_and_say_which(embedded, tmp_pa
         answer = capsys.readouterr()
         assert f"answered by the approximate index {says}" in answer.err and answer.out == exact
         assert len([p for p in folder.iterdir() if p.suffix == ".json"]) == 1  # the other method's index is gone
+
+
+def test_a_process_that_opened_an_hnsw_index_first_can_still_build_and_open_a_scann_one(tmp_path: Path) -> None:
+    """usearch's extension loaded before ScaNN's made a later ScaNN build or open crash the process (segmentation
+    fault): ann._usearch loads ScaNN's first. A fresh process, since this one has both loaded already."""
+    import subprocess
+    import sys
+
+    script = """if True:
+        import sys
+        from pathlib import Path
+        import numpy as np
+        from adapters.clip_finetune.retrieval.ann import build_ann
+        from adapters.clip_finetune.retrieval.scann_index import build_scann, open_scann
+        v = np.random.default_rng(0).standard_normal((6000, 32)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        ids = [str(i) for i in range(len(v))]
+        build_ann(ids[:200], v[:200])  # usearch first
+        opened = open_scann(build_scann(ids, v).save(Path(sys.argv[1]) / "idx"))
+        print(len(opened), opened.search(v[:1], 3)[0][0][0])
+    """
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["6000", "0"]

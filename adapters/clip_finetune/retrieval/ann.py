@@ -18,6 +18,7 @@ sees the old index or the new one, never a mix; files of older generations are d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -68,6 +69,11 @@ class AnnSettings:
 
 
 def _usearch() -> Any:
+    # ScaNN's extension must load before usearch's: the other way round, a ScaNN index built or opened later in the
+    # same process crashes (segmentation fault; scann 1.4.2, usearch 2.26.6, measured; tests/test_scann_index.py
+    # checks the two in one process)
+    with contextlib.suppress(ImportError):
+        from scann.scann_ops.py import scann_ops_pybind  # noqa: F401
     try:
         from usearch import index as usearch_index
     except ImportError:
@@ -110,16 +116,7 @@ class AnnIndex:
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, threads: int = 0) -> None:
         """Index.add; `threads` link the new vectors in parallel (0: one a core)."""
-        ids = [str(i) for i in ids]
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape != (len(ids), self.dim):
-            raise DataError(f"adding {len(ids)} ids with vectors of shape {vectors.shape}: need [{len(ids)}, "
-                            f"{self.dim}] (this index holds {self.dim}-d vectors)")
-        if not np.isfinite(vectors).all():
-            raise DataError("adding vectors that hold NaN or infinity: they would rank at random; embed them again")
-        last = {item: n for n, item in enumerate(ids)}  # an id twice in one call: the later vector wins
-        keep = sorted(last.values())
-        ids, vectors = [ids[n] for n in keep], vectors[keep]
+        ids, vectors = checked_additions(ids, vectors, self.dim)
         self.remove(ids)  # replacing: the old row is dropped from the graph, the new one appended
         rows = np.arange(self._rows, self._rows + len(ids), dtype=np.uint64)
         self._grow(len(ids))
@@ -192,6 +189,21 @@ def _save_npy(tmp: Path, array: np.ndarray) -> None:
 def _save_npz(tmp: Path, **arrays: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
+
+
+def checked_additions(ids: Sequence[str], vectors: np.ndarray, dim: int) -> tuple[list[str], np.ndarray]:
+    """What Index.add may add: ids as strings, vectors [len(ids), dim] float32 and finite (DataError otherwise);
+    an id given twice in one call keeps its later vector."""
+    ids = [str(i) for i in ids]
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape != (len(ids), dim):
+        raise DataError(f"adding {len(ids)} ids with vectors of shape {vectors.shape}: need [{len(ids)}, "
+                        f"{dim}] (this index holds {dim}-d vectors)")
+    if not np.isfinite(vectors).all():
+        raise DataError("adding vectors that hold NaN or infinity: they would rank at random; embed them again")
+    last = {item: n for n, item in enumerate(ids)}
+    keep = sorted(last.values())
+    return [ids[n] for n in keep], vectors[keep]
 
 
 def rerank(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray, counts: np.ndarray,

@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import DataError
 from ..files import atomic_write, read_json, require_writable
 from ..inputs import Unreadable
-from .ann import _save_npy, _save_npz, rerank
+from .ann import _save_npy, _save_npz, checked_additions, rerank
 from .safe_npz import load_npz
 
 FORMAT = "clip-finetune scann index v1"
@@ -120,16 +120,7 @@ class ScannIndex:
     def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         """Index.add: new vectors are coded and put in their nearest leaf (the partitions are not retrained:
         rebuild after the collection changed a lot)."""
-        ids = [str(i) for i in ids]
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape != (len(ids), self.dim):
-            raise DataError(f"adding {len(ids)} ids with vectors of shape {vectors.shape}: need [{len(ids)}, "
-                            f"{self.dim}] (this index holds {self.dim}-d vectors)")
-        if not np.isfinite(vectors).all():
-            raise DataError("adding vectors that hold NaN or infinity: they would rank at random; embed them again")
-        last = {item: n for n, item in enumerate(ids)}  # an id twice in one call: the later vector wins
-        keep = sorted(last.values())
-        ids, vectors = [ids[n] for n in keep], vectors[keep]
+        ids, vectors = checked_additions(ids, vectors, self.dim)
         if not ids:
             return
         self.remove(ids)
