@@ -119,7 +119,7 @@ class AnnIndex:
         ids, vectors = checked_additions(ids, vectors, self.dim)
         self.remove(ids)  # replacing: the old row is dropped from the graph, the new one appended
         rows = np.arange(self._rows, self._rows + len(ids), dtype=np.uint64)
-        self._grow(len(ids))
+        self._vectors = with_room(self._vectors, self._rows, self._rows + len(ids))
         self._vectors[self._rows:self._rows + len(ids)] = vectors
         self._rows += len(ids)
         for item, row in zip(ids, rows.tolist(), strict=True):
@@ -127,15 +127,6 @@ class AnnIndex:
             self._row_of[item] = row
         if len(ids):
             self._graph.add(rows, vectors, threads=threads)
-
-    def _grow(self, extra: int) -> None:
-        """Room for `extra` more rows, doubling (amortised O(1) a row); a memory-mapped file becomes an array."""
-        need = self._rows + extra
-        if need <= len(self._vectors) and self._vectors.flags.writeable:
-            return
-        grown = np.zeros((max(need, 2 * self._rows, 1024), self.dim), np.float32)
-        grown[:self._rows] = self._vectors[:self._rows]
-        self._vectors = grown
 
     def remove(self, ids: Sequence[str]) -> int:
         rows = [self._row_of.pop(str(i)) for i in ids if str(i) in self._row_of]
@@ -147,9 +138,7 @@ class AnnIndex:
 
     def search(self, queries: np.ndarray, k: int, threads: int = 0) -> tuple[list[list[str]], np.ndarray]:
         """Top-k ids and exact cosines per query [q, dim]; `threads` 0 uses every core."""
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if queries.shape[1] != self.dim:
-            raise DataError(f"queries of {queries.shape[1]} dimensions against an index of {self.dim}-d vectors")
+        queries = checked_queries(queries, self.dim)
         wanted = min(max(k, self.settings.candidates), len(self))
         if wanted == 0 or k < 1:
             return [[] for _ in queries], np.zeros((len(queries), 0), np.float32)
@@ -189,6 +178,24 @@ def _save_npy(tmp: Path, array: np.ndarray) -> None:
 def _save_npz(tmp: Path, **arrays: np.ndarray) -> None:
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
+
+
+def checked_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """Index.search's queries as float32 rows [q, dim] (one query may come as a vector); DataError otherwise."""
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    if queries.shape[1] != dim:
+        raise DataError(f"queries of {queries.shape[1]} dimensions against an index of {dim}-d vectors")
+    return queries
+
+
+def with_room(vectors: np.ndarray, rows: int, need: int) -> np.ndarray:
+    """`vectors` (its first `rows` in use) with room for `need` rows: itself where it has it, else a writable copy
+    doubling (amortised O(1) a row); a memory-mapped file becomes an array."""
+    if need <= len(vectors) and vectors.flags.writeable:
+        return vectors
+    grown = np.zeros((max(need, 2 * rows, 1024), vectors.shape[1]), np.float32)
+    grown[:rows] = vectors[:rows]
+    return grown
 
 
 def checked_additions(ids: Sequence[str], vectors: np.ndarray, dim: int) -> tuple[list[str], np.ndarray]:
@@ -279,7 +286,7 @@ def build_ann(ids: Sequence[str], vectors: np.ndarray, meta: dict[str, Any] | No
     """An index of these vectors (e.g. a store's: retrieval/store.read_embeddings), added in chunks so a long build
     shows its progress."""
     index = AnnIndex(vectors.shape[1], meta, settings)
-    index._grow(len(ids))  # one allocation for the whole store, not a doubling per chunk
+    index._vectors = with_room(index._vectors, 0, len(ids))  # one allocation for the store, not a doubling a chunk
     starts = range(0, len(ids), BUILD_CHUNK)
     for start in progress(starts, "indexing", unit="chunk", enabled=show_progress and len(starts) > 1):
         index.add(ids[start:start + BUILD_CHUNK], vectors[start:start + BUILD_CHUNK], threads)

@@ -35,7 +35,7 @@ import numpy as np
 from ..errors import DataError
 from ..files import atomic_write, read_json, require_writable
 from ..inputs import Unreadable
-from .ann import _save_npy, _save_npz, checked_additions, rerank
+from .ann import _save_npy, _save_npz, checked_additions, checked_queries, rerank, with_room
 from .safe_npz import load_npz
 
 FORMAT = "clip-finetune scann index v1"
@@ -124,10 +124,7 @@ class ScannIndex:
         if not ids:
             return
         self.remove(ids)
-        if self._rows + len(ids) > len(self._vectors) or not self._vectors.flags.writeable:
-            grown = np.zeros((max(self._rows + len(ids), 2 * self._rows), self.dim), np.float32)
-            grown[:self._rows] = self._vectors[:self._rows]
-            self._vectors = grown
+        self._vectors = with_room(self._vectors, self._rows, self._rows + len(ids))
         rows = range(self._rows, self._rows + len(ids))
         self._vectors[rows.start:rows.stop] = vectors
         self._rows = rows.stop
@@ -157,9 +154,7 @@ class ScannIndex:
 
     def search(self, queries: np.ndarray, k: int, threads: int = 0) -> tuple[list[list[str]], np.ndarray]:
         """Top-k ids and exact cosines per query [q, dim]; `threads` 0 uses every core."""
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if queries.shape[1] != self.dim:
-            raise DataError(f"queries of {queries.shape[1]} dimensions against an index of {self.dim}-d vectors")
+        queries = checked_queries(queries, self.dim)
         wanted = min(max(k, self.settings.candidates), len(self))
         if wanted == 0 or k < 1:
             return [[] for _ in queries], np.zeros((len(queries), 0), np.float32)
