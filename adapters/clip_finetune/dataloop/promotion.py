@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import dtlpy as dl
 
-from adapters.clip_finetune.app.gate import better, retention_loss
+from adapters.clip_finetune.app.gate import KEPT, PROMOTED, better, retention_loss  # the node's output actions
 from adapters.clip_finetune.config import FinetuneConfig, metric_names
 from adapters.clip_finetune.errors import ConfigError
 from adapters.clip_finetune.retrieval.evaluation_result import EvaluationResult, compare_queries, direction_of
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRIC = FinetuneConfig.model_fields["early_stopping_metric"].default  # what training optimises
-PROMOTED, KEPT = "promoted", "kept"  # the node's output actions
 RETENTION_KEYS = ("retention_filters", "retention_tolerance")  # compare_config's retention check (docs/retention.md)
 METADATA_KEY = "clip_finetune"  # model.metadata["user"][METADATA_KEY]["promotion"]: the gate's record
 
