@@ -35,8 +35,9 @@ METRICS = ("text_to_image/recall@1", "text_to_image/recall@5", "text_to_image/mr
            "image_to_text/recall@5", "image_to_text/mrr")
 
 
-def write_set(folder: Path, n_images: int, captions: int, seed: int) -> Path:
-    """A CSV of `n_images` shapes, each with `captions` distinct captions plus its shared title ('red circle')."""
+def write_set(folder: Path, n_images: int, captions: int, seed: int, title: bool = True) -> Path:
+    """A CSV of `n_images` shapes, each with `captions` distinct captions plus (`title`) its shared title ('red
+    circle')."""
     from adapters.clip_finetune.data.synthetic import render, sample_specs
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,13 +48,14 @@ def write_set(folder: Path, n_images: int, captions: int, seed: int) -> Path:
         for i, sample in enumerate(sample_specs(n_images, seed, captions_per_image=captions)):
             name = f"{i:05d}.png"
             render(sample).save(folder / name)
-            title = f"{sample.attributes['colour']} {sample.attributes['shape']}"
-            for j, caption in enumerate((*sample.captions, title)):
+            titles = (f"{sample.attributes['colour']} {sample.attributes['shape']}",) if title else ()
+            for j, caption in enumerate((*sample.captions, *titles)):
                 writer.writerow([f"{folder.name}-{i}-{j}", name, caption])  # ids are compared across tables
     return table
 
 
-def run(train: Path, validation: Path, condition: dict, seed: int, epochs: int, batch: int) -> dict[str, float]:
+def run(train: Path, validation: Path, condition: dict, seed: int, epochs: int, batch: int,
+        metrics: tuple[str, ...] = METRICS) -> dict[str, float]:
     from adapters.clip_finetune.config import build_config
     from adapters.clip_finetune.data.load import load_splits
     from adapters.clip_finetune.training import finetune
@@ -65,16 +67,21 @@ def run(train: Path, validation: Path, condition: dict, seed: int, epochs: int, 
     t0 = time.perf_counter()
     result = finetune(cfg, splits, progress=False)
     last = result.history[-1]  # the same budget for every condition: the last epoch, not a selected one
-    return {**{m: last[m] for m in METRICS}, "seconds": time.perf_counter() - t0}
+    return {**{m: last[m] for m in metrics}, "seconds": time.perf_counter() - t0}
 
 
-def table(results: dict[str, list[dict[str, float]]]) -> str:
-    """Mean ± sd over seeds of each metric, one row per condition."""
-    def cell(runs: list[dict[str, float]], m: str) -> str:
-        return f"{mean(r[m] for r in runs):.3f} ± {stdev(r[m] for r in runs) if len(runs) > 1 else 0:.3f}"
+def table(results: dict[str, list[dict[str, float]]], first: str = "loss", metrics: tuple[str, ...] = METRICS,
+          seconds: bool = False) -> str:
+    """Mean ± sd over seeds of each metric (and, with `seconds`, of the seconds a run took), one row per
+    condition."""
+    def cell(runs: list[dict[str, float]], m: str, digits: int = 3) -> str:
+        sd = stdev(r[m] for r in runs) if len(runs) > 1 else 0
+        return f"{mean(r[m] for r in runs):.{digits}f} ± {sd:.{digits}f}"
 
-    return markdown_table(["loss", *METRICS], [[name, *(cell(runs, m) for m in METRICS)]
-                                               for name, runs in results.items()])
+    extra = ["seconds"] if seconds else []
+    return markdown_table([first, *metrics, *extra],
+                          [[name, *(cell(runs, m) for m in metrics), *(cell(runs, "seconds", 0) for _ in extra)]
+                           for name, runs in results.items()])
 
 
 def main(argv: list[str] | None = None) -> int:

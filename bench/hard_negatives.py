@@ -15,61 +15,29 @@ Prints a markdown table (docs/data.md, "Hard negatives").
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
-from statistics import mean, stdev
 
-from bench.common import TINY_MODEL, machine, markdown_table
+from bench import duplicates
+from bench.common import machine
+from bench.duplicates import write_set
 
 METRICS = ("text_to_image/recall@1", "text_to_image/recall@5", "text_to_image/mrr", "image_to_text/recall@1",
            "image_to_text/mrr")
 
 
-def write_set(folder: Path, n_images: int, captions: int, seed: int) -> Path:
-    """A CSV of `n_images` synthetic shapes with `captions` written captions each."""
-    from adapters.clip_finetune.data.synthetic import render, sample_specs
-
-    folder.mkdir(parents=True, exist_ok=True)
-    table = folder / "pairs.csv"
-    with table.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "filepath", "caption"])
-        for i, sample in enumerate(sample_specs(n_images, seed, captions_per_image=captions)):
-            render(sample).save(folder / f"{i:05d}.png")
-            for j, caption in enumerate(sample.captions):
-                writer.writerow([f"{folder.name}-{i}-{j}", f"{i:05d}.png", caption])
-    return table
-
-
 def run(train: Path, validation: Path, hard: int, seed: int, epochs: int, batch: int) -> dict[str, float]:
-    from adapters.clip_finetune.config import build_config
-    from adapters.clip_finetune.data.load import load_splits
-    from adapters.clip_finetune.training import finetune
-
-    cfg = build_config({"model_name": str(TINY_MODEL), "pretrained": None, "learning_rate": 1e-3,
-                        "train_batch_size": batch, "num_epochs": epochs, "early_stopping": False, "num_workers": 0,
-                        "batch_size": 256, "seed": seed, "hard_negatives": hard, "base_eval_cache": False})
-    splits = load_splits(train, validation, cfg=cfg)
-    t0 = time.perf_counter()
-    result = finetune(cfg, splits, progress=False)
-    last = result.history[-1]  # the same budget for every condition: the last epoch, not a selected one
-    return {**{m: last[m] for m in METRICS}, "seconds": time.perf_counter() - t0}
+    """bench.duplicates' run (the same recipe, the last epoch scored) with `hard_negatives` set."""
+    return duplicates.run(train, validation, {"hard_negatives": hard, "base_eval_cache": False}, seed, epochs, batch,
+                          METRICS)
 
 
 def table(results: dict[str, list[dict[str, float]]]) -> str:
-    """Mean ± sd over seeds of each metric (and of the seconds a run took), one row per condition."""
-    def cell(runs: list[dict[str, float]], m: str, digits: int = 3) -> str:
-        sd = stdev(r[m] for r in runs) if len(runs) > 1 else 0
-        return f"{mean(r[m] for r in runs):.{digits}f} ± {sd:.{digits}f}"
-
-    return markdown_table(["batches", *METRICS, "seconds"],
-                          [[name, *(cell(runs, m) for m in METRICS), cell(runs, "seconds", 0)]
-                           for name, runs in results.items()])
+    """Mean ± sd over seeds of each metric and of the seconds a run took, one row per condition."""
+    return duplicates.table(results, "batches", METRICS, seconds=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     conditions = {"shuffled (hard_negatives 0)": 0, **{f"hard_negatives {n}": n for n in args.hard}}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in conditions}
     with tempfile.TemporaryDirectory(prefix="bench-hard-negatives-") as tmp:
-        train = write_set(Path(tmp) / "train", args.images, 2, seed=101)
-        validation = write_set(Path(tmp) / "validation", args.images // 3, 2, seed=202)
+        train = write_set(Path(tmp) / "train", args.images, 2, seed=101, title=False)
+        validation = write_set(Path(tmp) / "validation", args.images // 3, 2, seed=202, title=False)
         for seed in args.seeds:
             for name, hard in conditions.items():
                 results[name].append(run(train, validation, hard, seed, args.epochs, args.batch))
