@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 # image_bytes and png_bytes are the one image writer: the stand-in's, which seeds its items with them.
 __all__ = [
     "QUICK_CONFIG",
+    "Progress",
     "REPO",
     "SHARED_TRAINING",
     "TINY_MODEL",
@@ -123,6 +124,16 @@ def train_shared_model(root: Path) -> TrainedModel:
     result = finetune(cfg, Splits(dev["train"], dev["validation"]), root / "model",
                       on_epoch_end=lambda e, rec: epochs.append(rec), progress=False)
     return TrainedModel(root / "model", result, epochs, cfg, dev["train"], dev["validation"], test["validation"])
+
+
+class Progress:
+    """Stands in for dl.Progress handed to an adapter's function in-process: records what it reports."""
+
+    def __init__(self) -> None:
+        self.updates: list[dict[str, Any]] = []
+
+    def update(self, **kwargs: Any) -> None:
+        self.updates.append(kwargs)
 
 
 def made_once(root: Path, make: Callable[[Path], Any]) -> Any:

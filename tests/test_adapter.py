@@ -21,7 +21,16 @@ import open_clip
 import pytest
 import safetensors.torch
 import torch
-from helpers import QUICK_CONFIG, Shapes, add_model, image_bytes, published, rig_validation, seed_shapes
+from helpers import (
+    QUICK_CONFIG,
+    Progress,
+    Shapes,
+    add_model,
+    image_bytes,
+    published,
+    rig_validation,
+    seed_shapes,
+)
 from loopback_platform import LoopbackPlatform, dtlpy_pointed_at, tag_subset_filter
 
 from adapters.clip_finetune.config import build_config
@@ -44,15 +53,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------- shared runs
-class Progress:
-    """Stands in for dl.Progress: records what train_model reports."""
-
-    def __init__(self) -> None:
-        self.updates: list[dict[str, Any]] = []
-
-    def update(self, **kwargs: Any) -> None:
-        self.updates.append(kwargs)
-
 
 @dataclass
 class Trained:

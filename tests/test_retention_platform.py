@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
 
 import dtlpy as dl
 import pytest
-from helpers import QUICK_CONFIG, TrainedModel, TunedTwice, image_bytes
+from helpers import QUICK_CONFIG, Progress, TrainedModel, TunedTwice, image_bytes
 from loopback_platform import LoopbackPlatform, tag_subset_filter
 from PIL import Image
 
@@ -19,13 +18,6 @@ from adapters.clip_finetune.dataloop.promotion import KEPT, METADATA_KEY, PROMOT
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-class Progress:
-    def __init__(self) -> None:
-        self.updates: list[dict[str, Any]] = []
-
-    def update(self, **kwargs: Any) -> None:
-        self.updates.append(kwargs)
 
 
 def _rows(table: Path) -> list[tuple[Path, str]]:
