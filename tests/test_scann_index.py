@@ -61,6 +61,16 @@ def test_recall_against_brute_force_with_exact_scores(clip_like, built) -> None:
     assert _recall(narrow.search(queries, K)[0], truth) < _recall(found, truth) - 0.05
 
 
+
+def test_a_batch_split_over_threads_answers_as_one_thread(clip_like, built) -> None:
+    _, _, queries = clip_like
+    one_ids, one_scores = built.search(queries, K, threads=1)
+    for threads in (2, 3, len(queries) + 5):  # uneven parts, and more threads than queries (one query a part)
+        ids, scores = built.search(queries, K, threads=threads)
+        assert ids == one_ids
+        np.testing.assert_array_equal(scores, one_scores)
+    assert built.search(queries[:1], K, threads=4)[0] == one_ids[:1]
+
 def test_add_remove_and_replace_without_a_rebuild(clip_like) -> None:
     ids, vectors, queries = clip_like
     index = build_scann(ids[:6000], vectors[:6000])
