@@ -16,6 +16,7 @@ import pytest
 from helpers import REPO
 from PIL import Image
 
+from adapters.clip_finetune.cli.advice import cli_message
 from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.errors import DataError
@@ -212,11 +213,15 @@ def test_the_shard_comes_from_the_flags_or_from_torchrun() -> None:
     assert shard_spec(None, None, {}) is None
     assert shard_spec(None, None, {"RANK": "0", "WORLD_SIZE": "1"}) is None  # one process: a plain run
     assert shard_spec(None, None, {"RANK": "3", "WORLD_SIZE": "4"}) == ShardSpec(3, 4, "torchrun")
-    assert shard_spec(1, 3, {}) == ShardSpec(1, 3, "--shard-index/--num-shards")
-    for index, count, env, message in [(1, None, {}, "go together"), (3, 3, {}, "0 <= index < num-shards"),
-                                       (0, 2, {"RANK": "0", "WORLD_SIZE": "2"}, "under torchrun")]:
-        with pytest.raises(DataError, match=message):
+    assert shard_spec(1, 3, {}) == ShardSpec(1, 3, "shard_index/num_shards")
+    for index, count, env, message, flags in [
+            (1, None, {}, "shard_index and num_shards go together", "--shard-index and --num-shards go together"),
+            (3, 3, {}, "shard_index=3 num_shards=3: need 0 <= index", "--shard-index 3 --num-shards 3: need"),
+            (0, 2, {"RANK": "0", "WORLD_SIZE": "2"}, "shard_index/num_shards under torchrun",
+             "--shard-index/--num-shards under")]:
+        with pytest.raises(DataError, match=message) as e:
             shard_spec(index, count, env)
+        assert cli_message(e.value).startswith(flags)  # the command line says its flags
 
 
 def test_shard_ranges_cover_every_input_once_in_order() -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from helpers import TINY_MODEL, TINY_TRAINING
 
+from adapters.clip_finetune.cli.advice import cli_message
 from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.errors import DataError
 from adapters.clip_finetune.model.clip import load_model
@@ -109,8 +110,11 @@ def test_a_sharded_folder_joins_its_parts_in_order_and_names_a_missing_one(tmp_p
     ids, vectors = load_embeddings(tmp_path)
     assert ids == ["a", "b", "e"] and vectors[:, 0].tolist() == [0, 0, 2]
     (tmp_path / "part-00001-of-00003.npz").unlink()
-    with pytest.raises(DataError, match=r"1 of 3 parts missing: shard 1 \(part-00001-of-00003.npz\).*--shard-index"):
+    missing = r"1 of 3 parts missing: shard 1 \(part-00001-of-00003.npz\).*num_shards=3 shard_index=I"
+    with pytest.raises(DataError, match=missing) as e:
         load_embeddings(tmp_path)
+    said = cli_message(e.value)  # the command line's words for the same advice
+    assert "`clip-finetune embed` again" in said and "--num-shards 3 --shard-index I" in said
     _part(tmp_path, 1, 3, ["c"], fingerprint="another job")
     with pytest.raises(DataError, match="part-00001-of-00003.npz.* does not belong with the other parts"):
         load_embeddings(tmp_path)

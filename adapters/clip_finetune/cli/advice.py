@@ -19,6 +19,7 @@ FLAGS = {
     "images": "--images",
     "texts": "--texts",
     "embeddings": "--embeddings",
+    "opset": "--opset",
 }
 # a use case the advice names: the command that runs it (a value: what it embeds, images or texts)
 COMMANDS = {"embed": "clip-finetune embed", "doctor": "clip-finetune doctor", "index": "clip-finetune index"}

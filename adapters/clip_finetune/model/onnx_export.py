@@ -31,7 +31,7 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg
 
-from ..errors import ModelError
+from ..errors import ModelError, Setting
 from .clip import ClipModel, load_artifact
 from .weights import unwrap
 
@@ -195,9 +195,9 @@ def _export(
         ) from e
     if opset is not None and _opset(path) != opset:  # the exporter falls back to its own opset, only warning
         raise ModelError(
-            f"--opset {opset}: torch's ONNX exporter wrote opset {_opset(path)} instead (below the opsets it "
+            f"{{opset}}: torch's ONNX exporter wrote opset {_opset(path)} instead (below the opsets it "
             "implements it relies on ONNX's version converter, which failed on this model); use a higher opset or "
-            "leave it out"
+            "leave it out", advice={"opset": Setting("opset", str(opset))}
         )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, Setting
 from ..files import atomic_write
 from ..model.clip import ClipModel
 from ..model.weights import unwrap
@@ -36,7 +36,9 @@ from .embed import encode_items
 from .store import FORMAT, INDEX_NAME, LISTED, PART_RE, embeddings_arrays, part_name, read_part_meta, write_npz
 
 log = logging.getLogger(__name__)
-
+# the settings the errors advise (errors.Setting): the CLI says them as its flags, the API by these names
+SHARD_SETTINGS = {"index": Setting("shard_index"), "count": Setting("num_shards")}
+OUT = {"out": Setting("out")}
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class ShardSpec:
 
     index: int
     count: int
-    source: str  # "--shard-index/--num-shards" or "torchrun"
+    source: str  # "shard_index/num_shards" (the caller's) or "torchrun"
 
 
 def shard_spec(shard_index: int | None, num_shards: int | None,
@@ -61,13 +63,16 @@ def shard_spec(shard_index: int | None, num_shards: int | None,
     if shard_index is None and num_shards is None:
         return ShardSpec(rank, world, "torchrun") if world > 1 else None
     if shard_index is None or num_shards is None:
-        raise DataError("--shard-index and --num-shards go together: give both, or neither")
+        raise DataError("{index} and {count} go together: give both, or neither", advice=SHARD_SETTINGS)
     if world > 1:
-        raise DataError(f"--shard-index/--num-shards under torchrun (WORLD_SIZE={world}): give one or the other "
-                        "(torchrun's ranks shard by themselves; across machines use torchrun --nnodes or the flags)")
+        raise DataError(f"{{index}}/{{count}} under torchrun (WORLD_SIZE={world}): give one or the other "
+                        "(torchrun's ranks shard by themselves; across machines use torchrun --nnodes or them)",
+                        advice=SHARD_SETTINGS)
     if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise DataError(f"--shard-index {shard_index} --num-shards {num_shards}: need 0 <= index < num-shards")
-    return ShardSpec(shard_index, num_shards, "--shard-index/--num-shards")
+        raise DataError("{index} {count}: need 0 <= index < num-shards",
+                        advice={"index": Setting("shard_index", str(shard_index)),
+                                "count": Setting("num_shards", str(num_shards))})
+    return ShardSpec(shard_index, num_shards, "shard_index/num_shards")
 
 
 def pin_local_gpu(environ: Mapping[str, str] | None = None) -> None:
@@ -131,7 +136,8 @@ def _differences(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str:
 
 def _conflict(path: Path, folder: Path, theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> DataError:
     return DataError(f"{str(path)!r} belongs to another embedding job ({_differences(theirs, ours)}); parts of "
-                     f"different jobs are never mixed: use a new --out folder, or delete {str(folder)!r}")
+                     f"different jobs are never mixed: use a new {{out}} folder, or delete {str(folder)!r}",
+                     advice=OUT)
 
 
 def check_folder(folder: Path, job: Mapping[str, Any]) -> None:
@@ -151,8 +157,8 @@ def check_folder(folder: Path, job: Mapping[str, Any]) -> None:
             continue
         if int(m.group(2)) != job["num_shards"]:
             raise DataError(f"{str(path)!r} is a part of a {int(m.group(2))}-shard job, this run has "
-                            f"{job['num_shards']} shards; parts of different jobs are never mixed: use a new --out "
-                            f"folder, or delete {str(folder)!r}")
+                            f"{job['num_shards']} shards; parts of different jobs are never mixed: use a new {{out}} "
+                            f"folder, or delete {str(folder)!r}", advice=OUT)
         theirs = read_part_meta(path)
         if theirs.get("fingerprint") != job["fingerprint"]:
             raise _conflict(path, folder, theirs, job)
@@ -191,8 +197,8 @@ def embed_shard(clip: ClipModel, kind: str, items: Sequence[str], out: str | Pat
         raise ValueError(f"kind {kind!r}: 'images' or 'texts'")
     folder = Path(out)
     if folder.suffix.lower() in (".npz", ".parquet") or (folder.exists() and not folder.is_dir()):
-        raise DataError(f"--out {str(folder)!r}: with sharding, --out is a folder (it gets one part file per "
-                        "shard and index.json)")
+        raise DataError(f"{{out}} {str(folder)!r}: with sharding, {{out}} is a folder (it gets one part file per "
+                        "shard and index.json)", advice=OUT)
     job = describe_job(clip, kind, items, spec.count, settings)
     folder.mkdir(parents=True, exist_ok=True)
     check_folder(folder, job)

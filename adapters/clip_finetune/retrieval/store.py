@@ -69,6 +69,7 @@ def embeddings_arrays(ids: Sequence[str], vectors: np.ndarray, meta: Mapping[str
 
 
 OUT = Setting("out")  # the argument that names an embeddings file to write, unless a caller names another
+EMBED = Setting("embed", None, "the embed use case")  # the CLI says `clip-finetune embed`
 
 
 def check_embeddings_out(path: str | Path, what: str | Setting = OUT) -> Path:
@@ -204,8 +205,9 @@ def _missing_error(folder: Path, missing: Sequence[int], n: int) -> DataError:
     more = f" and {len(missing) - LISTED} more" if len(missing) > LISTED else ""
     return DataError(
         f"sharded embeddings {str(folder)!r} are incomplete: {len(missing)} of {n} parts missing: {names}{more}; "
-        f"run `clip-finetune embed ... --out {folder} --num-shards {n} --shard-index I` for each missing I, "
-        "with the same inputs and model"
+        "run {embed} again for each missing I, with the same inputs and model and {out} {count} {index}",
+        advice={"embed": EMBED, "out": Setting("out", str(folder)), "count": Setting("num_shards", str(n)),
+                "index": Setting("shard_index", "I")},
     )
 
 
@@ -228,12 +230,15 @@ def load_sharded(path: str | Path) -> Embeddings:
         except (Unreadable, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{str(index_path)!r} is not a sharded-embeddings index ({e})") from None
     elif not folder.is_dir():
-        raise DataError(f"{str(path)!r} does not exist; create it with `clip-finetune embed --num-shards N ...`")
+        raise DataError(f"{str(path)!r} does not exist; create it with {{embed}} and {{count}}",
+                        advice={"embed": EMBED, "count": Setting("num_shards", "N")})
     else:
         counts = sorted({int(m.group(2)) for p in folder.iterdir() if (m := PART_RE.match(p.name))})
         if not counts:
             raise DataError(f"{str(folder)!r} holds neither {INDEX_NAME} nor part-*-of-*.npz files: not sharded "
-                            "embeddings (write them with `clip-finetune embed --num-shards N --shard-index I`)")
+                            "embeddings (write them with {embed} and {count} {index})",
+                            advice={"embed": EMBED, "count": Setting("num_shards", "N"),
+                                    "index": Setting("shard_index", "I")})
         if len(counts) > 1:
             raise DataError(f"{str(folder)!r} mixes parts of jobs with {counts} shards; delete the stale ones")
         n, fingerprint = counts[0], None
