@@ -216,7 +216,8 @@ def test_the_shard_comes_from_the_flags_or_from_torchrun() -> None:
     assert shard_spec(1, 3, {}) == ShardSpec(1, 3, "shard_index/num_shards")
     for index, count, env, message, flags in [
             (1, None, {}, "shard_index and num_shards go together", "--shard-index and --num-shards go together"),
-            (3, 3, {}, "shard_index=3 num_shards=3: need 0 <= index", "--shard-index 3 --num-shards 3: need"),
+            (3, 3, {}, "shard_index=3 num_shards=3: need 0 <= shard index < number of shards",
+             "--shard-index 3 --num-shards 3: need"),
             (0, 2, {"RANK": "0", "WORLD_SIZE": "2"}, "shard_index/num_shards under torchrun",
              "--shard-index/--num-shards under")]:
         with pytest.raises(DataError, match=message) as e:

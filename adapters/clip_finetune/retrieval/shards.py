@@ -66,10 +66,11 @@ def shard_spec(shard_index: int | None, num_shards: int | None,
         raise DataError("{index} and {count} go together: give both, or neither", advice=SHARD_SETTINGS)
     if world > 1:
         raise DataError(f"{{index}}/{{count}} under torchrun (WORLD_SIZE={world}): give one or the other "
-                        "(torchrun's ranks shard by themselves; across machines use torchrun --nnodes or them)",
+                        "(torchrun's ranks shard by themselves; across machines use torchrun --nnodes, or these "
+                        "two on each machine)",
                         advice=SHARD_SETTINGS)
     if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise DataError("{index} {count}: need 0 <= index < num-shards",
+        raise DataError("{index} {count}: need 0 <= shard index < number of shards",
                         advice={"index": Setting("shard_index", str(shard_index)),
                                 "count": Setting("num_shards", str(num_shards))})
     return ShardSpec(shard_index, num_shards, "shard_index/num_shards")
