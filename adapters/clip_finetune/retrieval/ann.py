@@ -81,10 +81,43 @@ def _usearch() -> Any:
     return usearch_index
 
 
-class AnnIndex:
-    """Approximate nearest neighbours with exact re-ranking; implements retrieval.index.Index."""
+class RerankedIndex:
+    """What both approximate indexes (this one and scann_index.ScannIndex) share: the full vectors in rows
+    (`_vectors`, the first `_rows` used), each row's id (`_row_ids`, None where removed; `_row_of`: id -> row),
+    and a search whose candidate rows, proposed by the subclass's `_reranked`, are re-ranked exactly."""
 
     kind = "approximate"
+    settings: Any  # its `candidates`: how many rows a query re-ranks (at least k)
+    _vectors: np.ndarray
+    _row_ids: list[str | None]
+    _row_of: dict[str, int]
+
+    @property
+    def dim(self) -> int:
+        return int(self._vectors.shape[1])
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def ids(self) -> list[str]:
+        return [i for i in self._row_ids if i is not None]
+
+    def search(self, queries: np.ndarray, k: int, threads: int = 0) -> tuple[list[list[str]], np.ndarray]:
+        """Top-k ids and exact cosines per query [q, dim]; `threads` 0 uses every core."""
+        queries = checked_queries(queries, self.dim)
+        wanted = min(max(k, self.settings.candidates), len(self))
+        if wanted == 0 or k < 1:
+            return [[] for _ in queries], np.zeros((len(queries), 0), np.float32)
+        rows, scores = self._reranked(queries, wanted, k, threads)
+        return [[self._row_ids[r] for r in row if r >= 0] for row in rows.tolist()], scores
+
+    def _reranked(self, queries: np.ndarray, wanted: int, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's `wanted` candidates re-ranked (`rerank`): rows [q, k'] (-1: padding) and scores."""
+        raise NotImplementedError
+
+
+class AnnIndex(RerankedIndex):
+    """Approximate nearest neighbours with exact re-ranking; implements retrieval.index.Index."""
 
     def __init__(self, dim: int, meta: dict[str, Any] | None = None, settings: AnnSettings | None = None) -> None:
         self.settings = settings or AnnSettings()
@@ -98,21 +131,11 @@ class AnnIndex:
         self._graph = _usearch().Index(ndim=dim, metric="ip", dtype=s.storage, connectivity=s.connectivity,
                                        expansion_add=s.expansion_add, expansion_search=s.expansion_search)
 
-    @property
-    def dim(self) -> int:
-        return int(self._vectors.shape[1])
-
     def describe(self) -> str:
         """One line for people: what answered a search."""
         s = self.settings
         return (f"approximate index (usearch HNSW, {s.storage} graph, M={s.connectivity}, {len(self):,} vectors; "
                 f"top {s.candidates} candidates re-ranked with exact scores)")
-
-    def __len__(self) -> int:
-        return len(self._row_of)
-
-    def ids(self) -> list[str]:
-        return [i for i in self._row_ids if i is not None]
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, threads: int = 0) -> None:
         """Index.add; `threads` link the new vectors in parallel (0: one a core)."""
@@ -136,18 +159,12 @@ class AnnIndex:
             self._graph.remove(np.asarray(rows, dtype=np.uint64))
         return len(rows)
 
-    def search(self, queries: np.ndarray, k: int, threads: int = 0) -> tuple[list[list[str]], np.ndarray]:
-        """Top-k ids and exact cosines per query [q, dim]; `threads` 0 uses every core."""
-        queries = checked_queries(queries, self.dim)
-        wanted = min(max(k, self.settings.candidates), len(self))
-        if wanted == 0 or k < 1:
-            return [[] for _ in queries], np.zeros((len(queries), 0), np.float32)
+    def _reranked(self, queries: np.ndarray, wanted: int, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
         found = self._graph.search(queries, wanted, threads=threads)
         keys = np.asarray(found.keys, dtype=np.int64).reshape(len(queries), -1)  # [q, c] rows
         # one query comes back as usearch's Matches (its keys are the found ones), several as BatchMatches
         counts = np.asarray(getattr(found, "counts", [keys.shape[1]])).reshape(len(queries))
-        rows, scores = rerank(self._vectors, queries, keys, counts, k)
-        return [[self._row_ids[r] for r in row if r >= 0] for row in rows.tolist()], scores
+        return rerank(self._vectors, queries, keys, counts, k)
 
     def save(self, path: str | Path) -> Path:
         folder = Path(path)

@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import DataError
 from ..files import atomic_write, read_json, require_writable
 from ..inputs import Unreadable
-from .ann import _save_npy, _save_npz, checked_additions, checked_queries, rerank, with_room
+from .ann import RerankedIndex, _save_npy, _save_npz, checked_additions, rerank, with_room
 from .safe_npz import load_npz
 
 FORMAT = "clip-finetune scann index v1"
@@ -78,11 +78,9 @@ def _scann() -> Any:
     return scann_ops_pybind
 
 
-class ScannIndex:
+class ScannIndex(RerankedIndex):
     """Partitioned approximate search with exact re-ranking; implements retrieval.index.Index.
     Made by build_scann (ScaNN trains its partitions and codes on the vectors) or open_scann."""
-
-    kind = "approximate"
 
     def __init__(self, searcher: Any, vectors: np.ndarray, row_ids: list[str | None], points: list[int],
                  meta: dict[str, Any] | None, settings: ScannSettings, leaves: int) -> None:
@@ -93,10 +91,6 @@ class ScannIndex:
         self._points_array: np.ndarray | None = None  # the same as an array, made again after a change
         self._point_of = {r: p for p, r in enumerate(points)}
         self.meta, self.settings, self.leaves = meta, settings, leaves
-
-    @property
-    def dim(self) -> int:
-        return int(self._vectors.shape[1])
 
     def describe(self) -> str:
         how = (f"{self.leaves:,} leaves, {self._to_search()} scored a query, 4-bit anisotropic codes" if self.leaves
@@ -110,12 +104,6 @@ class ScannIndex:
             return -1
         share = max(self.settings.search_share, self.settings.min_scored / max(1, len(self)))
         return max(1, min(self.leaves, math.ceil(share * self.leaves)))
-
-    def __len__(self) -> int:
-        return len(self._row_of)
-
-    def ids(self) -> list[str]:
-        return [i for i in self._row_ids if i is not None]
 
     def add(self, ids: Sequence[str], vectors: np.ndarray) -> None:
         """Index.add: new vectors are coded and put in their nearest leaf (the partitions are not retrained:
@@ -152,27 +140,20 @@ class ScannIndex:
             self._points_array = None
         return len(rows)
 
-    def search(self, queries: np.ndarray, k: int, threads: int = 0) -> tuple[list[list[str]], np.ndarray]:
-        """Top-k ids and exact cosines per query [q, dim]; `threads` 0 uses every core."""
-        queries = checked_queries(queries, self.dim)
-        wanted = min(max(k, self.settings.candidates), len(self))
-        if wanted == 0 or k < 1:
-            return [[] for _ in queries], np.zeros((len(queries), 0), np.float32)
+    def _reranked(self, queries: np.ndarray, wanted: int, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
         from ..machine import cpu_cores
 
         if self._points_array is None or len(self._points_array) != len(self._points):
             self._points_array = np.asarray(self._points, dtype=np.int64)
         parts = np.array_split(queries, max(1, min(threads or cpu_cores(), len(queries))))
         if len(parts) == 1:
-            rows, scores = self._search_part(queries, wanted, k)
-        else:
-            # a thread a part, each scanning (ScaNN releases the GIL) and re-ranking (numpy too) its own queries:
-            # both cores stay busy to the end, where ScaNN's own parallel batch left the re-rank on one (1M
-            # vectors: 1,066 ms a 1,000-query batch in ScaNN's threads, ~890 ms in two of ours; docs/performance.md)
-            with ThreadPoolExecutor(len(parts)) as pool:
-                done = list(pool.map(lambda part: self._search_part(part, wanted, k), parts))
-            rows, scores = np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
-        return [[self._row_ids[r] for r in row if r >= 0] for row in rows.tolist()], scores
+            return self._search_part(queries, wanted, k)
+        # a thread a part, each scanning (ScaNN releases the GIL) and re-ranking (numpy too) its own queries:
+        # both cores stay busy to the end, where ScaNN's own parallel batch left the re-rank on one (1M
+        # vectors: 1,066 ms a 1,000-query batch in ScaNN's threads, ~890 ms in two of ours; docs/performance.md)
+        with ThreadPoolExecutor(len(parts)) as pool:
+            done = list(pool.map(lambda part: self._search_part(part, wanted, k), parts))
+        return np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
 
     def _search_part(self, queries: np.ndarray, wanted: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """ScaNN's candidates for these queries on this thread, re-ranked: rows [q, k'] and scores."""
