@@ -3,17 +3,16 @@ traceback), the last good checkpoint kept, and no half-written model that a late
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
-import os
 import resource
-import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY_MODEL
+from helpers import TINY_MODEL
 
 from adapters.clip_finetune.cli.main import main
 from adapters.clip_finetune.data.synthetic import write_dataloop_download
@@ -31,26 +30,30 @@ def data(tmp_path_factory) -> Path:
     return write_dataloop_download(tmp_path_factory.mktemp("disk") / "data", n_train=32, n_validation=16, seed=3)
 
 
-def _limited(limit_bytes: int):
-    def apply() -> None:  # in the child: the file-size limit a shell's `ulimit -f` sets
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    return apply
+@contextlib.contextmanager
+def _limited(limit_bytes: int) -> Iterator[None]:
+    """The file-size limit a shell's `ulimit -f` sets, on this process for the block (the soft limit only: the
+    hard one stays, so it can be raised back). Python ignores SIGXFSZ, so a write past it fails with EFBIG."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 @pytest.mark.parametrize(("limit", "failing"), [(5_000_000, "open_clip_model.safetensors"),
                                                 (20_000_000, CHECKPOINT_NAME)])
 def test_a_file_size_limit_ends_in_one_message_and_leaves_no_model(data: Path, tmp_path: Path, limit: int,
-                                                                   failing: str) -> None:
+                                                                   failing: str, capsys) -> None:
     # the tiny model's weights are 14 MB, its checkpoint about 42 MB: 5 MB stops the weights, 20 MB the checkpoint
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "adapters.clip_finetune.cli.main", "train", "--data", str(data), "--out", str(out),
-           *TRAIN, "--set", "num_epochs=1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, preexec_fn=_limited(limit))
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert "Traceback" not in done.stderr
-    last = done.stderr.strip().splitlines()[-1]
+    with _limited(limit):
+        code = main(["train", "--data", str(data), "--out", str(out), *TRAIN, "--set", "num_epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
     assert last == (f"clip-finetune train: error: '{out / failing}': file too large; the file-size limit (ulimit -f) "
                     "was reached; raise it or write elsewhere")
     left = sorted(p.name for p in out.iterdir())
