@@ -17,7 +17,13 @@ from adapters.clip_finetune.data.synthetic import render, sample_specs
 from adapters.clip_finetune.errors import DataError
 from adapters.clip_finetune.retrieval import evaluate as evaluate_module
 from adapters.clip_finetune.retrieval.evaluate import embed_pairs, evaluate, evaluate_per_query
-from adapters.clip_finetune.retrieval.evaluation_result import EvaluationResult, rank_pairs
+from adapters.clip_finetune.retrieval.evaluation_result import (
+    EvaluationResult,
+    change_standard_error,
+    galleries,
+    merge,
+    rank_pairs,
+)
 from adapters.clip_finetune.retrieval.metrics import retrieval_metrics
 
 T2I, I2T = "text_to_image", "image_to_text"
@@ -135,3 +141,74 @@ def test_evaluate_returns_the_results_metrics(tmp_path, noisy_model, monkeypatch
     fixed = embed_pairs(None, pairs, progress=False)
     monkeypatch.setattr(evaluate_module, "embed_pairs", lambda *a, **k: fixed)  # the same embeddings twice
     assert evaluate(None, pairs) == evaluate_per_query(None, pairs).metrics()
+
+
+def _one_relevant(scores: np.ndarray, ids: list[str]) -> EvaluationResult:
+    """Text->image over a square score matrix, query i's only relevant image being image i."""
+    relevance = np.eye(len(scores), dtype=bool)
+    return EvaluationResult(rank_pairs(np.eye(len(scores), dtype=np.float32), scores.astype(np.float32), relevance,
+                                       ids, ids), {}, {})
+
+
+def test_per_query_values_average_to_the_metrics_and_their_change_has_the_paired_standard_error() -> None:
+    import statistics
+
+    rng = np.random.default_rng(3)
+    n = 40
+    ids = [f"q{i}" for i in range(n)]
+    old_scores, new_scores = rng.normal(size=(n, n)), rng.normal(size=(n, n)) + np.eye(n)
+    old, new = _one_relevant(old_scores, ids), _one_relevant(new_scores, ids)
+    for key, value in new.metrics().items():  # every mean over queries is the mean of values()
+        got = new.values(key)
+        if key.endswith("median_rank"):
+            assert got is None
+        else:
+            assert got is not None and float(got[1].mean()) == pytest.approx(value, abs=1e-12)
+
+    def reciprocal_ranks(scores: np.ndarray) -> list[float]:  # by hand: 1 / (1 + images scored above image i)
+        return [1.0 / (1 + int((row > row[i]).sum())) for i, row in enumerate(scores)]
+
+    changes = [a - b for a, b in zip(reciprocal_ranks(new_scores), reciprocal_ranks(old_scores), strict=True)]
+    expected = statistics.stdev(changes) / n ** 0.5
+    assert change_standard_error(new, old, f"{T2I}/mrr") == pytest.approx(expected, rel=1e-9)
+    assert change_standard_error(old, old, f"{T2I}/mrr") == 0.0
+    # paired over the queries both ran: a query only one of them has is left out
+    fewer = _one_relevant(old_scores[:-1, :-1], ids[:-1])
+    kept = [a - b for a, b in zip(reciprocal_ranks(new_scores)[:-1], reciprocal_ranks(old_scores[:-1, :-1]),
+                                  strict=True)]
+    expected = statistics.stdev(kept) / (n - 1) ** 0.5
+    assert change_standard_error(new, fewer, f"{T2I}/mrr") == pytest.approx(expected, rel=1e-9)
+    assert change_standard_error(new, old, f"{T2I}/median_rank") is None
+    assert change_standard_error(new, _one_relevant(old_scores[:1, :1], ids[:1]), f"{T2I}/mrr") is None
+
+
+def test_galleries_split_the_images_evenly_and_keep_each_pair_with_its_image() -> None:
+    pairs = [CaptionPair(f"img{i % 2500}.png", f"caption {i}") for i in range(3000)]  # 500 images twice
+    parts = galleries(pairs, 1000)
+    sizes = [len({p.image for p in part}) for part in parts]
+    assert sizes == [834, 833, 833]  # three, not 1,000 + 1,000 + 500
+    assert sorted(p.caption for part in parts for p in part) == sorted(p.caption for p in pairs)
+    homes = {image: i for i, part in enumerate(parts) for image in {p.image for p in part}}
+    assert len(homes) == 2500  # no image in two galleries
+    assert galleries(pairs[:1000], 1000) == [pairs[:1000]]  # 1,000 images: one gallery, as given
+
+
+def test_merged_galleries_rank_each_query_within_its_own_and_average_over_all_queries() -> None:
+    rng = np.random.default_rng(5)
+    ids = [[f"q{i}" for i in range(n)] for n in (30, 20)]
+    ids[1][0] = ids[0][0]  # the same caption in both galleries: its id repeats
+    parts = [_one_relevant(rng.normal(size=(len(q), len(q))) + np.eye(len(q)), q) for q in ids]
+    merged = merge(parts)
+    for key, value in merged.metrics().items():
+        if key.endswith("median_rank"):
+            continue
+        expected = sum(p.metrics()[key] * len(p.directions[T2I].queries) for p in parts) / 50
+        assert value == pytest.approx(expected, abs=1e-12), key
+    assert merged.directions[T2I].first_ranks().max() <= 30  # ranked within a gallery, never against all 50
+    # the same galleries scored again: paired by position, the repeated id notwithstanding
+    again = merge([_one_relevant(rng.normal(size=(len(q), len(q))), q) for q in ids])
+    new_q, new_v = again.values(f"{T2I}/mrr")
+    _, old_v = merged.values(f"{T2I}/mrr")
+    assert len(new_q) == 50
+    assert change_standard_error(again, merged, f"{T2I}/mrr") == pytest.approx(
+        float(np.std(new_v - old_v, ddof=1) / np.sqrt(50)), rel=1e-12)

@@ -36,6 +36,14 @@ def score(clip: ClipModel, pairs: list[CaptionPair], cfg: FinetuneConfig, progre
     return score_per_query(clip, pairs, cfg, progress).metrics()
 
 
+def score_in_galleries(clip: ClipModel, pairs: list[CaptionPair], cfg: FinetuneConfig) -> EvaluationResult:
+    """score_per_query of a set held to a tolerance in metric points (a retention set), as training scores one:
+    in galleries of at most evaluation_result.GALLERY images, each query ranked within its own, merged."""
+    from ..retrieval.evaluation_result import galleries, merge
+
+    return merge([score_per_query(clip, gallery, cfg) for gallery in galleries(pairs)])
+
+
 def score_per_query(clip: ClipModel, pairs: list[CaptionPair], cfg: FinetuneConfig, progress: bool = False
                     ) -> EvaluationResult:
     """The evaluation of `clip` on `pairs` with each query's ranks and top candidates (its metrics(): score's)."""

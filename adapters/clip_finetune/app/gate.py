@@ -87,9 +87,9 @@ def compare_models(new: ClipModel, current: ClipModel, pairs: list[CaptionPair],
                    retention: list[CaptionPair] | None = None, metric: str | None = None, margin: float = 0.0
                    ) -> GateVerdict:
     """Both models scored on the same target pairs (and retention pairs), then decide()."""
-    from .evaluate import score
+    from .evaluate import score, score_in_galleries
 
     metric = metric or cfg.early_stopping_metric
     scores = [score(m, pairs, cfg) for m in (new, current)]
-    kept = [score(m, retention, cfg) for m in (new, current)] if retention else [{}, {}]
+    kept = [score_in_galleries(m, retention, cfg).metrics() for m in (new, current)] if retention else [{}, {}]
     return decide(scores[0], scores[1], metric, margin, kept[0], kept[1], cfg.retention_tolerance)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..retrieval.formatting import format_table
-from ..training.retention import NO_RETENTION
+from ..training.retention import NO_RETENTION, SMALL_RETENTION
 
 RETENTION_METRICS = ("recall@1", "recall@5", "recall@10", "mrr")  # both directions, as the target's table
 
@@ -31,7 +31,7 @@ def _curve(result: Mapping[str, Any]) -> list[dict[str, float | None]]:
     if not isinstance(points, list):
         return []
     return [{"alpha": _number(p.get("alpha")), "target": _number(p.get("target")),
-             "retention": _number(p.get("retention"))} for p in points
+             "retention": _number(p.get("retention")), "retention_se": _number(p.get("retention_se"))} for p in points
             if isinstance(p, dict) and _number(p.get("alpha")) is not None and _number(p.get("target")) is not None]
 
 
@@ -48,6 +48,17 @@ def alpha_line(result: Mapping[str, Any]) -> str:
     return ""
 
 
+def change_line(result: Mapping[str, Any]) -> str:
+    """How precisely the retention set measured the saved model's change ('' when metrics.json does not say)."""
+    retention, metric = _dict(result.get("retention")), result.get("metric")
+    se = _number(_dict(retention.get("change_se")).get(metric))
+    before, after = (_number(_dict(retention.get(k)).get(metric)) for k in ("before", "after"))
+    if se is None or before is None or after is None:
+        return ""
+    return (f"the saved model's change of {metric} on the retention set, {after - before:+.4f}, is measured to "
+            f"±{se:.4f} (one standard error, paired over its queries)")
+
+
 def retention_text(result: Mapping[str, Any]) -> str:
     """stdout's lines: the retention set before -> after (and plain fine-tuning's), the alpha; or how to add one."""
     retention = _dict(result.get("retention"))
@@ -58,6 +69,8 @@ def retention_text(result: Mapping[str, Any]) -> str:
         metric, plain = result.get("metric"), _dict(retention.get("fine_tuned"))
         if metric in plain:
             lines.append(f"plain fine-tuning (alpha 1) would have scored {metric} {plain[metric]:.4f} on it")
+        if line := change_line(result):
+            lines.append(line)
     elif not retention:
         lines.append(NO_RETENTION)
     if line := alpha_line(result):
@@ -75,8 +88,11 @@ def retention_section(result: Mapping[str, Any]) -> str:
     else:
         table = f"<p class='note' id='no-retention'>{html.escape(NO_RETENTION)}</p>"
     parts = ["<h2>Retention (what the base model knew)</h2>", table]
-    if line := alpha_line(result):
-        parts.append(f"<p>{html.escape(line)}</p>")
+    for line in (change_line(result), alpha_line(result)):
+        if line:
+            parts.append(f"<p>{html.escape(line)}</p>")
+    notes = result.get("notes") if isinstance(result.get("notes"), list) else []
+    parts += [f"<p class='note'>{html.escape(str(n))}</p>" for n in notes if str(n).startswith(SMALL_RETENTION)]
     curve = _curve(result)
     if curve:
         with tempfile.TemporaryDirectory() as tmp:
@@ -121,8 +137,10 @@ def plot_alpha_curve(curve: Sequence[Mapping[str, float | None]], metric: str, p
     alphas = [p["alpha"] for p in curve]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     ax.plot(alphas, [p["target"] for p in curve], marker="o", label=f"validation {metric}")
-    if all(p["retention"] is not None for p in curve):
-        ax.plot(alphas, [p["retention"] for p in curve], marker="s", color="tab:green", label=f"retention {metric}")
+    if all(p["retention"] is not None for p in curve):  # with one standard error of the change from the base
+        errors = [p.get("retention_se") or 0.0 for p in curve]
+        ax.errorbar(alphas, [p["retention"] for p in curve], yerr=errors, marker="s", color="tab:green", capsize=3,
+                    label=f"retention {metric} (± one standard error of its change)")
     if chosen is not None:
         ax.axvline(chosen, color="tab:red", linestyle="--", label=f"shipped: alpha {chosen:g}")
     ax.set(title="WiSE-FT: alpha x fine-tuned + (1 - alpha) x base", xlabel="alpha (0: base model, 1: fine-tuned)",

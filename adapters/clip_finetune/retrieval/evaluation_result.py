@@ -22,13 +22,17 @@ from ..config import DIRECTIONS, EVAL_KS
 from ..errors import DataError
 from ..files import atomic_write
 from ..inputs import read_json
-from .metrics import RelevantRanks, metrics_from_ranks, relevant_ranks
+from .metrics import RelevantRanks, metrics_from_ranks, per_query_from_ranks, relevant_ranks
 from .ranking import top_k
 
 FORMAT = "clip-finetune per-query evaluation v1"
 PER_QUERY_NAME = "per_query.json"
 TOP_K = 10  # candidates kept per query: enough for recall@10 galleries, small enough for a run folder
 MAX_PER_QUERY_BYTES = 1 << 30  # read bound: about 2 million queries of top-10 lists
+# A set scored with a tolerance in metric points (the retention set) is ranked in galleries of at most this many
+# images, as COCO's "1K" protocol averages five folds of 1,000: a query's rank, so MRR and recall@k, depends on how
+# many candidates it is ranked against, and more pairs should buy precision, not a harder task
+GALLERY = 1000
 
 
 @dataclass
@@ -101,6 +105,16 @@ class EvaluationResult:
         out = {f"{name}/{key}": v for name, d in self.directions.items() for key, v in d.metrics(self.ks).items()}
         return {**out, **self.zero_shot}
 
+    def values(self, metric: str) -> tuple[list[str], np.ndarray] | None:
+        """The queries of a 'direction/metric' key and each one's value (their mean is the metric); None for a
+        key that is not a mean over queries (median_rank, zero-shot accuracy)."""
+        direction, _, key = metric.partition("/")
+        if direction not in self.directions or key == "median_rank":
+            return None
+        d = self.directions[direction]
+        values = per_query_from_ranks(d.ranks, d.n_relevant, self.ks).get(key)
+        return None if values is None else (d.queries, values)
+
     def to_json(self) -> dict[str, Any]:
         """The result as JSON: metrics, the id tables and each direction's queries (relevant ranks, top-k)."""
         return {"format": FORMAT, "ks": list(self.ks), "metrics": self.metrics(), "zero_shot": self.zero_shot,
@@ -153,6 +167,75 @@ def direction_of(metric: str) -> str:
     the others (zero-shot accuracy: search is text->image)."""
     head = metric.split("/", 1)[0]
     return head if head in DIRECTIONS else DIRECTIONS[0]
+
+
+def change_standard_error(new: EvaluationResult, old: EvaluationResult, metric: str) -> float | None:
+    """The standard error of the change of `metric` from `old` to `new`, over the queries both ran: paired (each
+    query's own change), so what the two models share cancels, as in a paired t-test. None for a metric that is
+    not a mean over queries, or with fewer than two shared queries."""
+    got = [r.values(metric) for r in (new, old)]
+    if got[0] is None or got[1] is None:
+        return None
+    (queries, a), (old_queries, b) = got
+    if queries == old_queries:  # the same queries in the same order (galleries may repeat an id): by position
+        change = a - b
+    else:
+        index = {q: i for i, q in enumerate(old_queries)}
+        shared = [(i, index[q]) for i, q in enumerate(queries) if q in index]
+        i, j = np.array(shared, np.int64).reshape(-1, 2).T
+        change = a[i] - b[j]
+    if len(change) < 2:
+        return None
+    return float(change.std(ddof=1) / np.sqrt(len(change)))
+
+
+def galleries(pairs: Sequence[Any], size: int | None = None) -> list[list[Any]]:
+    """`pairs` (anything with an `.image`) in the fewest galleries of at most `size` (default GALLERY) distinct
+    images, as even as can be (np.array_split of the images in order of first appearance); each pair goes with
+    its image."""
+    size = GALLERY if size is None else size
+    images = list(dict.fromkeys(p.image for p in pairs))
+    if len(images) <= size:
+        return [list(pairs)]
+    fold = {image: i for i, part in enumerate(np.array_split(np.arange(len(images)), -(-len(images) // size)))
+            for image in (images[j] for j in part)}
+    out: list[list[Any]] = [[] for _ in range(max(fold.values()) + 1)]
+    for p in pairs:
+        out[fold[p.image]].append(p)
+    return out
+
+
+def merge(results: Sequence[EvaluationResult]) -> EvaluationResult:
+    """The galleries' results as one: every query ranked within its own gallery, so each metric is the mean over
+    all their queries (zero-shot accuracy: the galleries' accuracies weighted by their images). Ids may repeat
+    across galleries (the same caption in two); change_standard_error pairs such results by position."""
+    if len(results) == 1:
+        return results[0]
+    directions = {name: _merge_direction([r.directions[name] for r in results]) for name in DIRECTIONS}
+    images: dict[str, dict[str, list[str]]] = {}
+    captions: dict[str, dict[str, list[str]]] = {}
+    for r in results:
+        for table, merged in ((r.images, images), (r.captions, captions)):
+            for key, ids in table.items():
+                for field_name, values in ids.items():
+                    merged.setdefault(key, {}).setdefault(field_name, []).extend(values)
+    weights = [len(r.images) for r in results]
+    zero_shot = {key: float(np.average([r.zero_shot[key] for r in results], weights=weights))
+                 for key in results[0].zero_shot if all(key in r.zero_shot for r in results)}
+    return EvaluationResult(directions, images, captions, results[0].ks, zero_shot)
+
+
+def _merge_direction(parts: Sequence[DirectionResult]) -> DirectionResult:
+    """One direction of merge(): queries, candidates and their ranks in gallery order, indices offset."""
+    q0 = np.cumsum([0, *(len(d.queries) for d in parts)])
+    c0 = np.cumsum([0, *(len(d.candidates) for d in parts)])
+    ranks = RelevantRanks(row=np.concatenate([d.ranks.row + q0[i] for i, d in enumerate(parts)]),
+                          rank=np.concatenate([d.ranks.rank for d in parts]),
+                          nth=np.concatenate([d.ranks.nth for d in parts]),
+                          col=np.concatenate([d.ranks.col + c0[i] for i, d in enumerate(parts)]))
+    return DirectionResult([q for d in parts for q in d.queries], [c for d in parts for c in d.candidates], ranks,
+                           np.concatenate([d.top_ids + c0[i] for i, d in enumerate(parts)]),
+                           np.concatenate([d.top_scores for d in parts]))
 
 
 def compare_queries(new: EvaluationResult, old: EvaluationResult, direction: str = DIRECTIONS[0]) -> dict[str, Any]:

@@ -221,6 +221,14 @@ def metrics_from_ranks(ranks: RelevantRanks, n_relevant: np.ndarray, ks: Sequenc
                        ) -> dict[str, float]:
     """Every metric of ranking_metrics from the relevant candidates' ranks (relevant_ranks) and each query's
     count of relevant candidates (every query needs at least one)."""
+    values = per_query_from_ranks(ranks, n_relevant, ks)
+    return {key: float(np.median(v) if key == "median_rank" else v.mean()) for key, v in values.items()}
+
+
+def per_query_from_ranks(ranks: RelevantRanks, n_relevant: np.ndarray, ks: Sequence[int] = EVAL_KS
+                         ) -> dict[str, np.ndarray]:
+    """Each metric's value for each query [n_queries], under the keys of metric_keys: a metric is their mean
+    (median_rank their median; its values and mean_rank's are the first relevant ranks)."""
     ks = _check_ks(ks)
     n_relevant = np.asarray(n_relevant)
     n_queries = len(n_relevant)
@@ -239,31 +247,29 @@ def metrics_from_ranks(ranks: RelevantRanks, n_relevant: np.ndarray, ks: Sequenc
     c.hits_at_r[:] = np.bincount(row, weights=rank <= r_of_row, minlength=n_queries)
     # exactly one relevant candidate per row has nth == 1 (its best-ranked); rows come in order
     c.first_rank[:] = rank[nth == 1]
-    return _summarise(c, n_relevant, ks)
+    return _per_query(c, n_relevant, ks)
 
 
-def _summarise(c: _Counts, n_relevant: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
-    """Each metric per query from the counts, averaged over queries (median for median_rank)."""
+def _per_query(c: _Counts, n_relevant: np.ndarray, ks: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Each metric per query from the counts."""
     n_queries = len(n_relevant)
     r = n_relevant.astype(np.float64)
     # ideal DCG: the min(R, k) relevant candidates at ranks 1..min(R, k)
     ideal = np.concatenate(([0.0], np.cumsum(1.0 / np.log2(np.arange(2, max(ks) + 2)))))
-    per_k: dict[str, dict[int, np.ndarray]] = {m: {} for m in AT_K_METRICS}
+    out: dict[str, np.ndarray] = {}
     for i, k in enumerate(ks):
         precision = c.hits[i] / k
         recall = c.hits[i] / r
         denom = precision + recall
-        per_k["recall"][k] = recall
-        per_k["precision"][k] = precision
-        per_k["hit"][k] = (c.hits[i] > 0).astype(np.float64)
-        per_k["f1"][k] = np.divide(2 * precision * recall, denom, out=np.zeros(n_queries), where=denom > 0)
-        per_k["ndcg"][k] = c.dcg[i] / ideal[np.minimum(n_relevant, k)]
-    out = {f"{m}@{k}": float(per_k[m][k].mean()) for m in AT_K_METRICS for k in ks}
-    out["mrr"] = float((1.0 / c.first_rank).mean())
-    out["map"] = float((c.ap_sum / r).mean())
-    out["r_precision"] = float((c.hits_at_r / r).mean())
-    out["median_rank"] = float(np.median(c.first_rank))
-    out["mean_rank"] = float(c.first_rank.mean())
+        out[f"recall@{k}"] = recall
+        out[f"precision@{k}"] = precision
+        out[f"hit@{k}"] = (c.hits[i] > 0).astype(np.float64)
+        out[f"f1@{k}"] = np.divide(2 * precision * recall, denom, out=np.zeros(n_queries), where=denom > 0)
+        out[f"ndcg@{k}"] = c.dcg[i] / ideal[np.minimum(n_relevant, k)]
+    out["mrr"] = 1.0 / c.first_rank
+    out["map"] = c.ap_sum / r
+    out["r_precision"] = c.hits_at_r / r
+    out["median_rank"] = out["mean_rank"] = c.first_rank
     return {key: out[key] for key in metric_keys(ks)}
 
 

@@ -25,7 +25,7 @@ from ..data.load import Splits
 from ..model.clip import ClipModel
 from ..model.weights import cpu_state, unwrap, wise_ft
 from ..retrieval.eval_cache import BaseEvalStore, EvalCache, cache_dir
-from ..retrieval.evaluation_result import EvaluationResult
+from ..retrieval.evaluation_result import EvaluationResult, change_standard_error, direction_of, galleries, merge
 
 if TYPE_CHECKING:
     from .state import RunState, TrainResult
@@ -38,6 +38,8 @@ NO_RETENTION = ("no retention set: nothing measured what the base model knew bef
                 "lose; add one with `clip-finetune train --retention DATA`, fit(..., retention=DATA) or, on "
                 "Dataloop, a 'retention' subset on the model (docs/retention.md)")
 
+SMALL_RETENTION = "the retention set is small"  # how resolution_note's note begins
+
 
 @dataclass
 class Point:
@@ -47,10 +49,13 @@ class Point:
     validation: dict[str, float]
     retention: dict[str, float]
     evaluation: EvaluationResult | None = None  # the validation per query, for per_query.json
+    retention_se: float | None = None  # the standard error of the retention change from the base (paired)
 
     def row(self, metric: str) -> dict[str, Any]:
-        """The curve's entry: {alpha, target, retention} (retention None without a retention set)."""
-        return {"alpha": self.alpha, "target": self.validation.get(metric), "retention": self.retention.get(metric)}
+        """The curve's entry: {alpha, target, retention, retention_se} (the last two None without a retention
+        set)."""
+        return {"alpha": self.alpha, "target": self.validation.get(metric), "retention": self.retention.get(metric),
+                "retention_se": self.retention_se}
 
 
 def has_weights(cfg: FinetuneConfig) -> bool:
@@ -99,14 +104,41 @@ def retention_cache(cfg: FinetuneConfig, clip: ClipModel, pairs: list | None, bu
 
 def score_retention(run: RunState, pairs: list | None, score: Score, base: bool = False) -> dict[str, float]:
     """The retention metrics of the model as it is now ({} without a retention set); `base`: the starting
-    weights, whose embeddings the base-model store may hold. The run's latest (validation) evaluation is kept."""
+    weights, whose embeddings the base-model store may hold, and whose per-query result is kept as
+    run.retention_base. The run's latest (validation) evaluation is kept."""
+    return _retention(run, pairs, score, base)[0]
+
+
+def _retention(run: RunState, pairs: list | None, score: Score, base: bool = False
+               ) -> tuple[dict[str, float], float | None]:
+    """score_retention's metrics, and the standard error of the change of the selection metric from the base
+    (change_standard_error; None for the base itself, or when the base's per-query result is not at hand)."""
     if not pairs or not run.is_main:
-        return {}
+        return {}, None
     kept, cache = run.evaluation, run.retention_cache
-    with cache.storing() if base and cache is not None else nullcontext():
-        scores = score(run, pairs, cache=cache)
-    run.evaluation = kept
-    return scores
+    with cache.storing() if base and cache is not None else nullcontext():  # galleries of 1,000 images at most
+        results = [(score(run, gallery, cache=cache), run.evaluation) for gallery in galleries(pairs)]
+    now = results[0][1] if len(results) == 1 else merge([r for _, r in results])
+    scores, run.evaluation = results[0][0] if len(results) == 1 else now.metrics(), kept
+    if base:
+        run.retention_base = now
+        return scores, None
+    if now is None or run.retention_base is None:
+        return scores, None
+    return scores, change_standard_error(now, run.retention_base, run.cfg.early_stopping_metric)
+
+
+def resolution_note(se: float | None, queries: int, metric: str, tolerance: float) -> str | None:
+    """The note for a retention set too small to see a loss of `tolerance`: one standard error of the measured
+    change (`se`, over `queries` queries) above half the tolerance. About (2 se / tolerance)^2 times as many
+    queries would bring it there (the error falls as one over the square root of the count)."""
+    if se is None or queries < 2 or 2 * se <= tolerance:
+        return None
+    needed = math.ceil(queries * (2 * se / tolerance) ** 2)
+    return (f"{SMALL_RETENTION} for retention_tolerance {tolerance:g}: its {queries:,} queries measure the "
+            f"change of {metric} to about ±{se:.3f} (one standard error), so a loss the size of the tolerance can "
+            f"pass unseen; about {needed:,} retention pairs would measure it to ±{tolerance / 2:g} "
+            "(docs/retention.md)")
 
 
 def mix_with_base(run: RunState, splits: Splits, result: TrainResult, score: Score) -> EvaluationResult | None:
@@ -135,16 +167,18 @@ def _auto(run: RunState, splits: Splits, result: TrainResult, score: Score) -> E
     started = time.perf_counter()
     fine = cpu_state(model)
     base_retention = run.progress.retention_before
-    if splits.retention and not base_retention:  # resumed from a checkpoint written before retention was scored
+    if splits.retention and run.retention_base is None:  # resumed: the base's per-query result is not saved
         model.load_state_dict(run.base_state)
         base_retention = run.progress.retention_before = score_retention(run, splits.retention, score, base=True)
         model.load_state_dict(fine)
-    points = [Point(0.0, run.progress.before, base_retention),
-              Point(1.0, result.after, score_retention(run, splits.retention, score))]
+    kept, se = _retention(run, splits.retention, score)
+    points = [Point(0.0, run.progress.before, base_retention, retention_se=0.0 if splits.retention else None),
+              Point(1.0, result.after, kept, retention_se=se)]
     for alpha in GRID[1:-1]:
         model.load_state_dict(wise_ft(run.base_state, fine, alpha))
-        validation = score(run, splits.validation, cache=run.eval_cache)
-        points.append(Point(alpha, validation, score_retention(run, splits.retention, score), run.evaluation))
+        validation, evaluation = score(run, splits.validation, cache=run.eval_cache), run.evaluation
+        kept, se = _retention(run, splits.retention, score)
+        points.append(Point(alpha, validation, kept, evaluation, se))
     points.sort(key=lambda p: p.alpha)
     best = choose(points, metric, cfg.retention_tolerance)
     model.load_state_dict(wise_ft(run.base_state, fine, best.alpha))
@@ -154,6 +188,7 @@ def _auto(run: RunState, splits: Splits, result: TrainResult, score: Score) -> E
     result.selection["after"] = best.validation
     if splits.retention:
         result.retention = {"before": base_retention, "after": best.retention, "fine_tuned": points[-1].retention}
+        _resolution(run, result, best.retention_se, points[-1].retention_se)
     log.info("auto WiSE-FT: alpha %g of %s on %s (%s); %d mixes scored in %.1f s", best.alpha,
              ", ".join(f"{p.alpha:g}" for p in points), metric,
              f"retention within {cfg.retention_tolerance:g} of the base" if splits.retention else "no retention set",
@@ -174,5 +209,19 @@ def check_retention(run: RunState, splits: Splits, result: TrainResult, score: S
         result.notes.append(NO_RETENTION)
         log.info("%s", NO_RETENTION)
     elif not result.retention:
-        result.retention = {"before": run.progress.retention_before,
-                            "after": score_retention(run, splits.retention, score)}
+        after, se = _retention(run, splits.retention, score)
+        result.retention = {"before": run.progress.retention_before, "after": after}
+        _resolution(run, result, se, se)
+
+
+def _resolution(run: RunState, result: TrainResult, shipped: float | None, widest: float | None) -> None:
+    """Record the standard error of the shipped weights' retention change (`retention.change_se`), and note a
+    retention set too small for the tolerance, judged on the widest change measured (plain fine-tuning's)."""
+    metric = run.cfg.early_stopping_metric
+    if shipped is not None:
+        result.retention["change_se"] = {metric: round(shipped, 6)}
+    base = run.retention_base
+    queries = len(base.directions[direction_of(metric)].queries) if base is not None else 0
+    if note := resolution_note(widest, queries, metric, run.cfg.retention_tolerance):
+        result.notes.append(note)
+        log.warning("%s", note)

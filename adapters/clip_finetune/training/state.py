@@ -131,6 +131,7 @@ class RunState:
     eval_cache: EvalCache | None = None  # what this run's evaluations reuse (rank 0 with validation pairs)
     retention_cache: EvalCache | None = None  # the same for the retention set (rank 0 with retention pairs)
     evaluation: EvaluationResult | None = None  # the latest evaluation, per query (rank 0): per_query.json
+    retention_base: EvaluationResult | None = None  # the base model on the retention set, per query
 
     @property
     def is_main(self) -> bool:
