@@ -15,6 +15,7 @@ from PIL import Image
 
 from adapters.clip_finetune.dataloop.nodes import ClipNodes
 from adapters.clip_finetune.dataloop.promotion import KEPT, METADATA_KEY, PROMOTED
+from adapters.clip_finetune.retrieval import evaluation_result
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -34,7 +35,7 @@ def _model(platform: LoopbackPlatform, project: str, dataset: str, folder: Path,
 
 
 def test_the_gate_keeps_out_a_model_that_forgot_the_retention_items_and_records_why(
-    platform: LoopbackPlatform, trained_model: TrainedModel, retention_tuned: TunedTwice
+    platform: LoopbackPlatform, trained_model: TrainedModel, retention_tuned: TunedTwice, monkeypatch
 ) -> None:
     project = platform.add_project()["id"]
     dataset = platform.add_dataset(project, "two-domains")["id"]
@@ -61,10 +62,15 @@ def test_the_gate_keeps_out_a_model_that_forgot_the_retention_items_and_records_
     assert "'shapes-current'" in verdict["reason"] and kept["filters"] == retention and kept["tolerance"] == 0.01
     assert progress.updates[-1]["action"] == KEPT and "refused on retention" in progress.updates[-1]["message"]
 
-    # the same models with a tolerance that forgives the loss: the target decides, and the new model goes through
+    # the same models with a tolerance that forgives the loss: the target decides, and the new model goes through;
+    # and galleries of 10 images: the retention items are ranked 10 at a time, as training ranks them 1,000 at a time
+    monkeypatch.setattr(evaluation_result, "GALLERY", 10)
     winner = nodes.promote_if_better(new, current, dl.datasets.get(dataset_id=dataset),
                                      filters=tag_subset_filter("test")["filter"],
                                      compare_config={"retention_filters": retention, "retention_tolerance": 1.0},
                                      progress=progress)
     assert winner.id == new.id and progress.updates[-1]["action"] == PROMOTED
-    assert platform.models[new.id]["metadata"]["user"][METADATA_KEY]["promotion"]["reason"] == ""
+    again = platform.models[new.id]["metadata"]["user"][METADATA_KEY]["promotion"]
+    assert again["reason"] == "" and again["new"] == verdict["new"]  # the target items: one set, as before
+    for model in ("new", "previous"):  # 40 retention items in 4 galleries: each caption ranked against 10 images
+        assert again["retention"][model][metric] > kept[model][metric] + 0.1

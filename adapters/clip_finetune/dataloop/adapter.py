@@ -17,7 +17,7 @@ from typing import Any
 
 import dtlpy as dl
 
-from adapters.clip_finetune.app.evaluate import score_per_query
+from adapters.clip_finetune.app.evaluate import score_in_galleries, score_per_query
 from adapters.clip_finetune.app.models import open_model
 from adapters.clip_finetune.app.train import Training
 from adapters.clip_finetune.config import FinetuneConfig
@@ -277,14 +277,16 @@ class ClipAdapter(dl.BaseModelAdapter):
         self, model: dl.Model, dataset: dl.Dataset, filters: dl.Filters | dict | None = None, **kwargs: Any
     ) -> dl.Model:
         """Retrieval metrics (both directions) of the loaded model on the captioned items `filters` selects,
-        published to `model`; replaces dtlpy's scoring of box/class/polygon annotations."""
+        published to `model`; replaces dtlpy's scoring of box/class/polygon annotations. `galleries=True`: ranked
+        in galleries of 1,000 images, as training ranks a retention set (app.evaluate.score_in_galleries)."""
         with tempfile.TemporaryDirectory(prefix="clip-evaluate-") as tmp:
             folder = Path(tmp) / "evaluation"
             list(dataset.items.download(filters=as_filters(filters), local_path=str(folder),
                                         annotation_options=dl.ViewAnnotationOptions.JSON))  # a lazy generator
             name = f"dataset {dataset.name!r}"
             pairs, report = self._read_evaluation_set(folder, Path(tmp) / PROMPT_IMAGES, name)
-            self.evaluation_result = score_per_query(self.clip, pairs, self.cfg)
+            score = score_in_galleries if kwargs.get("galleries") else score_per_query
+            self.evaluation_result = score(self.clip, pairs, self.cfg)
             self.evaluation = self.evaluation_result.metrics()
         logger.info("evaluation on %s (%s):\n%s", dataset.name, report.summary(), format_table(self.evaluation))
         publish(model, evaluation_samples(self.evaluation, dataset.name), dataset.id)

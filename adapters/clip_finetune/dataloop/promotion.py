@@ -126,8 +126,8 @@ def gate(adapter_for: Callable[[dl.Model], ClipAdapter], new_model: dl.Model, pr
 def _check_retention(adapter_for: Callable[[dl.Model], ClipAdapter], verdict: Verdict, new_model: dl.Model,
                      previous_model: dl.Model, dataset: dl.Dataset, retention: tuple[dict | None, float]) -> None:
     filters, tolerance = retention
-    new, _ = _scores(adapter_for, new_model, dataset, filters)
-    previous, _ = _scores(adapter_for, previous_model, dataset, filters)
+    new, _ = _scores(adapter_for, new_model, dataset, filters, galleries=True)  # as training scores it
+    previous, _ = _scores(adapter_for, previous_model, dataset, filters, galleries=True)
     verdict.retention = {"filters": filters, "tolerance": tolerance, "new": new, "previous": previous}
     verdict.reason = retention_loss(new, previous, verdict.metric, tolerance, repr(previous_model.name))
     if verdict.reason:
@@ -135,10 +135,12 @@ def _check_retention(adapter_for: Callable[[dl.Model], ClipAdapter], verdict: Ve
 
 
 def _scores(adapter_for: Callable[[dl.Model], ClipAdapter], model: dl.Model, dataset: dl.Dataset,
-            filters: dict | None) -> tuple[dict[str, float], EvaluationResult | None]:
-    """The model's metrics on the items, and the per-query evaluation they were computed from."""
+            filters: dict | None, galleries: bool = False) -> tuple[dict[str, float], EvaluationResult | None]:
+    """The model's metrics on the items, and the per-query evaluation they were computed from; `galleries`: ranked
+    in galleries of 1,000 images (a retention set, held to a tolerance in points)."""
     adapter = adapter_for(model)
-    adapter.evaluate(model=model, dataset=dataset, filters=filters)  # publishes them on the model too
+    more = {"galleries": True} if galleries else {}  # a keyword only our adapter's evaluate reads
+    adapter.evaluate(model=model, dataset=dataset, filters=filters, **more)  # publishes them on the model too
     return dict(adapter.evaluation), adapter.evaluation_result
 
 
