@@ -16,6 +16,7 @@ from helpers import TINY_TRAINING, set_args
 if importlib.util.find_spec("usearch") is None:
     pytest.skip('the approximate index needs usearch: pip install ".[index]"', allow_module_level=True)
 
+from adapters.clip_finetune.cli.advice import cli_message
 from adapters.clip_finetune.cli.main import main  # noqa: E402
 from adapters.clip_finetune.data.synthetic import write_csv  # noqa: E402
 from adapters.clip_finetune.errors import DataError  # noqa: E402
@@ -135,11 +136,12 @@ def test_a_save_that_fails_leaves_the_previous_index_whole(clip_like, tmp_path: 
 def test_a_damaged_index_is_a_clear_error(clip_like, tmp_path: Path) -> None:
     ids, vectors, _ = clip_like
     folder = build_ann(ids[:500], vectors[:500]).save(tmp_path / "idx")
-    with pytest.raises(DataError, match="holds no ann.json: not an index of `clip-finetune index`"):
+    with pytest.raises(DataError, match="holds no ann.json: not an index of this tool"):
         open_ann(tmp_path)
     next(folder.glob("vectors-*.npy")).unlink()
-    with pytest.raises(DataError, match=r"is missing vectors-.*\.npy; build it again with `clip-finetune index"):
+    with pytest.raises(DataError, match=r"is missing vectors-.*\.npy; build it again with build_ann\(ids, ") as e:
         open_ann(folder)
+    assert cli_message(e.value).endswith("build it again with clip-finetune index --method hnsw ...")  # the CLI's words
     (folder / "ann.json").write_text("{not json")
     with pytest.raises(DataError, match="ann.json' is not readable"):
         open_ann(folder)

@@ -12,6 +12,7 @@ from helpers import TINY_TRAINING, set_args
 
 pytest.importorskip("scann", reason='the partitioned index needs scann: pip install ".[index]" (Linux)')
 
+from adapters.clip_finetune.cli.advice import cli_message
 from adapters.clip_finetune.cli.main import main  # noqa: E402
 from adapters.clip_finetune.data.synthetic import write_csv  # noqa: E402
 from adapters.clip_finetune.errors import DataError  # noqa: E402
@@ -137,8 +138,9 @@ def test_a_damaged_index_is_a_clear_error(clip_like, tmp_path: Path) -> None:
     ids, vectors, _ = clip_like
     folder = build_scann(ids[:100], vectors[:100]).save(tmp_path / "idx")
     next(folder.glob("vectors-*.npy")).unlink()
-    with pytest.raises(DataError, match=r"is missing vectors-.*\.npy; build it again with `clip-finetune index"):
+    with pytest.raises(DataError, match=r"is missing vectors-.*\.npy; build it again with build_scann\(") as e:
         open_scann(folder)
+    assert cli_message(e.value).endswith("build it again with clip-finetune index --method scann ...")  # the CLI's
     (folder / "scann.json").write_text("{not json")
     with pytest.raises(DataError, match="scann.json' is not a whole manifest"):
         open_scann(folder)

@@ -118,3 +118,11 @@ def test_a_sharded_folder_joins_its_parts_in_order_and_names_a_missing_one(tmp_p
     _part(tmp_path, 1, 3, ["c"], fingerprint="another job")
     with pytest.raises(DataError, match="part-00001-of-00003.npz.* does not belong with the other parts"):
         load_embeddings(tmp_path)
+
+
+def test_a_missing_or_damaged_embeddings_file_says_how_to_make_it_in_each_faces_words(tmp_path: Path) -> None:
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    for name, says in (("missing.npz", "does not exist; create it with"), ("bad.npz", "embed the items again with")):
+        with pytest.raises(DataError, match=f"{says} the embed use case$") as e:  # the Python API's words
+            read_embeddings(tmp_path / name)
+        assert cli_message(e.value).endswith(f"{says} `clip-finetune embed`")  # the command line's

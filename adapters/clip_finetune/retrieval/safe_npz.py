@@ -11,24 +11,34 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from numpy.lib import format as npy_format
 
-from ..errors import DataError
+from ..errors import DataError, Setting
 from ..inputs import open_regular
 
 MAX_COMPRESSION = 100  # an array deflated more than this is a compression bomb, not float vectors or file names
 
 
 def load_npz(path: str | Path, required: Sequence[str], optional: Sequence[str] = (), hint: str = "",
-             max_bytes: int | None = None) -> dict:
+             max_bytes: int | None = None, advice: Mapping[str, Setting] | None = None) -> dict:
     """{name: array} of the arrays of an .npz file; `required` ones must be there. DataError naming the file (and
-    `hint`, what to do) for anything else: not a zip, truncated, a header that lies, an object array, or (given
-    `max_bytes`) arrays that would take more than that many bytes once read."""
-    path = Path(path)
+    `hint`, what to do, naming `advice`'s settings as {key}: errors.ClipFinetuneError) for anything else: not a
+    zip, truncated, a header that lies, an object array, or (given `max_bytes`) arrays that would take more than
+    that many bytes once read."""
+    try:
+        return _load_npz(Path(path), required, optional, hint, max_bytes)
+    except DataError as e:
+        if not advice:
+            raise
+        raise DataError(str(e), advice=advice) from None
+
+
+def _load_npz(path: Path, required: Sequence[str], optional: Sequence[str], hint: str, max_bytes: int | None
+              ) -> dict:
     fix = f"; {hint}" if hint else ""
     with open_regular(path, "embeddings file") as f:
         try:

@@ -124,15 +124,16 @@ def read_embeddings(path: str | Path) -> Embeddings:
     if path.is_dir() or path.name == INDEX_NAME:
         return load_sharded(path)
     if not path.exists():
-        raise DataError(f"embeddings file {str(path)!r} does not exist; create it with `clip-finetune embed`")
+        raise DataError(f"embeddings file {str(path)!r} does not exist; create it with {{embed}}",
+                        advice={"embed": EMBED})
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    arrays = load_npz(path, ("ids", "vectors"), ("meta",), REDO)
+    arrays = load_npz(path, ("ids", "vectors"), ("meta",), REDO, advice={"embed": EMBED})
     meta = _meta(arrays["meta"], path) if "meta" in arrays else None
     return Embeddings(*checked_arrays(path, arrays["ids"], arrays["vectors"]), meta)
 
 
-REDO = "embed the items again with `clip-finetune embed`"
+REDO = "embed the items again with {embed}"  # each face names its embed
 
 
 def _read_parquet(path: Path) -> Embeddings:
@@ -146,7 +147,7 @@ def _read_parquet(path: Path) -> Embeddings:
         raise DataError(f"{str(path)!r}: {PARQUET_HINT}") from None
     except Exception as e:  # pyarrow's and pandas' many errors on a file that is not theirs or not whole
         raise DataError(f"{str(path)!r} is not a readable embeddings .parquet file ({type(e).__name__}: "
-                        f"{str(e)[:200]}); {REDO}") from None
+                        f"{str(e)[:200]}); {REDO}", advice={"embed": EMBED}) from None
     meta = frame.attrs.get("clip_finetune") or None
     return Embeddings(*checked_arrays(path, ids, vectors), meta if isinstance(meta, dict) else None)
 
@@ -164,16 +165,16 @@ def checked_arrays(path: Path, ids: np.ndarray, vectors: np.ndarray) -> tuple[li
     where = f"embeddings {str(path)!r}"
     if vectors.ndim != 2 or vectors.shape[1] == 0 or vectors.dtype.kind not in "fiu":
         raise DataError(f"{where}: vectors must be numbers in a 2-D array [items, dimensions] (got {vectors.dtype} "
-                        f"of shape {vectors.shape}); {REDO}")
+                        f"of shape {vectors.shape}); {REDO}", advice={"embed": EMBED})
     if ids.ndim != 1 or len(ids) != len(vectors):
         raise DataError(f"{where}: {ids.size} ids for {len(vectors)} vectors (ids of shape {ids.shape}); they must "
-                        f"pair up one to one; {REDO}")
+                        f"pair up one to one; {REDO}", advice={"embed": EMBED})
     vectors = vectors.astype(np.float32)
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
         example = str(ids[int(np.argmax(bad))])[:80]
         raise DataError(f"{where}: {int(bad.sum())} of {len(vectors)} vectors hold NaN or infinity (e.g. {example!r}); "
-                        f"they would rank at random; {REDO}")
+                        f"they would rank at random; {REDO}", advice={"embed": EMBED})
     return [str(i) for i in ids.tolist()], vectors
 
 
