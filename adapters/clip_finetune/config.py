@@ -160,8 +160,8 @@ class FinetuneConfig(BaseModel):
                                "on validation whose retention set falls at most retention_tolerance below the base "
                                "model's; a wise_ft_alpha below 1 wins (docs/retention.md)")
     retention_tolerance: float = Field(0.01, ge=0.0, le=1.0, description="how far the retention set's "
-                                       "early_stopping_metric may fall below the base model's (0.01: one point of "
-                                       "MRR), for auto WiSE-FT and the promotion gate")
+                                       "early_stopping_metric (ranked in galleries of 1,000 images) may fall below the "
+                                       "base model's (0.01: one point of MRR), for auto WiSE-FT and the promotion gate")
     export_onnx: bool = Field(False, description="also export the image and text towers to ONNX (onnx/ inside the "
                               "saved model)")
 
