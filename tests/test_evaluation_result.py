@@ -198,9 +198,12 @@ def test_merged_galleries_rank_each_query_within_its_own_and_average_over_all_qu
     ids = [[f"q{i}" for i in range(n)] for n in (30, 20)]
     ids[1][0] = ids[0][0]  # the same caption in both galleries: its id repeats
     parts = [_one_relevant(rng.normal(size=(len(q), len(q))) + np.eye(len(q)), q) for q in ids]
+    parts[0].zero_shot, parts[1].zero_shot = {"zero_shot/accuracy": 0.5}, {"zero_shot/accuracy": 0.8}
+    parts[0].images, parts[1].images = {f"i{i}": {} for i in range(30)}, {f"j{i}": {} for i in range(20)}
     merged = merge(parts)
+    assert merged.zero_shot == {"zero_shot/accuracy": pytest.approx((0.5 * 30 + 0.8 * 20) / 50)}  # by images
     for key, value in merged.metrics().items():
-        if key.endswith("median_rank"):
+        if key.startswith("zero_shot") or key.endswith("median_rank"):  # the first checked above; a median
             continue
         expected = sum(p.metrics()[key] * len(p.directions[T2I].queries) for p in parts) / 50
         assert value == pytest.approx(expected, abs=1e-12), key
