@@ -188,3 +188,42 @@ def test_a_retention_set_past_a_gallery_is_scored_gallery_by_gallery_and_its_cha
     rr = np.concatenate([1.0 / r.directions["text_to_image"].first_ranks() for r in made[3:]])
     assert after[METRIC] == pytest.approx(rr.mean(), abs=1e-12)  # ranked within each gallery, over all 100
     assert se == pytest.approx(float(np.std(rr - 1.0, ddof=1) / 10), rel=1e-12)  # paired: each query vs its 1.0
+
+
+def test_an_auto_wise_ft_run_resumed_after_a_crash_ships_what_an_uninterrupted_one_ships(
+    trained_model: TrainedModel, tmp_path: Path
+) -> None:
+    """The resumed run has no per-query result of the base on the retention set (it is not in the checkpoint): it
+    scores the base again, so its curve, standard errors and retention figures are the uninterrupted run's."""
+    from helpers import RETUNE
+
+    from adapters.clip_finetune.config import build_config
+    from adapters.clip_finetune.data.load import Splits
+    from adapters.clip_finetune.data.patterns import write_pattern_csv
+    from adapters.clip_finetune.data.tables import read_table
+    from adapters.clip_finetune.training import finetune
+
+    tables = [write_pattern_csv(tmp_path / name / "b.csv", n, seed=seed)
+              for name, n, seed in (("train", 96, 21), ("validation", 24, 22))]
+    cfg = build_config(RETUNE, {"num_epochs": 2, "train_batch_size": 16, "base_eval_cache": False,
+                                "model_name": str(trained_model.folder / "open_clip_config.json"),
+                                "pretrained": str(trained_model.folder)})
+
+    def splits() -> Splits:
+        return Splits(read_table(tables[0]), read_table(tables[1]), retention=list(trained_model.test[:60]))
+
+    whole = finetune(cfg, splits(), tmp_path / "whole", progress=False)
+    assert len(whole.wise_ft_curve) == len(GRID) and whole.retention["change_se"][METRIC] > 0
+
+    def crash(epoch: int, _record: dict) -> None:
+        raise RuntimeError("preempted")
+
+    with pytest.raises(RuntimeError, match="preempted"):
+        finetune(cfg, splits(), tmp_path / "stopped", progress=False, on_epoch_end=crash)
+    resumed = finetune(cfg, splits(), tmp_path / "stopped", progress=False, resume=True)
+    assert resumed.wise_ft_alpha == whole.wise_ft_alpha
+    for got, want in zip(resumed.wise_ft_curve, whole.wise_ft_curve, strict=True):  # retention_se too
+        assert got == pytest.approx(want, abs=1e-6)
+    assert resumed.retention.keys() == whole.retention.keys()
+    for part, scores in whole.retention.items():
+        assert resumed.retention[part] == pytest.approx(scores, abs=1e-6), part
