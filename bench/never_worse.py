@@ -115,10 +115,7 @@ def tune(root: Path, data: dict[str, Path], base: dict[str, EvaluationResult], l
                                             for name, by in results.items()},
             "alpha": auto["wise_ft_alpha"], "curve": auto["wise_ft_curve"], "notes": auto["notes"],
             "sweep_seconds": auto["wise_ft_seconds"], "seconds": {"plain": plain_seconds, "auto": auto_seconds},
-            "changes": changes, "a_drop_plain": -changes["A_plain"]["change"],
-            "a_drop_auto": -changes["A_auto"]["change"],
-            "b_gain_plain": gain, "b_gain_auto": changes["B_auto"]["change"],
-            "kept_fraction": changes["B_auto"]["change"] / gain if gain > 0 else float("nan")}
+            "changes": changes, "kept_fraction": changes["B_auto"]["change"] / gain if gain > 0 else float("nan")}
 
 
 def report(result: dict[str, Any]) -> str:

@@ -118,8 +118,8 @@ def _retention(run: RunState, pairs: list | None, score: Score, base: bool = Fal
     kept, cache = run.evaluation, run.retention_cache
     with cache.storing() if base and cache is not None else nullcontext():  # galleries of 1,000 images at most
         results = [(score(run, gallery, cache=cache), run.evaluation) for gallery in galleries(pairs)]
-    now = results[0][1] if len(results) == 1 else merge([r for _, r in results])
-    scores, run.evaluation = results[0][0] if len(results) == 1 else now.metrics(), kept
+    run.evaluation, now = kept, merge([r for _, r in results])
+    scores = results[0][0] if len(results) == 1 else now.metrics()  # one gallery: the metrics it was scored to
     if base:
         run.retention_base = now
         return scores, None
