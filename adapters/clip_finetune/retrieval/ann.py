@@ -44,8 +44,13 @@ INSTALL_HINT = 'the approximate index needs usearch: pip install -e ".[index]" (
 GENERATION_FILE = re.compile(r"^(graph-[0-9a-f]{8}\.usearch|vectors-[0-9a-f]{8}\.npy|rows-[0-9a-f]{8}\.npz)$")
 RERANK_BLOCK = 16  # queries re-ranked together: 16 x 100 candidates x 512-d float32 is 3 MB
 BUILD_CHUNK = 65_536  # vectors a graph.add call links (in parallel); progress is shown per chunk
-REBUILD = "build it again with {index}"  # said by each face: the CLI's `clip-finetune index --method hnsw ...`
+REBUILD = "build it again with {index}"  # {index}: each face says how (the CLI: `clip-finetune index --method ...`)
 ADVICE = {"index": Setting("index", "method hnsw", "build_ann(ids, vectors) from the embeddings")}
+
+
+def index_error(message: str, advice: dict[str, Setting]) -> DataError:
+    """DataError: what is wrong with a saved index, then how to build it again (`advice`: this kind of index's)."""
+    return DataError(f"{message}; {REBUILD}", advice=advice)
 
 
 @dataclass(frozen=True)
@@ -263,21 +268,19 @@ def open_ann(path: str | Path, mmap: bool = True) -> AnnIndex:
         index = AnnIndex(int(manifest["dim"]), manifest.get("meta"), AnnSettings(**manifest["settings"]))
         n = int(manifest["rows"])
     except (KeyError, TypeError, ValueError) as e:  # a manifest edited by hand or of another version
-        raise DataError(f"{str(folder / MANIFEST)!r} is not a whole manifest ({type(e).__name__}: {e}); "
-                        f"{REBUILD}", advice=ADVICE) from None
+        raise index_error(f"{str(folder / MANIFEST)!r} is not a whole manifest ({type(e).__name__}: {e})",
+                          ADVICE) from None
     graph = _usearch().Index.restore(str(folder / files["graph"]))
     if graph is None or graph.ndim != index.dim:
-        raise DataError(f"{str(folder / files['graph'])!r} is not a usearch index of {index.dim}-d vectors; {REBUILD}",
-                        advice=ADVICE)
+        raise index_error(f"{str(folder / files['graph'])!r} is not a usearch index of {index.dim}-d vectors", ADVICE)
     try:
         vectors = np.load(folder / files["vectors"], mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise DataError(f"{str(folder / files['vectors'])!r} is not readable ({e}); {REBUILD}", advice=ADVICE) from None
+        raise index_error(f"{str(folder / files['vectors'])!r} is not readable ({e})", ADVICE) from None
     rows = load_npz(folder / files["rows"], ("ids", "alive"), hint=REBUILD, advice=ADVICE)
     if vectors.shape != (n, index.dim) or rows["ids"].shape != (n,) or rows["alive"].shape != (n,) or (
             int(rows["alive"].sum()) != len(graph)):
-        raise DataError(f"the files of index {str(folder)!r} do not agree on its size ({n} rows); {REBUILD}",
-                        advice=ADVICE)
+        raise index_error(f"the files of index {str(folder)!r} do not agree on its size ({n} rows)", ADVICE)
     graph.expansion_add, graph.expansion_search = index.settings.expansion_add, index.settings.expansion_search
     index._graph, index._vectors, index._rows = graph, vectors, n  # (usearch's file does not keep expansions)
     index._row_ids = [str(i) if a else None for i, a in zip(rows["ids"].tolist(), rows["alive"].tolist(), strict=True)]
@@ -287,17 +290,17 @@ def open_ann(path: str | Path, mmap: bool = True) -> AnnIndex:
 
 def _manifest(folder: Path) -> dict[str, Any]:
     if not (folder / MANIFEST).is_file():
-        raise DataError(f"{str(folder)!r} holds no {MANIFEST}: not an index of this tool; {REBUILD}", advice=ADVICE)
+        raise index_error(f"{str(folder)!r} holds no {MANIFEST}: not an index of this tool", ADVICE)
     try:
         manifest = read_json(folder / MANIFEST)
     except (DataError, Unreadable) as e:
-        raise DataError(f"{str(folder / MANIFEST)!r} is not readable ({e}); {REBUILD}", advice=ADVICE) from None
+        raise index_error(f"{str(folder / MANIFEST)!r} is not readable ({e})", ADVICE) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
             manifest.get("files"), dict):
-        raise DataError(f"{str(folder / MANIFEST)!r} is not a manifest of {FORMAT!r}; {REBUILD}", advice=ADVICE)
+        raise index_error(f"{str(folder / MANIFEST)!r} is not a manifest of {FORMAT!r}", ADVICE)
     missing = [name for name in manifest["files"].values() if not (folder / str(name)).is_file()]
     if missing:
-        raise DataError(f"index {str(folder)!r} is missing {', '.join(missing)}; {REBUILD}", advice=ADVICE)
+        raise index_error(f"index {str(folder)!r} is missing {', '.join(missing)}", ADVICE)
     return manifest
 
 

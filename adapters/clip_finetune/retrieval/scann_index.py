@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import DataError, Setting
 from ..files import atomic_write, read_json, require_writable
 from ..inputs import Unreadable
-from .ann import RerankedIndex, _save_npy, _save_npz, checked_additions, rerank, with_room
+from .ann import REBUILD, RerankedIndex, _save_npy, _save_npz, checked_additions, index_error, rerank, with_room
 from .safe_npz import load_npz
 
 FORMAT = "clip-finetune scann index v1"
@@ -44,7 +44,6 @@ MANIFEST = "scann.json"
 INSTALL_HINT = 'the partitioned index needs scann: pip install -e ".[index]" (or pip install scann)'
 GENERATION = re.compile(r"^(scann-[0-9a-f]{8}|vectors-[0-9a-f]{8}\.npy|rows-[0-9a-f]{8}\.npz)$")
 SMALL = 4096  # fewer vectors are scored one by one (ScaNN's brute force): too few to train leaves and codebooks
-REBUILD = "build it again with {index}"  # said by each face: the CLI's `clip-finetune index --method scann ...`
 ADVICE = {"index": Setting("index", "method scann", "build_scann(ids, vectors) from the embeddings")}
 
 
@@ -235,24 +234,22 @@ def open_scann(path: str | Path, mmap: bool = True) -> ScannIndex:
         settings, leaves = ScannSettings(**manifest["settings"]), int(manifest["leaves"])
         assert manifest["format"] == FORMAT
     except (DataError, Unreadable, KeyError, TypeError, ValueError, AssertionError) as e:
-        raise DataError(f"{str(folder / MANIFEST)!r} is not a whole manifest of {FORMAT!r} ({e}); {REBUILD}",
-                        advice=ADVICE) from None
+        raise index_error(f"{str(folder / MANIFEST)!r} is not a whole manifest of {FORMAT!r} ({e})", ADVICE) from None
     missing = [str(name) for name in files.values() if not (folder / str(name)).exists()]
     if missing:
-        raise DataError(f"index {str(folder)!r} is missing {', '.join(missing)}; {REBUILD}", advice=ADVICE)
+        raise index_error(f"index {str(folder)!r} is missing {', '.join(missing)}", ADVICE)
     try:
         vectors = np.load(folder / files["vectors"], mmap_mode="r" if mmap else None, allow_pickle=False)
         assets = (folder / files["scann"] / "scann_assets.pbtxt").read_text(encoding="utf-8")
         # ScaNN's own loader would also unpickle a docids file if one were there; this one reads only its assets
         searcher = _scann().scann_pybind.ScannNumpy(str(folder / files["scann"]), assets)
     except (OSError, ValueError, RuntimeError) as e:
-        raise DataError(f"index {str(folder)!r} is not readable ({e}); {REBUILD}", advice=ADVICE) from None
+        raise index_error(f"index {str(folder)!r} is not readable ({e})", ADVICE) from None
     rows = load_npz(folder / files["rows"], ("ids", "alive", "points"), hint=REBUILD, advice=ADVICE)
     alive = rows["alive"].tolist()
     if vectors.shape != (n, manifest.get("dim")) or len(alive) != n or len(rows["points"]) != searcher.size() or (
             sum(alive) != searcher.size()):
-        raise DataError(f"the files of index {str(folder)!r} do not agree on its size ({n} rows); {REBUILD}",
-                        advice=ADVICE)
+        raise index_error(f"the files of index {str(folder)!r} do not agree on its size ({n} rows)", ADVICE)
     row_ids = [str(i) if a else None for i, a in zip(rows["ids"].tolist(), alive, strict=True)]
     return ScannIndex(searcher, vectors, row_ids, [int(p) for p in rows["points"]], manifest.get("meta"),
                       settings, leaves)
