@@ -35,7 +35,7 @@ from ..files import atomic_write
 from ..inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
 from ..sections import ModelSection
 from .card import write_model_card
-from .lazy_tokenizer import LazyTokenizer, TokenizerLater
+from .lazy_tokenizer import LazyTokenizer, TokenizerLater, shared_tokenizer
 from .load_parts import (
     check_embeddings_size,
     is_openai_weights_file,
@@ -152,7 +152,7 @@ def load_model(model: ModelSection | FinetuneConfig, device: torch.device | str 
             model_, pp_train, pp_val = open_clip.create_model_and_transforms(
                 name, pretrained=m.pretrained, device=device, **kwargs
             )
-        tokenizer = open_clip.get_tokenizer(name)
+        tokenizer = shared_tokenizer(name)
     # open_clip raises RuntimeError for failed downloads / bad files; transformers OSError for a missing
     # folder, file or unreachable hub; torch.load(weights_only=True) UnpicklingError for a pickle it refuses
     except Exception as e:
