@@ -134,19 +134,36 @@ def test_doctor_reports_a_device_or_weights_that_cannot_work(setting: str, probl
     assert any(line.startswith("problem") and problem in line for line in out.splitlines()), out
 
 
+def _broken_package(folder: Path, module: str, error: str) -> dict[str, str]:
+    """A package `module` under `folder` that is installed but raises `error` on import; the environment that
+    puts it first on the path."""
+    (folder / module).mkdir()
+    (folder / module / "__init__.py").write_text(f"raise {error}\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)])}
+
+
 @pytest.mark.parametrize(("module", "error"), [
     ("torch", 'OSError("libtorch_cpu.so: cannot open shared object file")'),
     ("open_clip", 'ImportError("cannot import name create_model")'),
-    ("dtlpy", 'RuntimeError("a broken dtlpy")'),
 ])
 def test_doctor_reports_a_package_that_cannot_import(module: str, error: str, tmp_path: Path) -> None:
-    (tmp_path / module).mkdir()
-    (tmp_path / module / "__init__.py").write_text(f"raise {error}\n")  # installed, but broken
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    env = _broken_package(tmp_path, module, error)
     done = subprocess.run([sys.executable, "-m", "adapters.clip_finetune.cli.main", "doctor"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert re.search(rf"^problem +import {module} +fails: .*{error.split('(')[0]}", done.stdout, re.M), done.stdout
+
+
+def test_doctor_reports_a_dtlpy_that_cannot_import(tmp_path: Path, monkeypatch, capsys) -> None:
+    # doctor imports dtlpy in a process of its own (its import writes under $DATALOOP_PATH), which inherits the
+    # environment: doctor itself runs here, where torch and open_clip import (a process start fewer)
+    env = _broken_package(tmp_path, "dtlpy", 'RuntimeError("a broken dtlpy")')
+    monkeypatch.setenv("PYTHONPATH", env["PYTHONPATH"])
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^problem +import dtlpy +fails: RuntimeError: a broken dtlpy; the Dataloop app needs it", out,
+                     re.M), out
+    assert not re.search(r"^problem +import (torch|open_clip)", out, re.M), out
 
 
 def test_a_million_evaluation_pairs_are_refused_before_any_embedding() -> None:
