@@ -4,13 +4,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
+from helpers import REPO
 
 from adapters.clip_finetune import machine
+from adapters.clip_finetune.cli import main as cli_main
 from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.data.datasets import default_num_workers
 
@@ -74,3 +79,32 @@ def test_apply_config_caps_torch_threads_at_the_quota() -> None:
     torch.set_num_threads(4)  # what torch picks from the affinity mask on a many-core node
     machine.apply_config(build_config({"model_name": "ViT-B-32", "pretrained": None}))
     assert torch.get_num_threads() == 1
+
+
+def test_exit_process_ends_with_the_code_after_the_atexit_handlers_with_the_heap_frozen(tmp_path: Path) -> None:
+    # an atexit handler (as logging's flush or a tracker's) runs after the freeze and can still write its file
+    child = ("import atexit, gc, pathlib, sys\n"
+             "from adapters.clip_finetune.machine import exit_process\n"
+             "atexit.register(lambda: pathlib.Path(sys.argv[1]).write_text(str(gc.get_freeze_count() > 0)))\n"
+             "exit_process(3)\n")
+    done = subprocess.run([sys.executable, "-c", child, str(tmp_path / "flag")], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 3 and done.stderr == ""
+    assert (tmp_path / "flag").read_text() == "True"
+
+
+def test_the_command_line_ends_through_exit_process_with_mains_code(monkeypatch, capsys) -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["clip-finetune"] == "adapters.clip_finetune.cli.main:run"
+    assert "from .cli.main import run" in (REPO / "adapters" / "clip_finetune" / "__main__.py").read_text()
+    ended: list[int] = []
+
+    def recorded(code: int) -> None:
+        ended.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(machine, "exit_process", recorded)  # in-process: the real one would freeze the test run
+    monkeypatch.setattr("sys.argv", ["clip-finetune", "config", "--set", "bogus_key=1"])
+    with pytest.raises(SystemExit):
+        cli_main.run()
+    assert ended == [2] and "bogus_key: unknown key" in capsys.readouterr().err

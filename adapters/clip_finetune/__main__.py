@@ -1,7 +1,5 @@
 """`python -m adapters.clip_finetune ...` is the same as `clip-finetune ...`."""
 
-import sys
+from .cli.main import run
 
-from .cli.main import main
-
-sys.exit(main())
+run()

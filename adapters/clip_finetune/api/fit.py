@@ -183,7 +183,7 @@ def _spawn(run_dir: Path) -> subprocess.Popen:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PACKAGE_ROOT), env.get("PYTHONPATH")) if p)
     # -c, not -m: importing the package (api/__init__) imports the worker module first, and `python -m` of a module
     # already imported warns (a RuntimeWarning from <frozen runpy> at the top of every run's log)
-    start = f"import sys; from {__package__}.worker import main; sys.exit(main())"
+    start = f"from {__package__}.worker import run; run()"
     cmd = [sys.executable, "-c", start, run_dir.name, "--runs-dir", str(run_dir.parent)]
     with open(run_dir / LOG_NAME, "ab") as out:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,

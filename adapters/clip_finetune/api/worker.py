@@ -12,11 +12,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from ..errors import ClipFinetuneError
+from ..machine import exit_process
 from .run_folder import (
     EXAMPLES_DIR,
     LOG_FORMAT,
@@ -136,5 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> NoReturn:
+    """The worker process's entry (api.fit starts it): main(), then the process ends (machine.exit_process)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

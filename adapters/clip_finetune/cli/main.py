@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import ConfigError, DataError, user_error
 from .advice import cli_message
@@ -291,5 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> NoReturn:
+    """The `clip-finetune` command (the console script and `python -m adapters.clip_finetune`): main(), then the
+    process ends (machine.exit_process)."""
+    from ..machine import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

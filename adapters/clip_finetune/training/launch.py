@@ -21,13 +21,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
 from ..config import FinetuneConfig
 from ..data.load import Splits
 from ..errors import ClipFinetuneError, ConfigError
-from ..machine import apply_config, cpu_cores
+from ..machine import apply_config, cpu_cores, exit_process
 from ..model.clip import ClipModel, load_artifact, save_artifact
 from .distributed import DistContext
 from .loop import Hooks, train_rank
@@ -72,7 +73,7 @@ def launch(nprocs: int, cfg: FinetuneConfig, splits: Splits, clip: ClipModel, ou
             env = {**os.environ, **_rank_env(rank, nprocs, port), "PYTHONPATH": path}
             # -c, not -m: training/__init__ imports this module first, and `python -m` of a module already
             # imported prints a <frozen runpy> RuntimeWarning in every rank
-            start = f"import sys, pathlib; from {__name__} import _worker; _worker(pathlib.Path(sys.argv[1]))"
+            start = f"import sys; from {__name__} import _rank_process; _rank_process(sys.argv[1])"
             procs[rank] = subprocess.Popen([sys.executable, "-c", start, str(staging)], env=env)
         _wait_until_ready(procs, staging)
         log.info("training on %d processes (this one is rank 0)", nprocs)
@@ -159,5 +160,11 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _rank_process(staging: str) -> NoReturn:
+    """A rank's process: _worker, then the process ends (machine.exit_process); a failure is a traceback, exit 1."""
+    _worker(Path(staging))
+    exit_process(0)
+
+
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    _rank_process(sys.argv[1])
