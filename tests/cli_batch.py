@@ -63,4 +63,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from adapters.clip_finetune.machine import exit_process
+
+    exit_process(main())  # as the command itself ends: without the interpreter's last garbage collection
