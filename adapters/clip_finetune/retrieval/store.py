@@ -70,6 +70,7 @@ def embeddings_arrays(ids: Sequence[str], vectors: np.ndarray, meta: Mapping[str
 
 OUT = Setting("out")  # the argument that names an embeddings file to write, unless a caller names another
 EMBED = Setting("embed", None, "the embed use case")  # the CLI says `clip-finetune embed`
+ADVICE = {"embed": EMBED}  # the advice of every error that says to embed again ({embed} in its message)
 
 
 def check_embeddings_out(path: str | Path, what: str | Setting = OUT) -> Path:
@@ -125,10 +126,10 @@ def read_embeddings(path: str | Path) -> Embeddings:
         return load_sharded(path)
     if not path.exists():
         raise DataError(f"embeddings file {str(path)!r} does not exist; create it with {{embed}}",
-                        advice={"embed": EMBED})
+                        advice=ADVICE)
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    arrays = load_npz(path, ("ids", "vectors"), ("meta",), REDO, advice={"embed": EMBED})
+    arrays = load_npz(path, ("ids", "vectors"), ("meta",), REDO, advice=ADVICE)
     meta = _meta(arrays["meta"], path) if "meta" in arrays else None
     return Embeddings(*checked_arrays(path, arrays["ids"], arrays["vectors"]), meta)
 
@@ -147,7 +148,7 @@ def _read_parquet(path: Path) -> Embeddings:
         raise DataError(f"{str(path)!r}: {PARQUET_HINT}") from None
     except Exception as e:  # pyarrow's and pandas' many errors on a file that is not theirs or not whole
         raise DataError(f"{str(path)!r} is not a readable embeddings .parquet file ({type(e).__name__}: "
-                        f"{str(e)[:200]}); {REDO}", advice={"embed": EMBED}) from None
+                        f"{str(e)[:200]}); {REDO}", advice=ADVICE) from None
     meta = frame.attrs.get("clip_finetune") or None
     return Embeddings(*checked_arrays(path, ids, vectors), meta if isinstance(meta, dict) else None)
 
@@ -165,16 +166,16 @@ def checked_arrays(path: Path, ids: np.ndarray, vectors: np.ndarray) -> tuple[li
     where = f"embeddings {str(path)!r}"
     if vectors.ndim != 2 or vectors.shape[1] == 0 or vectors.dtype.kind not in "fiu":
         raise DataError(f"{where}: vectors must be numbers in a 2-D array [items, dimensions] (got {vectors.dtype} "
-                        f"of shape {vectors.shape}); {REDO}", advice={"embed": EMBED})
+                        f"of shape {vectors.shape}); {REDO}", advice=ADVICE)
     if ids.ndim != 1 or len(ids) != len(vectors):
         raise DataError(f"{where}: {ids.size} ids for {len(vectors)} vectors (ids of shape {ids.shape}); they must "
-                        f"pair up one to one; {REDO}", advice={"embed": EMBED})
+                        f"pair up one to one; {REDO}", advice=ADVICE)
     vectors = vectors.astype(np.float32)
     bad = ~np.isfinite(vectors).all(axis=1)
     if bad.any():
         example = str(ids[int(np.argmax(bad))])[:80]
         raise DataError(f"{where}: {int(bad.sum())} of {len(vectors)} vectors hold NaN or infinity (e.g. {example!r}); "
-                        f"they would rank at random; {REDO}", advice={"embed": EMBED})
+                        f"they would rank at random; {REDO}", advice=ADVICE)
     return [str(i) for i in ids.tolist()], vectors
 
 
