@@ -13,6 +13,8 @@ from typing import Any
 import open_clip
 from open_clip.tokenizer import SimpleTokenizer
 
+from ..inputs import MAX_CONFIG_BYTES, Unreadable, read_json
+
 # open_clip.get_tokenizer builds a new SimpleTokenizer on every call: its BPE tables (49,408 merges read from a
 # gzip file into three dicts) take ~0.1-0.3 s each time (profiled), paid by every model loaded in a process (the
 # gate loads two, a test run hundreds). The tables depend only on the settings below; the tokenizer is not
@@ -42,10 +44,10 @@ def _bpe_key(spec: str) -> tuple[str, str] | None:
     tokenizer kwargs (for a built-in name also the name: get_tokenizer picks SigLIP's tokenizer by name); None
     where it may build another tokenizer or the config cannot be read here (get_tokenizer then says why)."""
     if spec.startswith("local-dir:"):
-        try:
-            text_cfg = json.loads((Path(spec[len("local-dir:"):]) / "open_clip_config.json").read_text())
-            text_cfg = text_cfg["model_cfg"].get("text_cfg", {})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        try:  # bounded, as every read of a saved model's config
+            config = read_json(Path(spec[len("local-dir:"):]) / "open_clip_config.json", MAX_CONFIG_BYTES)
+            text_cfg = config["model_cfg"].get("text_cfg", {})
+        except (Unreadable, KeyError, TypeError, AttributeError):
             return None
         name = "local-dir"
     elif ":" in spec:  # hf-hub: and other schemas
