@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from ..data.datasets import ImageDataset, ImageSource, collate_skipping_bad, default_num_workers, model_input
 from ..data.decode_cache import InputCache, transform_size
 from ..inputs import cap_captions
+from ..model import text_trim
 from ..model.clip import ClipModel
 from ..model.precision import autocast_for
 from ..progress import progress as show_progress
@@ -99,8 +100,10 @@ def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 256, p
     clip.model.eval()
     with torch.inference_mode(), autocast_for(clip.device, clip.inference_precision):
         for start in show_progress(range(0, len(texts), batch_size), desc, unit="batch", enabled=progress):
-            tokens = clip.tokenizer(cap_captions(texts[start : start + batch_size], context)).to(clip.device)
-            features = _unit(clip.model.encode_text(tokens))
+            tokens = clip.tokenizer(cap_captions(texts[start : start + batch_size], context))
+            # cut after the batch's last end-of-text token where that changes nothing (model/text_trim.py)
+            tokens = text_trim.trim_tokens(clip.model, tokens).to(clip.device)
+            features = _unit(text_trim.encode_text(clip.model, tokens))
             if out is None:  # copied into one array, as in encode_images (no per-batch tensor kept alive)
                 out = np.empty((len(texts), features.shape[1]), np.float32)
             out[start : start + len(features)] = features

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..model import text_trim
 from ..model.precision import autocast_for
 from ..model.weights import unwrap
 from .distributed import all_reduce_min, mean_over_ranks
@@ -41,7 +42,8 @@ def train_step(run: RunState, loss_fn: LossFn, batch: Any) -> float | None:
     if n * run.world_size < 2 or k < 1:
         return None  # a contrastive step needs two pairs
     images = images[:n].to(device, non_blocking=True)
-    tokens = tokens[:n].to(device, non_blocking=True)
+    # cut after the batch's last end-of-text token where the text tower cannot see past it (model/text_trim.py)
+    tokens = text_trim.trim_tokens(run.train_model, tokens[:n]).to(device, non_blocking=True)
     keys = _batch_keys(run, batch[2][:n]) if run.keys is not None else None
     run.optimizer.zero_grad(set_to_none=True)
     backward = _whole_batch if k == 1 else _micro_batches
@@ -67,7 +69,7 @@ def _bias(out: tuple) -> torch.Tensor | None:
 def _whole_batch(run: RunState, loss_fn: Callable, images: torch.Tensor, tokens: torch.Tensor, k: int
                  ) -> float | None:
     with autocast_for(run.clip.device, run.precision):
-        out = run.train_model(images, tokens)
+        out = text_trim.forward(run.train_model, images, tokens)
         loss = loss_fn(out[0], out[1], out[2], _bias(out))
     value = _global_loss(run, loss.detach())
     if not math.isfinite(value):
@@ -90,7 +92,7 @@ def _micro_batches(run: RunState, loss_fn: Callable, images: torch.Tensor, token
     image_chunks, token_chunks = images.chunk(k), tokens.chunk(k)
     k = len(image_chunks)  # chunk() makes fewer pieces when k does not divide a trimmed batch
     with torch.no_grad(), autocast_for(device, run.precision):
-        cached = [model(i, t)[:2] for i, t in zip(image_chunks, token_chunks, strict=True)]
+        cached = [text_trim.forward(model, i, t)[:2] for i, t in zip(image_chunks, token_chunks, strict=True)]
         cached_images, cached_texts = [c[0] for c in cached], [c[1] for c in cached]
         loss = loss_fn(torch.cat(cached_images), torch.cat(cached_texts), unwrap(model).logit_scale.exp(),
                        unwrap(model).logit_bias)
@@ -104,7 +106,7 @@ def _micro_batches(run: RunState, loss_fn: Callable, images: torch.Tensor, token
         sync = model.no_sync() if run.ctx is not None and not last else nullcontext()
         with sync:
             with autocast_for(device, run.precision):
-                out = model(image_chunks[j], token_chunks[j])
+                out = text_trim.forward(model, image_chunks[j], token_chunks[j])
                 image_j, text_j, logit_scale, logit_bias = out[0], out[1], out[2], _bias(out)
                 all_images = torch.cat([*cached_images[:j], image_j, *cached_images[j + 1 :]])
                 all_texts = torch.cat([*cached_texts[:j], text_j, *cached_texts[j + 1 :]])
