@@ -172,3 +172,46 @@ def test_per_sample_seeding_matches_torch_manual_seed(photos, tiny_model_config)
         torch.manual_seed(hash((5, 2, 0)) & 0x7FFF_FFFF_FFFF_FFFF)
         want = clip.preprocess_train(image)
     assert torch.equal(ds[(2, 0)][0], want)
+
+
+def _whole_transform(ds: PairDataset, transform, key: tuple[int, int]) -> torch.Tensor:
+    """`transform` on the sample's image as the dataset seeds it (the per-sample path of the last round)."""
+    image = ds._decode(key[1])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash((ds.seed, *key)) & 0x7FFF_FFFF_FFFF_FFFF)
+        return transform(image)
+
+
+def test_a_batchs_tensor_steps_at_once_give_each_samples_own_pixels(photos, tiny_model_config):
+    """ToTensor + Normalize run once per batch (batch_tail.py): bit-identical to the whole transform per
+    sample; an undecodable image is still dropped and counted, an image the uint8 path declines (here a float
+    "F" image made by the transform's own step) takes the per-sample path."""
+    from torchvision import transforms as T
+
+    from adapters.clip_finetune.data.batch_tail import split_tail
+
+    clip = load_model(FinetuneConfig(model_name=str(tiny_model_config), pretrained=None, device="cpu"))
+    pairs = [CaptionPair(p, f"caption {i}") for i, p in enumerate([*photos, "missing.jpg"])]
+    ds = PairDataset(pairs, clip.preprocess_train, clip.tokenizer, seed=4, cache=DecodedCache(80, 64))
+    keys = [(3, i) for i in range(len(pairs))]
+    batch = ds.__getitems__(keys)
+    assert batch[-1].reason == "undecodable image"
+    for key, (image, tokens, i) in zip(keys[:-1], batch[:-1], strict=True):
+        assert i == key[1] and torch.equal(tokens, ds.tokens[i])
+        assert torch.equal(image, _whole_transform(ds, clip.preprocess_train, key))
+    modes: list[str] = []
+
+    def grey_or_float(image: Image.Image) -> Image.Image:
+        out = image.convert("F" if len(modes) % 2 else "L")
+        modes.append(out.mode)
+        return out
+
+    mixed = T.Compose([T.RandomResizedCrop(16), T.Lambda(grey_or_float), T.ToTensor(), T.Normalize([0.5], [0.25])])
+    ds = PairDataset(pairs[:4], mixed, clip.tokenizer, seed=4, cache=DecodedCache(80, 64))
+    got = ds.__getitems__(keys[:4])
+    assert modes == ["L", "F", "L", "F"]  # batched, per sample, batched, per sample
+    for key, sample in zip(keys[:4], got, strict=True):
+        want = _whole_transform(ds, mixed, key)  # (modes keeps alternating: the same order again)
+        assert want.shape == (1, 16, 16) and torch.equal(sample[0], want)
+    assert split_tail(T.Compose([T.ToTensor(), T.Normalize([0.5], [0.5], inplace=True)]))[1] is None
+    assert split_tail(T.Compose([T.CenterCrop(8), T.ToTensor()]))[1] is None

@@ -17,6 +17,7 @@ from ..errors import DataError
 from ..inputs import cap_captions
 from ..machine import cpu_cores, thread_map
 from ..progress import progress as show_progress
+from .batch_tail import as_uint8, finish, split_tail
 from .decode_cache import DecodedCache, InputCache
 from .images import decode, load_image
 from .pairs import CaptionPair
@@ -46,6 +47,8 @@ class PairDataset(Dataset):
                  cache: DecodedCache | None = None, progress: bool = False) -> None:
         self.pairs = list(pairs)
         self.transform = transform
+        # ToTensor + Normalize run once per batch on the samples' uint8 pixels (batch_tail.py: bit-identical)
+        self._head, self._tail = split_tail(transform)
         self.seed = seed
         self.cache = cache
         # Tokenize every caption once, up front: [n_pairs, context_length]. open_clip's tokenizers
@@ -58,7 +61,30 @@ class PairDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, key: tuple[int, int]) -> Sample | BadSample:
-        return self._augment(key, self._decode(key[1]))
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Sample | BadSample]:
+        """A batch: each sample decoded and augmented with its own seed, then the transform's tensor steps on
+        all of them at once."""
+        samples = [self._augment(key, self._decode(key[1])) for key in keys]
+        if self._tail is None:
+            return samples
+        out: list[Sample | BadSample] = list(samples)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for j, sample in enumerate(samples):
+            if isinstance(sample, BadSample):
+                continue
+            pixels = as_uint8(sample[0], self._tail)
+            if pixels is None:  # not an RGB PIL image: the transform's own steps, on this sample alone
+                out[j] = (self._tail(sample[0]), *sample[1:])
+            else:
+                out[j] = (pixels, *sample[1:])
+                by_shape.setdefault(tuple(pixels.shape), []).append(j)
+        for group in by_shape.values():
+            images = finish([out[j][0] for j in group], self._tail)
+            for row, j in enumerate(group):
+                out[j] = (images[row], *out[j][1:])
+        return out
 
     def _decode(self, i: int) -> Image.Image | BadSample:
         try:
@@ -75,7 +101,7 @@ class PairDataset(Dataset):
             # the CPU generator only, as torch.manual_seed does for CPU transforms: torch.manual_seed also
             # queues CUDA/XPU/MPS seeding with a stack trace each, ~1.7 ms a sample (docs/performance.md)
             torch.default_generator.manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.transform(image), self.tokens[i], i
+            return self._head(image), self.tokens[i], i
 
 
 TOKENIZE_CHUNK = 4096  # captions per tokenizer call: progress on large sets, the same tokens as one call
