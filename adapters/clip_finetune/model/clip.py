@@ -34,6 +34,7 @@ from ..errors import ConfigError, ModelError
 from ..files import atomic_write
 from ..inputs import MAX_CONFIG_BYTES, Unreadable, file_problem, read_json
 from ..sections import ModelSection
+from . import lean_attention
 from .card import write_model_card
 from .lazy_tokenizer import LazyTokenizer, TokenizerLater, shared_tokenizer
 from .load_parts import (
@@ -162,6 +163,7 @@ def load_model(model: ModelSection | FinetuneConfig, device: torch.device | str 
         raise clean from e
     arch = f"{name} from {m.model_name}" if m.model_name.endswith(".json") else name
     log.info("loaded %s on %s", f"{arch} ({m.pretrained or 'random init'})", device)
+    lean_attention.install(model_)
     clip = ClipModel(model_, pp_train, pp_val, tokenizer, model_cfg, f"{arch} ({m.pretrained or 'random init'})")
     clip.use_precision(m.precision)
     return clip
@@ -281,6 +283,7 @@ def load_artifact(path: str | Path, device: torch.device | str | None = None, pr
         except Unreadable as e:  # only the WiSE-FT sweep reads it; the model itself is whole
             log.warning("ignoring %s", e)
     log.info("loaded saved model %s on %s", folder, device)
+    lean_attention.install(model)
     clip = ClipModel(model, pp_train, pp_val, tokenizer, model_cfg, str(folder), extra)
     clip.use_precision(precision)
     return clip
