@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -105,6 +106,8 @@ def compare(spec: dict, args: argparse.Namespace) -> dict[str, list[dict]]:
             out = root / f"run-{system}-{r}"
             if system == "ours-cli":
                 cache = store if args.eval_cache == "warm" else root / f"eval-store-cold-{r}"
+                if args.eval_cache == "cold":  # empty, also when --data-dir is reused from an earlier command
+                    shutil.rmtree(cache, ignore_errors=True)
                 res = run_cli(spec, out, args.threads, cache)
             else:
                 res = run_open_clip(spec, out, args.threads)
