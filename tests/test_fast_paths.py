@@ -18,6 +18,7 @@ from adapters.clip_finetune.data.datasets import ImageDataset, PairDataset
 from adapters.clip_finetune.data.decode_cache import (
     TRAIN_SIDE_FACTOR,
     DecodedCache,
+    InputCache,
     load_reduced,
     train_cache,
     transform_size,
@@ -140,6 +141,13 @@ def test_threaded_embedding_batches_equal_serial(photos, tiny_model_config):
         assert torch.equal(got[0], want[0]) and got[1] == want[1]
     assert batch[-1].reason == "undecodable image"
     assert thread_map(lambda x: x * x, list(range(50)), threads=2) == [x * x for x in range(50)]
+    inputs = InputCache(clip.preprocess, 64, 64)  # evaluation: kept pixels, the tensor steps once per batch
+    cached = ImageDataset([*photos, "missing.jpg"], clip.preprocess, draft=64, inputs=inputs)
+    for _ in range(2):  # made, then read from the cache
+        batch = cached.__getitems__(list(range(len(cached))))
+        for got, want in zip(batch[:-1], [ds[i] for i in range(len(photos))], strict=True):
+            assert torch.equal(got[0], want[0]) and got[1] == want[1]
+        assert batch[-1].reason == "undecodable image" and len(inputs) == len(photos)
 
 
 def test_fused_adamw_on_cpu_matches_the_per_tensor_loop(tiny_model_config):

@@ -58,13 +58,23 @@ def _maybe_to_tensor_call() -> Callable | None:
 
 
 def as_uint8(image: object, tail: Tail) -> torch.Tensor | None:
-    """A PIL image of the tail's channel count as uint8 [C, H, W]; None for anything ToTensor treats otherwise
-    (other modes, tensors), which then takes the per-sample path."""
-    channels = {"RGB": 3, "L": 1}.get(getattr(image, "mode", ""), 0) if isinstance(image, Image.Image) else 0
+    """A PIL image, or a uint8 (array [H, W(, C)], mode) pair as InputCache keeps one, of the tail's channel
+    count as uint8 [C, H, W]; None for anything ToTensor treats otherwise (other modes, tensors), which then
+    takes the per-sample path."""
+    if isinstance(image, tuple) and len(image) == 2 and isinstance(image[0], np.ndarray):
+        array, mode = image
+        if array.dtype != np.uint8:
+            return None
+    elif isinstance(image, Image.Image):
+        array, mode = None, image.mode
+    else:
+        return None
+    channels = {"RGB": 3, "L": 1}.get(mode, 0)
     if channels != len(tail.mean):
         return None
-    array = np.array(image, dtype=np.uint8).reshape(image.height, image.width, channels)  # a writable copy
-    return torch.from_numpy(array).permute(2, 0, 1)
+    if array is None:
+        array = np.array(image, dtype=np.uint8)  # a writable copy
+    return torch.from_numpy(array.reshape(array.shape[0], array.shape[1], channels)).permute(2, 0, 1)
 
 
 def finish(images: list[torch.Tensor], tail: Tail) -> torch.Tensor:
@@ -74,3 +84,20 @@ def finish(images: list[torch.Tensor], tail: Tail) -> torch.Tensor:
     std = torch.as_tensor(tail.std, dtype=batch.dtype).view(1, -1, 1, 1)
     return batch.sub_(mean).div_(std)
 
+
+def finish_all(heads: list[object], tail: Tail) -> list[torch.Tensor]:
+    """The tail on each of `heads` (what the steps before it made: PIL images or InputCache's pairs): those of
+    one size that as_uint8 takes, as one batch; any other alone, by the transform's own two steps."""
+    out: list[torch.Tensor | None] = [None] * len(heads)
+    by_shape: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for j, head in enumerate(heads):
+        pixels = as_uint8(head, tail)
+        if pixels is None:
+            out[j] = tail(Image.fromarray(*head) if isinstance(head, tuple) else head)
+        else:
+            by_shape.setdefault(tuple(pixels.shape), []).append((j, pixels))
+    for group in by_shape.values():
+        batch = finish([pixels for _, pixels in group], tail)
+        for row, (j, _) in enumerate(group):
+            out[j] = batch[row]
+    return out  # type: ignore[return-value]  (every slot filled)

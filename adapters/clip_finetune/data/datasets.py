@@ -17,7 +17,7 @@ from ..errors import DataError
 from ..inputs import cap_captions
 from ..machine import cpu_cores, thread_map
 from ..progress import progress as show_progress
-from .batch_tail import as_uint8, finish, split_tail
+from .batch_tail import finish_all, split_tail
 from .decode_cache import DecodedCache, InputCache
 from .images import decode, load_image
 from .pairs import CaptionPair
@@ -69,22 +69,11 @@ class PairDataset(Dataset):
         samples = [self._augment(key, self._decode(key[1])) for key in keys]
         if self._tail is None:
             return samples
-        out: list[Sample | BadSample] = list(samples)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for j, sample in enumerate(samples):
-            if isinstance(sample, BadSample):
-                continue
-            pixels = as_uint8(sample[0], self._tail)
-            if pixels is None:  # not an RGB PIL image: the transform's own steps, on this sample alone
-                out[j] = (self._tail(sample[0]), *sample[1:])
-            else:
-                out[j] = (pixels, *sample[1:])
-                by_shape.setdefault(tuple(pixels.shape), []).append(j)
-        for group in by_shape.values():
-            images = finish([out[j][0] for j in group], self._tail)
-            for row, j in enumerate(group):
-                out[j] = (images[row], *out[j][1:])
-        return out
+        good = [j for j, sample in enumerate(samples) if not isinstance(sample, BadSample)]
+        images = finish_all([samples[j][0] for j in good], self._tail)
+        for j, image in zip(good, images, strict=True):
+            samples[j] = (image, *samples[j][1:])
+        return samples
 
     def _decode(self, i: int) -> Image.Image | BadSample:
         try:
@@ -178,6 +167,8 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.draft = draft
         self.inputs = inputs
+        # the tensor steps of the transform run once per batch (batch_tail.py: bit-identical)
+        self._head, self._tail = split_tail(transform)
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -192,8 +183,27 @@ class ImageDataset(Dataset):
             return BadSample(i, "undecodable image")
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int] | BadSample]:
-        """A batch, decoded and transformed on threads (the eval transform is deterministic)."""
-        return thread_map(self.__getitem__, indices)
+        """A batch: decoded and taken through the transform's PIL steps on threads (the eval transform is
+        deterministic), then its tensor steps on the whole batch."""
+        if self._tail is None or (self.inputs is not None and not self.inputs.splits_like(self._tail)):
+            return thread_map(self.__getitem__, indices)
+        heads = thread_map(self._head_of, indices)
+        good = [j for j, head in enumerate(heads) if not isinstance(head, BadSample)]
+        images = finish_all([heads[j] for j in good], self._tail)
+        out: list[tuple[torch.Tensor, int] | BadSample] = list(heads)
+        for j, image in zip(good, images, strict=True):
+            out[j] = (image, indices[j])
+        return out
+
+    def _head_of(self, i: int) -> object:
+        """Image i through the transform's steps before the tensor ones (InputCache: its kept pixels)."""
+        try:
+            if self.inputs is not None:
+                return self.inputs.head_of(self.sources[i])
+            return self._head(decode(self.sources[i], None, self.draft))
+        except DataError as e:
+            log.warning("skipping image %s: %s", _label(self.sources[i], i), e)
+            return BadSample(i, "undecodable image")
 
 
 def _label(source: ImageSource, i: int) -> str:

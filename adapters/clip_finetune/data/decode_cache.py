@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from .batch_tail import Tail
 from .images import decode, load_image
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,13 @@ class InputCache:
 
     def __call__(self, source: str | Path | bytes | Image.Image, name: str | None = None) -> torch.Tensor:
         """The model input of `source` ([3, H, W]), as transform(decode(source)) gives it."""
+        kept = self.head_of(source, name)
+        return kept if isinstance(kept, torch.Tensor) else self.tail(Image.fromarray(*kept))
+
+    def head_of(self, source: str | Path | bytes | Image.Image, name: str | None = None
+                ) -> tuple[np.ndarray, str] | torch.Tensor:
+        """(uint8 pixels, PIL mode) of `source` after the transform's PIL steps, kept while the budget allows;
+        the whole transform's tensor where it has no tensor steps to split off."""
         key = str(source) if isinstance(source, str | Path) else None
         kept = self._arrays.get(key) if key is not None else None
         if kept is None:
@@ -132,7 +140,12 @@ class InputCache:
             kept = (np.array(image), image.mode)
             if key is not None:
                 self._keep(key, kept)
-        return self.tail(Image.fromarray(*kept))
+        return kept
+
+    def splits_like(self, tail: Tail) -> bool:
+        """True when this cache's tensor steps are exactly `tail`'s two (so its pixels can take the batch path)."""
+        steps = list(getattr(self.tail, "transforms", ()))
+        return self.head is not None and steps == [tail.to_tensor, tail.normalize]
 
     def _keep(self, key: str, kept: tuple[np.ndarray, str]) -> None:
         with self._lock:
