@@ -3,9 +3,12 @@ libraries offer, each against the baseline step in the same process.
 
     python -m bench.step_profile                        # profile table + every trial (clip-tiny, batch 128, fp32)
     python -m bench.step_profile --trials foreach,threads1 --steps 40
+    python -m bench.step_profile --captions /tmp/w26/product/train.csv --profile ours   # the product set's titles
 
-The step is the one this project trains with (training.step.train_step is not needed for this: forward of both
-towers, open_clip's ClipLoss, backward, AdamW with the project's settings, zero_grad). A trial builds its own copy
+The baseline is stock open_clip's step (torch's attention, the full context): forward of both towers, open_clip's
+ClipLoss, backward, AdamW with the project's settings, zero_grad. `lean_attention`, `text_trim` and `ours` (both)
+are this project's step (model/lean_attention.py, model/text_trim.py; `--captions` gives real caption lengths,
+which decide how much text_trim cuts); the others are what the libraries offer. A trial builds its own copy
 of the model from the same weights and runs step k on the same batch as the baseline, alternating A B, B A, ...;
 per-step CPU time (time.process_time: both threads, what load from others changes least) and wall time are
 compared by their medians, and the losses of the two runs must agree (`max |loss A - loss B|` is printed).
@@ -45,19 +48,33 @@ FAMILIES = {
 
 
 def build() -> tuple[torch.nn.Module, Callable]:
+    """clip-tiny as stock open_clip builds it (torch's attention: load_model's lean attention taken out)."""
     from adapters.clip_finetune.config import FinetuneConfig
     from adapters.clip_finetune.model.clip import load_model
+    from adapters.clip_finetune.model.lean_attention import LeanMultiheadAttention
 
     torch.manual_seed(0)
     clip = load_model(FinetuneConfig(model_name=str(TINY_MODEL), pretrained=None, device="cpu"))
+    for module in clip.model.modules():
+        if type(module) is LeanMultiheadAttention:
+            module.__class__ = torch.nn.MultiheadAttention
     return clip.model, clip.tokenizer
 
 
-def make_batch(tokenizer: Callable, n: int, side: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(tokenizer: Callable, n: int, side: int = 64, captions_csv: str | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and n captions: the first n of a CSV's second column (e.g. a preset's train.csv), else
+    3-7 words of shop titles."""
     g = torch.Generator().manual_seed(1)
     images = torch.randn(n, 3, side, side, generator=g)
-    words = ["red", "blue", "mug", "lamp", "striped", "Tasse", "in", "Blau", "dotted", "chair", "classic", "shoe"]
-    captions = [" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(3 + i % 5)) for i in range(n)]
+    if captions_csv:
+        import csv
+
+        with open(captions_csv, newline="", encoding="utf-8") as f:
+            captions = [row[1] for row in list(csv.reader(f))[1 : n + 1]]
+    else:
+        words = ["red", "blue", "mug", "lamp", "striped", "Tasse", "in", "Blau", "dotted", "chair", "classic", "shoe"]
+        captions = [" ".join(words[(i * 7 + k * 3) % len(words)] for k in range(3 + i % 5)) for i in range(n)]
     return images, tokenizer(captions)
 
 
@@ -168,8 +185,24 @@ def variants(base: torch.nn.Module) -> dict[str, Callable[[], Stepper]]:
 
         return make
 
+    def ours(lean: bool, trim: bool) -> Callable[[], Stepper]:
+        """This project's step: lean attention (model/lean_attention.py) and/or cut text (model/text_trim.py)."""
+        def make() -> Stepper:
+            from adapters.clip_finetune.model import lean_attention, text_trim
+
+            m = fresh()
+            if lean:
+                lean_attention.install(m)
+            if not trim:
+                return Stepper(m)
+            return Stepper(m, forward=lambda images, tokens: text_trim.forward(
+                m, images, text_trim.trim_tokens(m, tokens)))
+
+        return make
+
     return {"foreach": lambda: Stepper(fresh(), "foreach"), "loop": lambda: Stepper(fresh(), "loop"),
-            "channels_last": channels_last, "compile": compiled, "sdpa_math": sdpa("MATH")}
+            "channels_last": channels_last, "compile": compiled, "sdpa_math": sdpa("MATH"),
+            "lean_attention": ours(True, False), "text_trim": ours(False, True), "ours": ours(True, True)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,15 +210,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30, help="alternating steps per trial (each system)")
     parser.add_argument("--profile-steps", type=int, default=5)
-    parser.add_argument("--trials", default="foreach,loop,channels_last,threads1,interop1",
-                        help="comma-separated of foreach, loop, channels_last, sdpa_math, compile, threads1, interop1")
+    parser.add_argument("--captions", help="a CSV whose second column gives the batch's captions "
+                        "(e.g. the product preset's train.csv); default: generated 3-7 word titles")
+    parser.add_argument("--profile", default="baseline", choices=["baseline", "ours"],
+                        help="the step the profile table breaks down: stock open_clip's or this project's")
+    parser.add_argument("--trials", default="lean_attention,text_trim,ours,foreach,channels_last,threads1",
+                        help="comma-separated of lean_attention, text_trim, ours, foreach, loop, channels_last, "
+                             "sdpa_math, compile, threads1, interop1")
     args = parser.parse_args(argv)
     model, tokenizer = build()
-    batch = make_batch(tokenizer, args.batch)
+    batch = make_batch(tokenizer, args.batch, captions_csv=args.captions)
     print(f"clip-tiny, batch {args.batch}, fp32, {torch.get_num_threads()} torch threads, "
           f"{torch.get_num_interop_threads()} interop threads, torch {torch.__version__}\n")
-    print(profile(Stepper(copy.deepcopy(model)), batch, args.profile_steps) + "\n")
     rows, made = [], variants(model)
+    profiled = made["ours"]() if args.profile == "ours" else Stepper(copy.deepcopy(model))
+    print(f"Profile of the {args.profile} step.\n" + profile(profiled, batch, args.profile_steps) + "\n")
     for name in filter(None, (t.strip() for t in args.trials.split(","))):
         if name in made:
             rows.append(trial(name, Stepper(copy.deepcopy(model)), made[name](), batch, args.steps))
@@ -193,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(_threads_trial(model, batch, args.steps))
         elif name == "interop1":
             rows.append([name, "", "", "", "", "", "", "(set before any parallel work: see --help; not run)"])
-    print(markdown_table(["trial (B) vs baseline (A: fused AdamW, eager, contiguous)", "A CPU ms", "B CPU ms",
-                          "A/B CPU", "A wall ms", "B wall ms", "A/B wall", "max |loss A - loss B|"], rows))
+    print(markdown_table(["trial (B) vs baseline (A: stock open_clip step, fused AdamW, eager, contiguous)",
+                          "A CPU ms", "B CPU ms", "A/B CPU", "A wall ms", "B wall ms", "A/B wall",
+                          "max |loss A - loss B|"], rows))
     return 0
 
 
