@@ -17,7 +17,7 @@ from ..errors import DataError
 from ..inputs import cap_captions
 from ..machine import cpu_cores, thread_map
 from ..progress import progress as show_progress
-from .batch_tail import finish_all, split_tail
+from .batch_tail import Tail, finish_all, split_tail
 from .decode_cache import DecodedCache, InputCache
 from .images import decode, load_image
 from .pairs import CaptionPair
@@ -67,13 +67,7 @@ class PairDataset(Dataset):
         """A batch: each sample decoded and augmented with its own seed, then the transform's tensor steps on
         all of them at once."""
         samples = [self._augment(key, self._decode(key[1])) for key in keys]
-        if self._tail is None:
-            return samples
-        good = [j for j, sample in enumerate(samples) if not isinstance(sample, BadSample)]
-        images = finish_all([samples[j][0] for j in good], self._tail)
-        for j, image in zip(good, images, strict=True):
-            samples[j] = (image, *samples[j][1:])
-        return samples
+        return _tensor_steps(samples, self._tail) if self._tail is not None else samples
 
     def _decode(self, i: int) -> Image.Image | BadSample:
         try:
@@ -187,23 +181,28 @@ class ImageDataset(Dataset):
         deterministic), then its tensor steps on the whole batch."""
         if self._tail is None or (self.inputs is not None and not self.inputs.splits_like(self._tail)):
             return thread_map(self.__getitem__, indices)
-        heads = thread_map(self._head_of, indices)
-        good = [j for j, head in enumerate(heads) if not isinstance(head, BadSample)]
-        images = finish_all([heads[j] for j in good], self._tail)
-        out: list[tuple[torch.Tensor, int] | BadSample] = list(heads)
-        for j, image in zip(good, images, strict=True):
-            out[j] = (image, indices[j])
-        return out
+        return _tensor_steps(thread_map(self._head_of, indices), self._tail)
 
-    def _head_of(self, i: int) -> object:
-        """Image i through the transform's steps before the tensor ones (InputCache: its kept pixels)."""
+    def _head_of(self, i: int) -> tuple[object, int] | BadSample:
+        """(image i through the transform's steps before the tensor ones (InputCache: its kept pixels), i)."""
         try:
             if self.inputs is not None:
-                return self.inputs.head_of(self.sources[i])
-            return self._head(decode(self.sources[i], None, self.draft))
+                return self.inputs.head_of(self.sources[i]), i
+            return self._head(decode(self.sources[i], None, self.draft)), i
         except DataError as e:
             log.warning("skipping image %s: %s", _label(self.sources[i], i), e)
             return BadSample(i, "undecodable image")
+
+
+def _tensor_steps(samples: list[Any], tail: Tail) -> list[Any]:
+    """`samples` (tuples whose first item is an image before `tail`, or BadSamples) with the tail run on all
+    their images at once (batch_tail.finish_all); BadSamples stay as they are."""
+    good = [j for j, sample in enumerate(samples) if not isinstance(sample, BadSample)]
+    images = finish_all([samples[j][0] for j in good], tail)
+    out = list(samples)
+    for j, image in zip(good, images, strict=True):
+        out[j] = (image, *samples[j][1:])
+    return out
 
 
 def _label(source: ImageSource, i: int) -> str:
