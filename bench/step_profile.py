@@ -50,14 +50,12 @@ FAMILIES = {
 def build() -> tuple[torch.nn.Module, Callable]:
     """clip-tiny as stock open_clip builds it (torch's attention: load_model's lean attention taken out)."""
     from adapters.clip_finetune.config import FinetuneConfig
+    from adapters.clip_finetune.model import lean_attention
     from adapters.clip_finetune.model.clip import load_model
-    from adapters.clip_finetune.model.lean_attention import LeanMultiheadAttention
 
     torch.manual_seed(0)
     clip = load_model(FinetuneConfig(model_name=str(TINY_MODEL), pretrained=None, device="cpu"))
-    for module in clip.model.modules():
-        if type(module) is LeanMultiheadAttention:
-            module.__class__ = torch.nn.MultiheadAttention
+    lean_attention.uninstall(clip.model)
     return clip.model, clip.tokenizer
 
 

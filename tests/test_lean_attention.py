@@ -12,14 +12,12 @@ from torch import nn
 
 from adapters.clip_finetune.config import build_config
 from adapters.clip_finetune.model.clip import load_artifact, load_model, save_artifact
-from adapters.clip_finetune.model.lean_attention import LeanMultiheadAttention, install
+from adapters.clip_finetune.model.lean_attention import LeanMultiheadAttention, install, uninstall
 
 
 def _plain_copy(model: nn.Module) -> nn.Module:
     plain = copy.deepcopy(model)
-    for module in plain.modules():
-        if type(module) is LeanMultiheadAttention:
-            module.__class__ = nn.MultiheadAttention
+    assert uninstall(plain) == 4  # 2 image + 2 text layers
     return plain
 
 

@@ -63,3 +63,13 @@ def install(model: nn.Module) -> int:
             module.__class__ = LeanMultiheadAttention
             changed += 1
     return changed
+
+
+def uninstall(model: nn.Module) -> int:
+    """Undo install: torch's own forward again (the stock open_clip model, e.g. as a benchmark's baseline)."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is LeanMultiheadAttention:
+            module.__class__ = nn.MultiheadAttention
+            changed += 1
+    return changed
